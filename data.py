@@ -1,0 +1,246 @@
+"""Turning (images, text) into model inputs, for each family: tokenizer, chat prompt, image preprocessing.
+
+  * `load_processor(checkpoint_dir)` reads config.json (model_type), tokenizer.json (with `tokenizers`) and
+    preprocessor_config.json, and returns the family's processor.
+  * `processor.encode(messages, images)` -> dict of tensors with the names and layout the model (and
+    transformers' processor) use: input_ids, attention_mask, pixel_values, image_grid_thw (Qwen) or
+    image_grid_hws (Kimi), plus `is_vis` (True at image-token positions).
+
+Messages follow the usual chat structure: [{"role": "user", "content": [{"type": "image"},
+{"type": "text", "text": "..."}]}, ...]; a plain string content is text. Images are PIL images (any mode;
+converted to RGB, transparency composited on white) or paths.
+
+Specs: ../shared/ARCHITECTURES.md §3 (checked against transformers' processors in tests/).
+Not handled: videos, tool calls, "thinking" templates.
+This file never imports model.py.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file/sample/line."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Images
+
+
+def load_image(image) -> Image.Image:
+    """A PIL image in RGB. Paths are opened; transparency (RGBA, LA, P with a transparent colour) is composited
+    onto a white background, the convention of the transformers processors."""
+    if isinstance(image, (str, os.PathLike)):
+        try:
+            with Image.open(image) as im:
+                im.load()
+                image = im.copy()
+        except (OSError, SyntaxError) as e:  # PIL raises OSError/UnidentifiedImageError for unreadable files
+            raise DataError(f"{image}: cannot read image ({e})") from e
+    if not isinstance(image, Image.Image):
+        raise DataError(f"expected a PIL image or a path, got {type(image).__name__}")
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def normalize(image: Image.Image, mean, std) -> np.ndarray:
+    """(C, H, W) float32: x/255, then (x - mean) / std per channel."""
+    x = (np.asarray(image, dtype=np.float64) * (1 / 255)).astype(np.float32).transpose(2, 0, 1)
+    mean = np.asarray(mean, dtype=np.float32)[:, None, None]
+    std = np.asarray(std, dtype=np.float32)[:, None, None]
+    return (x - mean) / std
+
+
+def smart_resize(h: int, w: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """Qwen's resize rule: both sides multiples of `factor` (patch * merge), area within [min, max] pixels,
+    aspect ratio kept as well as rounding allows."""
+    if max(h, w) / min(h, w) > 200:
+        raise DataError(f"image of {w}x{h}: aspect ratio above 200 is not supported by the Qwen processor")
+    hb, wb = round(h / factor) * factor, round(w / factor) * factor
+    if hb * wb > max_pixels:
+        beta = math.sqrt(h * w / max_pixels)
+        hb = max(factor, math.floor(h / beta / factor) * factor)
+        wb = max(factor, math.floor(w / beta / factor) * factor)
+    elif hb * wb < min_pixels:
+        beta = math.sqrt(min_pixels / (h * w))
+        hb = math.ceil(h * beta / factor) * factor
+        wb = math.ceil(w * beta / factor) * factor
+    return hb, wb
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tokenizer
+
+
+class Tokenizer:
+    """`tokenizers` on the checkpoint's tokenizer.json; special tokens written in the text are recognized."""
+
+    def __init__(self, path: str):
+        from tokenizers import Tokenizer as HFTokenizer
+
+        if not os.path.isfile(path):
+            raise DataError(f"{path}: not found; the checkpoint folder needs its tokenizer.json")
+        self.tok = HFTokenizer.from_file(path)
+        self.path = path
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=True)
+
+    def token_id(self, token: str) -> int:
+        i = self.tok.token_to_id(token)
+        if i is None:
+            raise DataError(f"{self.path}: special token {token!r} is not in the vocabulary")
+        return i
+
+
+def _read_json(path: str, what: str) -> dict:
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: not found ({what})")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON ({e})") from e
+
+
+def _content_items(content):
+    """Message content as a list of {"type": "image"} / {"type": "text", "text": ...} items."""
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    return content
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Qwen3-VL
+
+
+@dataclass
+class QwenImageConfig:
+    patch_size: int = 16
+    temporal_patch_size: int = 2
+    merge_size: int = 2
+    min_pixels: int = 65536
+    max_pixels: int = 16777216
+    image_mean: tuple = (0.5, 0.5, 0.5)
+    image_std: tuple = (0.5, 0.5, 0.5)
+
+    @classmethod
+    def from_file(cls, path: str) -> "QwenImageConfig":
+        d = _read_json(path, "the checkpoint's image preprocessing settings")
+        size = d.get("size") or {}
+        return cls(
+            patch_size=d.get("patch_size", 16), temporal_patch_size=d.get("temporal_patch_size", 2),
+            merge_size=d.get("merge_size", 2),
+            min_pixels=d.get("min_pixels") or size.get("shortest_edge") or size.get("min_pixels") or 65536,
+            max_pixels=d.get("max_pixels") or size.get("longest_edge") or size.get("max_pixels") or 16777216,
+            image_mean=tuple(d.get("image_mean", (0.5,) * 3)), image_std=tuple(d.get("image_std", (0.5,) * 3)),
+        )
+
+
+class QwenProcessor:
+    """Qwen ChatML with `<|vision_start|><|image_pad|>*N<|vision_end|>` per image, and Qwen2-VL image
+    preprocessing (smart_resize, PIL bicubic, normalization, merge-block patch order, temporal duplication)."""
+
+    family = "qwen3_vl_moe"
+
+    def __init__(self, checkpoint_dir: str):
+        self.tokenizer = Tokenizer(os.path.join(checkpoint_dir, "tokenizer.json"))
+        self.image_cfg = QwenImageConfig.from_file(os.path.join(checkpoint_dir, "preprocessor_config.json"))
+        cfg = _read_json(os.path.join(checkpoint_dir, "config.json"), "model config")
+        self.image_token_id = cfg.get("image_token_id", self.tokenizer.token_id("<|image_pad|>"))
+        self.stop_ids = [self.tokenizer.token_id("<|im_end|>"), self.tokenizer.token_id("<|endoftext|>")]
+
+    # -- images ------------------------------------------------------------------------------------------
+    def preprocess_image(self, image) -> tuple[torch.Tensor, list[int]]:
+        """-> pixel_values (gh*gw, C*T*P*P) in merge-block order, grid [1, gh, gw]."""
+        c = self.image_cfg
+        image = load_image(image)
+        hb, wb = smart_resize(image.height, image.width, c.patch_size * c.merge_size, c.min_pixels, c.max_pixels)
+        if (hb, wb) != (image.height, image.width):
+            image = image.resize((wb, hb), Image.BICUBIC)
+        x = normalize(image, c.image_mean, c.image_std)  # (C, hb, wb)
+        P, m, T = c.patch_size, c.merge_size, c.temporal_patch_size
+        gh, gw = hb // P, wb // P
+        x = x.reshape(3, gh // m, m, P, gw // m, m, P).transpose(1, 4, 2, 5, 0, 3, 6)  # (gh/m, gw/m, m, m, C, P, P)
+        x = np.broadcast_to(x[:, :, :, :, :, None], (*x.shape[:5], T, P, P))  # a still image = T equal frames
+        return torch.from_numpy(np.ascontiguousarray(x).reshape(gh * gw, 3 * T * P * P)), [1, gh, gw]
+
+    def num_image_tokens(self, grid) -> int:
+        return grid[0] * grid[1] * grid[2] // self.image_cfg.merge_size ** 2
+
+    # -- prompt ------------------------------------------------------------------------------------------
+    def chat_text(self, messages, add_generation_prompt: bool = True) -> str:
+        """The Qwen3-VL chat template (no default system prompt); one `<|image_pad|>` per image, expanded later."""
+        out = []
+        for msg in messages:
+            body = "".join("<|vision_start|><|image_pad|><|vision_end|>" if it["type"] == "image" else it["text"]
+                           for it in _content_items(msg["content"]))
+            out.append(f"<|im_start|>{msg['role']}\n{body}<|im_end|>\n")
+        if add_generation_prompt:
+            out.append("<|im_start|>assistant\n")
+        return "".join(out)
+
+    def encode(self, messages, images=(), add_generation_prompt: bool = True) -> dict:
+        text = self.chat_text(messages, add_generation_prompt)
+        return self.encode_text(text, images)
+
+    def encode_text(self, text: str, images=()) -> dict:
+        """Tokenize a prompt that already has one `<|image_pad|>` per image; expand each to its token count."""
+        pads = text.count("<|image_pad|>")
+        if pads != len(images):
+            raise DataError(f"the prompt has {pads} image placeholders but {len(images)} images were given")
+        pv, grids = zip(*[self.preprocess_image(im) for im in images]) if images else ((), ())
+        parts = text.split("<|image_pad|>")
+        ids = self.tokenizer.encode(parts[0])
+        for grid, part in zip(grids, parts[1:]):
+            ids += [self.image_token_id] * self.num_image_tokens(grid) + self.tokenizer.encode(part)
+        out = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
+        if images:
+            out["pixel_values"] = torch.cat(pv)
+            out["image_grid_thw"] = torch.tensor(grids)
+        out["is_vis"] = out["input_ids"] == self.image_token_id
+        return out
+
+
+PROCESSORS = {"qwen3_vl_moe": QwenProcessor}
+
+
+def load_processor(checkpoint_dir: str):
+    cfg = _read_json(os.path.join(checkpoint_dir, "config.json"), "model config")
+    kind = cfg.get("model_type")
+    if kind not in PROCESSORS:
+        raise DataError(f"{checkpoint_dir}/config.json: model_type {kind!r} has no processor; "
+                        f"expected one of {sorted(PROCESSORS)}")
+    return PROCESSORS[kind](checkpoint_dir)
+
+
+def pad_batch(encoded: list[dict], pad_id: int = 0, side: str = "left") -> dict:
+    """Stack single-prompt encodings into one batch, padding input_ids/attention_mask/is_vis on `side`;
+    pixel tensors and grids are concatenated in prompt order."""
+    T = max(e["input_ids"].shape[1] for e in encoded)
+    out = {k: [] for k in ("input_ids", "attention_mask", "is_vis")}
+    for e in encoded:
+        n = T - e["input_ids"].shape[1]
+        for k, fill in (("input_ids", pad_id), ("attention_mask", 0), ("is_vis", False)):
+            pad = torch.full((1, n), fill, dtype=e[k].dtype)
+            out[k].append(torch.cat([pad, e[k]] if side == "left" else [e[k], pad], dim=1))
+    out = {k: torch.cat(v) for k, v in out.items()}
+    for k in ("pixel_values", "image_grid_thw", "image_grid_hws"):
+        parts = [e[k] for e in encoded if k in e]
+        if parts:
+            out[k] = torch.cat(parts)
+    return out

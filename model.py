@@ -1,0 +1,884 @@
+"""Hand-written forward passes for Mixture-of-Experts vision-language models, loaded from safetensors.
+
+Families (model_type in the checkpoint's config.json):
+  * qwen3_vl_moe  Qwen3-VL-MoE (e.g. Qwen3-VL-30B-A3B-Instruct): ViT with DeepStack, M-RoPE, softmax top-k MoE.
+  * kimi_vl       Kimi-VL (e.g. Kimi-VL-A3B-Instruct): MoonViT + DeepSeek-V3 style LLM (MLA, sigmoid MoE).
+
+The spec these follow is ../shared/ARCHITECTURES.md (checked against transformers 5.23 in tests/).
+No transformers import: the modules below mirror the checkpoint's tensor names, so the state dict of a
+model *is* the checkpoint's key list (with the fused Qwen expert tensors split into per-expert 2-D weights).
+
+What this file does:
+  * config dataclasses built from config.json (Hub and transformers-5 spellings),
+  * the model, with experts as addressable per-expert `nn.Linear`s run by a token-gather loop (the
+    reference path the quantizer hooks),
+  * strict loading with `safetensors.safe_open` (single file or sharded), optionally one decoder layer at a
+    time (`load_model(..., lazy_layers=True)` then `model.load_layer(i)` / `model.unload_layer(i)`),
+  * greedy generation with a KV cache.
+What it does not do: video inputs, training-time features (dropout, aux losses), sampling.
+
+Run:  python model.py --model DIR --image IMG --prompt "What is in the picture?"
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+from dataclasses import dataclass, field, fields
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Errors
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder is missing, incomplete or inconsistent. The message names the file/tensor."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Configs. Built from the checkpoint's config.json; every field the forward pass uses is named here.
+
+
+def _pick(d: dict, *names, default=None):
+    """First present key among `names` (accepts both the Hub and the transformers-5 spelling)."""
+    for n in names:
+        if n in d and d[n] is not None:
+            return d[n]
+    return default
+
+
+def _rope_fields(d: dict, default_theta: float) -> tuple[float, dict]:
+    """(theta, extra rope dict) from either `rope_theta`+`rope_scaling` or `rope_parameters`."""
+    params = dict(d.get("rope_parameters") or {})
+    scaling = dict(d.get("rope_scaling") or {})
+    theta = _pick(d, "rope_theta", default=None) or params.get("rope_theta") or default_theta
+    return float(theta), {**scaling, **params}
+
+
+@dataclass
+class QwenVisionConfig:
+    depth: int
+    hidden_size: int
+    num_heads: int
+    intermediate_size: int
+    patch_size: int
+    temporal_patch_size: int
+    spatial_merge_size: int
+    in_channels: int
+    out_hidden_size: int
+    num_position_embeddings: int
+    deepstack_visual_indexes: list[int]
+    hidden_act: str = "gelu_pytorch_tanh"
+    rope_theta: float = 10000.0
+    eps: float = 1e-6  # not a config field: hard-coded in the reference (ARCHITECTURES.md §5)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "QwenVisionConfig":
+        theta, _ = _rope_fields(d, 10000.0)
+        return cls(
+            depth=d["depth"], hidden_size=d["hidden_size"], num_heads=d["num_heads"],
+            intermediate_size=d["intermediate_size"], patch_size=d["patch_size"],
+            temporal_patch_size=d.get("temporal_patch_size", 2), spatial_merge_size=d.get("spatial_merge_size", 2),
+            in_channels=d.get("in_channels", 3), out_hidden_size=d["out_hidden_size"],
+            num_position_embeddings=d["num_position_embeddings"],
+            deepstack_visual_indexes=list(d.get("deepstack_visual_indexes", [])),
+            hidden_act=d.get("hidden_act", "gelu_pytorch_tanh"), rope_theta=theta,
+        )
+
+
+@dataclass
+class QwenTextConfig:
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    intermediate_size: int
+    moe_intermediate_size: int
+    num_experts: int
+    num_experts_per_tok: int
+    rms_norm_eps: float
+    rope_theta: float
+    mrope_section: list[int]
+    decoder_sparse_step: int = 1
+    mlp_only_layers: list[int] = field(default_factory=list)
+    attention_bias: bool = False
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "QwenTextConfig":
+        theta, rope = _rope_fields(d, 5_000_000.0)
+        if rope.get("rope_type", rope.get("type", "default")) not in ("default", "mrope"):
+            raise CheckpointError(f"config.json: text rope_type {rope.get('rope_type')!r} is not supported "
+                                  "(only the default interleaved M-RoPE of Qwen3-VL)")
+        if rope.get("mrope_interleaved") is False:
+            raise CheckpointError("config.json: mrope_interleaved=false (Qwen2-VL chunked M-RoPE) is not supported")
+        head_dim = d.get("head_dim") or d["hidden_size"] // d["num_attention_heads"]
+        section = list(rope.get("mrope_section", [24, 20, 20]))
+        if sum(section) != head_dim // 2:
+            raise CheckpointError(f"config.json: mrope_section {section} must sum to head_dim/2 = {head_dim // 2}")
+        return cls(
+            vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], num_hidden_layers=d["num_hidden_layers"],
+            num_attention_heads=d["num_attention_heads"],
+            num_key_value_heads=d.get("num_key_value_heads") or d["num_attention_heads"], head_dim=head_dim,
+            intermediate_size=d.get("intermediate_size", 0), moe_intermediate_size=d["moe_intermediate_size"],
+            num_experts=_pick(d, "num_experts", "num_local_experts"), num_experts_per_tok=d["num_experts_per_tok"],
+            rms_norm_eps=d.get("rms_norm_eps", 1e-6), rope_theta=theta, mrope_section=section,
+            decoder_sparse_step=d.get("decoder_sparse_step", 1), mlp_only_layers=list(d.get("mlp_only_layers") or []),
+            attention_bias=bool(d.get("attention_bias", False)),
+        )
+
+    def is_moe(self, layer: int) -> bool:
+        return (layer not in self.mlp_only_layers and self.num_experts > 0
+                and (layer + 1) % self.decoder_sparse_step == 0)
+
+
+@dataclass
+class Qwen3VLMoeConfig:
+    text: QwenTextConfig
+    vision: QwenVisionConfig
+    image_token_id: int = 151655
+    video_token_id: int = 151656
+    vision_start_token_id: int = 151652
+    vision_end_token_id: int = 151653
+    tie_word_embeddings: bool = False
+    model_type: str = "qwen3_vl_moe"
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Qwen3VLMoeConfig":
+        return cls(
+            text=QwenTextConfig.from_dict(d["text_config"]), vision=QwenVisionConfig.from_dict(d["vision_config"]),
+            image_token_id=d.get("image_token_id", 151655), video_token_id=d.get("video_token_id", 151656),
+            vision_start_token_id=d.get("vision_start_token_id", 151652),
+            vision_end_token_id=d.get("vision_end_token_id", 151653),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+        )
+
+
+CONFIGS: dict[str, type] = {"qwen3_vl_moe": Qwen3VLMoeConfig}  # kimi_vl is registered further down
+
+
+def load_config(checkpoint_dir: str):
+    """Read `checkpoint_dir/config.json` into the dataclass of its model_type."""
+    path = os.path.join(checkpoint_dir, "config.json")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: not found. Point --model at a checkpoint folder containing config.json.")
+    try:
+        with open(path) as f:
+            d = json.load(f)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from e
+    model_type = d.get("model_type")
+    if model_type not in CONFIGS:
+        raise CheckpointError(f"{path}: model_type {model_type!r} is not supported; "
+                              f"expected one of {sorted(CONFIGS)}")
+    try:
+        return CONFIGS[model_type].from_dict(d)
+    except KeyError as e:
+        raise CheckpointError(f"{path}: missing field {e} required for model_type {model_type!r}") from e
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Building blocks shared by both families.
+
+
+class RMSNorm(nn.Module):
+    """w * x / rms(x), computed in fp32 and cast back *before* the weight multiply (as the references do)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rotate_half(x):
+    """(x1, x2) -> (-x2, x1) over the two halves of the last dim (the NeoX / Llama rotary convention)."""
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x, cos, sin):
+    """x * cos + rotate_half(x) * sin; cos/sin broadcast over heads."""
+    return x * cos + rotate_half(x) * sin
+
+
+def attention(q, k, v, scale: float, mask=None):
+    """Softmax attention in the references' eager form. q (B, nh, T, d), k/v (B, nkv, S, d*) with nh % nkv == 0
+    (GQA: each kv head serves nh/nkv query heads). mask: additive (B, 1, T, S) or None. Softmax in fp32."""
+    rep = q.shape[1] // k.shape[1]
+    if rep > 1:
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # (B, nh, T, S)
+    if mask is not None:
+        scores = scores + mask
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(probs, v)  # (B, nh, T, d)
+
+
+def gelu_tanh(x):
+    return F.gelu(x, approximate="tanh")
+
+
+class SwiGLU(nn.Module):
+    """down(silu(gate(x)) * up(x)): the LLM MLPs and every expert of both families."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def run_experts(experts: nn.ModuleList, x, topk_idx, topk_w):
+    """The reference expert loop: gather each expert's routed tokens, run it, scatter-add weighted outputs.
+    x (N, D), topk_idx (N, k) long, topk_w (N, k) -> (N, D). Experts are visited in index order, matching the
+    accumulation order of the references. A quantizer hooks `experts[e]` (its tokens are exactly x[tok])."""
+    out = torch.zeros_like(x)
+    for e, expert in enumerate(experts):
+        tok, slot = torch.where(topk_idx == e)  # tokens routed to e, and which of their k slots chose e
+        if tok.numel() == 0:
+            continue
+        y = expert(x[tok]) * topk_w[tok, slot, None]
+        out.index_add_(0, tok, y.to(out.dtype))
+    return out
+
+
+def causal_mask(attention_mask, q_len: int, past_len: int, dtype, device):
+    """Additive mask (B, 1, q_len, past_len + q_len): causal, and padded keys hidden. Every query row may see
+    itself, so rows of left padding stay finite (their outputs are never used)."""
+    total = past_len + q_len
+    q_pos = torch.arange(past_len, total, device=device)[:, None]
+    k_pos = torch.arange(total, device=device)[None, :]
+    allowed = (k_pos <= q_pos)[None]  # (1, q, S)
+    if attention_mask is not None:
+        allowed = allowed & attention_mask[:, None, :total].bool()
+        allowed = allowed | (k_pos == q_pos)[None]
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
+    mask = mask.masked_fill(~allowed, torch.finfo(dtype).min)
+    return mask[:, None]  # (B or 1, 1, q, S)
+
+
+class KVCache:
+    """Per-layer (k, v) tensors, concatenated along the sequence on every step. `extra` holds family state
+    (Qwen: rope_deltas)."""
+
+    def __init__(self, n_layers: int):
+        self.kv: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n_layers
+        self.extra: dict = {}
+
+    @property
+    def length(self) -> int:
+        return 0 if self.kv[0] is None else self.kv[0][0].shape[2]
+
+    def update(self, layer: int, k, v):
+        if self.kv[layer] is not None:
+            k = torch.cat([self.kv[layer][0], k], dim=2)
+            v = torch.cat([self.kv[layer][1], v], dim=2)
+        self.kv[layer] = (k, v)
+        return k, v
+
+
+@dataclass
+class DecoderInputs:
+    """Everything a decoder layer needs besides the hidden states, computed once per forward.
+    rope: (cos, sin) broadcastable to the q/k of every layer; mask: additive attention mask;
+    visual_pos_masks (B, T) bool; deepstack: list of (n_visual, D) features added after layers 0..n-1."""
+
+    rope: tuple[torch.Tensor, torch.Tensor]
+    mask: torch.Tensor | None
+    attention_mask: torch.Tensor | None = None
+    visual_pos_masks: torch.Tensor | None = None
+    deepstack: list[torch.Tensor] = field(default_factory=list)
+    cache: KVCache | None = None
+
+
+
+class MoEVLM(nn.Module):
+    """What both families share: weight binding/streaming and greedy generation. Subclasses define
+    `embed(...) -> (x, DecoderInputs)`, `after_layer(i, x, ctx)`, `head(x)`, `layers` and `layer_prefix(i)`."""
+
+    family = ""
+
+    def bind(self, ckpt, dtype, device):
+        """Resolve where every parameter comes from (headers only) without reading any tensor."""
+        self._ckpt, self._dtype, self._device = ckpt, dtype, torch.device(device)
+        self.sources = {k: resolve(ckpt, k, tuple(p.shape)) for k, p in self.state_dict(keep_vars=True).items()}
+
+    def layer_keys(self, i: int) -> list[str]:
+        prefix = self.layer_prefix(i)
+        return [k for k in self.sources if k.startswith(prefix)]
+
+    def load_keys(self, keys):
+        for k in keys:
+            t = self.sources[k][1]()
+            # copy: never alias the mmap'd file; float tensors take the requested dtype
+            t = t.to(device=self._device, dtype=self._dtype if t.is_floating_point() else t.dtype, copy=True)
+            assign(self, k, t)
+
+    def load_layer(self, i: int):
+        """Materialize decoder layer i from the checkpoint (streaming: one layer in memory at a time)."""
+        self.load_keys(self.layer_keys(i))
+        return self.layers[i]
+
+    def unload_layer(self, i: int):
+        """Drop decoder layer i's weights back to the meta device."""
+        for k in self.layer_keys(i):
+            p = self.get_parameter(k)
+            assign(self, k, torch.empty(p.shape, dtype=p.dtype, device="meta"))
+
+    def forward(self, input_ids, attention_mask=None, cache=None, **vision):
+        x, ctx = self.embed(input_ids, attention_mask=attention_mask, cache=cache, **vision)
+        for i, layer in enumerate(self.layers):
+            x = self.after_layer(i, layer(x, ctx), ctx)
+        return self.head(x)
+
+    @torch.no_grad()
+    def generate(self, input_ids, max_new_tokens: int, stop_ids=(), on_token=None, **vision):
+        """Greedy decoding with a KV cache, batch 1. Returns the new token ids (stop token excluded)."""
+        if input_ids.shape[0] != 1:
+            raise ValueError("generate() decodes one prompt at a time (batch 1)")
+        cache = KVCache(len(self.layers))
+        logits = self(input_ids, cache=cache, **vision)
+        out = []
+        for _ in range(max_new_tokens):
+            nxt = int(logits[0, -1].argmax())
+            if nxt in stop_ids:
+                break
+            out.append(nxt)
+            if on_token is not None:
+                on_token(nxt)
+            logits = self(torch.tensor([[nxt]], device=input_ids.device), cache=cache)
+        return out
+
+# ----------------------------------------------------------------------------------------------------------
+# Qwen3-VL-MoE vision tower (ARCHITECTURES.md §1.3). Shapes: N patches, D width, nh heads, hd head dim.
+
+
+class QwenVisionAttention(nn.Module):
+    def __init__(self, cfg: QwenVisionConfig):
+        super().__init__()
+        self.nh, self.hd = cfg.num_heads, cfg.hidden_size // cfg.num_heads
+        self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)
+        self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+
+    def forward(self, x, rope, seqlens: list[int]):
+        N = x.shape[0]
+        q, k, v = self.qkv(x).view(N, 3, self.nh, self.hd).unbind(1)  # each (N, nh, hd)
+        cos, sin = rope  # (N, 1, hd) fp32
+        q = apply_rope(q.float(), cos, sin).to(x.dtype)
+        k = apply_rope(k.float(), cos, sin).to(x.dtype)
+        # bidirectional attention inside each image only (block-diagonal over the packed sequence)
+        outs = []
+        for qs, ks, vs in zip(q.split(seqlens), k.split(seqlens), v.split(seqlens)):
+            o = attention(qs.transpose(0, 1)[None], ks.transpose(0, 1)[None], vs.transpose(0, 1)[None],
+                          scale=self.hd ** -0.5)
+            outs.append(o[0].transpose(0, 1).reshape(-1, self.nh * self.hd))
+        return self.proj(torch.cat(outs))
+
+
+class QwenVisionMLP(nn.Module):
+    def __init__(self, cfg: QwenVisionConfig):
+        super().__init__()
+        self.linear_fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.linear_fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+
+    def forward(self, x):
+        return self.linear_fc2(gelu_tanh(self.linear_fc1(x)))
+
+
+class QwenVisionBlock(nn.Module):
+    def __init__(self, cfg: QwenVisionConfig):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.eps)
+        self.norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.eps)
+        self.attn = QwenVisionAttention(cfg)
+        self.mlp = QwenVisionMLP(cfg)
+
+    def forward(self, x, rope, seqlens):
+        x = x + self.attn(self.norm1(x), rope, seqlens)
+        return x + self.mlp(self.norm2(x))
+
+
+class QwenPatchMerger(nn.Module):
+    """2x2 merge -> MLP. Main merger: LayerNorm(D) before the shuffle; DeepStack mergers: LayerNorm(4D) after."""
+
+    def __init__(self, cfg: QwenVisionConfig, postshuffle_norm: bool):
+        super().__init__()
+        self.unit = cfg.spatial_merge_size ** 2
+        wide = cfg.hidden_size * self.unit
+        self.postshuffle_norm = postshuffle_norm
+        self.norm = nn.LayerNorm(wide if postshuffle_norm else cfg.hidden_size, eps=cfg.eps)
+        self.linear_fc1 = nn.Linear(wide, wide)
+        self.linear_fc2 = nn.Linear(wide, cfg.out_hidden_size)
+
+    def forward(self, x):  # x (N, D) in merge-block order -> (N/4, Do)
+        wide = x.shape[-1] * self.unit
+        x = self.norm(x.reshape(-1, wide)) if self.postshuffle_norm else self.norm(x).reshape(-1, wide)
+        return self.linear_fc2(F.gelu(self.linear_fc1(x)))  # exact (erf) GELU in the mergers
+
+
+class QwenPatchEmbed(nn.Module):
+    def __init__(self, cfg: QwenVisionConfig):
+        super().__init__()
+        kernel = (cfg.temporal_patch_size, cfg.patch_size, cfg.patch_size)
+        self.proj = nn.Conv3d(cfg.in_channels, cfg.hidden_size, kernel_size=kernel, stride=kernel)
+
+    def forward(self, pv):  # pv (N, C*T*P*P): a Conv3d with kernel == stride is one matmul
+        w = self.proj.weight
+        return F.linear(pv.to(w.dtype), w.reshape(w.shape[0], -1), self.proj.bias)
+
+
+def merge_block_order(h: int, w: int, m: int):
+    """Raster index of every patch, listed in merge-block order (block row, block col, row in block, col in block)."""
+    idx = torch.arange(h * w).view(h // m, m, w // m, m)
+    return idx.permute(0, 2, 1, 3).reshape(-1)
+
+
+class QwenVisionModel(nn.Module):
+    def __init__(self, cfg: QwenVisionConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.patch_embed = QwenPatchEmbed(cfg)
+        self.pos_embed = nn.Embedding(cfg.num_position_embeddings, cfg.hidden_size)
+        self.side = math.isqrt(cfg.num_position_embeddings)
+        if self.side ** 2 != cfg.num_position_embeddings:
+            raise CheckpointError(f"config.json: vision num_position_embeddings {cfg.num_position_embeddings} "
+                                  "is not a perfect square")
+        self.blocks = nn.ModuleList(QwenVisionBlock(cfg) for _ in range(cfg.depth))
+        self.merger = QwenPatchMerger(cfg, postshuffle_norm=False)
+        self.deepstack_merger_list = nn.ModuleList(
+            QwenPatchMerger(cfg, postshuffle_norm=True) for _ in cfg.deepstack_visual_indexes)
+
+    def position_embedding(self, t: int, h: int, w: int):
+        """Learned 2-D table resampled bilinearly (align_corners=True) to (h, w), in merge-block order. (t*h*w, D)"""
+        D, s = self.cfg.hidden_size, self.side
+        table = self.pos_embed.weight.float().T.reshape(1, D, s, s)
+        grid = F.interpolate(table, size=(h, w), mode="bilinear", align_corners=True)[0]  # (D, h, w)
+        grid = grid.reshape(D, h * w).T[merge_block_order(h, w, self.cfg.spatial_merge_size)]
+        return grid.repeat(t, 1)
+
+    def rotary(self, t: int, h: int, w: int, device):
+        """2-D axial rotary angles: first half of the frequencies follow the row, second half the column."""
+        hd = self.cfg.hidden_size // self.cfg.num_heads
+        inv = 1.0 / self.cfg.rope_theta ** (torch.arange(0, hd // 2, 2, dtype=torch.float32, device=device) / (hd // 2))
+        order = merge_block_order(h, w, self.cfg.spatial_merge_size).to(device)
+        row, col = (order // w).float(), (order % w).float()
+        ang = torch.cat([row[:, None] * inv, col[:, None] * inv], dim=-1).repeat(t, 1)  # (t*h*w, hd/2)
+        ang = torch.cat([ang, ang], dim=-1)[:, None, :]  # (N, 1, hd): broadcast over heads
+        return ang.cos(), ang.sin()
+
+    def forward(self, pixel_values, grid_thw):
+        """pixel_values (N, C*T*P*P) in merge-block order; grid_thw (n_img, 3). Returns (N/4, Do) image features
+        and the DeepStack features, one (N/4, Do) tensor per deepstack index."""
+        grids = [tuple(int(v) for v in g) for g in grid_thw.tolist()]
+        x = self.patch_embed(pixel_values)
+        pos = torch.cat([self.position_embedding(t, h, w) for t, h, w in grids]).to(x.device)
+        x = x + pos.to(x.dtype)
+        ropes = [self.rotary(t, h, w, x.device) for t, h, w in grids]
+        rope = (torch.cat([c for c, _ in ropes]), torch.cat([s for _, s in ropes]))
+        seqlens = [h * w for t, h, w in grids for _ in range(t)]  # one attention segment per frame
+        deepstack = []
+        for i, block in enumerate(self.blocks):
+            x = block(x, rope, seqlens)
+            if i in self.cfg.deepstack_visual_indexes:
+                deepstack.append(self.deepstack_merger_list[self.cfg.deepstack_visual_indexes.index(i)](x))
+        return self.merger(x), deepstack
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Qwen3-VL-MoE language model (ARCHITECTURES.md §1.5-1.7).
+
+
+class QwenAttention(nn.Module):
+    """GQA with per-head RMSNorm on q and k (before RoPE)."""
+
+    def __init__(self, cfg: QwenTextConfig, layer: int):
+        super().__init__()
+        self.layer, self.nh, self.nkv, self.hd = layer, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        H, bias = cfg.hidden_size, cfg.attention_bias
+        self.q_proj = nn.Linear(H, self.nh * self.hd, bias=bias)
+        self.k_proj = nn.Linear(H, self.nkv * self.hd, bias=bias)
+        self.v_proj = nn.Linear(H, self.nkv * self.hd, bias=bias)
+        self.o_proj = nn.Linear(self.nh * self.hd, H, bias=bias)
+        self.q_norm = RMSNorm(self.hd, cfg.rms_norm_eps)
+        self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps)
+
+    def forward(self, x, ctx: DecoderInputs):
+        B, T, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(B, T, self.nh, self.hd)).transpose(1, 2)  # (B, nh, T, hd)
+        k = self.k_norm(self.k_proj(x).view(B, T, self.nkv, self.hd)).transpose(1, 2)  # (B, nkv, T, hd)
+        v = self.v_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)
+        cos, sin = ctx.rope  # (B, 1, T, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if ctx.cache is not None:
+            k, v = ctx.cache.update(self.layer, k, v)
+        o = attention(q, k, v, scale=self.hd ** -0.5, mask=ctx.mask)
+        return self.o_proj(o.transpose(1, 2).reshape(B, T, self.nh * self.hd))
+
+
+class QwenRouter(nn.Module):
+    """Softmax over all experts (fp32), top-k, renormalize, cast back to the activation dtype."""
+
+    def __init__(self, cfg: QwenTextConfig):
+        super().__init__()
+        self.top_k = cfg.num_experts_per_tok
+        self.weight = nn.Parameter(torch.zeros(cfg.num_experts, cfg.hidden_size))
+
+    def forward(self, x):  # x (N, D) -> topk_idx (N, k), topk_w (N, k), probs (N, E) fp32
+        probs = torch.softmax(F.linear(x, self.weight), dim=-1, dtype=torch.float32)
+        topk_p, topk_idx = torch.topk(probs, self.top_k, dim=-1)
+        topk_w = (topk_p / topk_p.sum(-1, keepdim=True)).to(x.dtype)
+        return topk_idx, topk_w, probs
+
+
+class QwenMoE(nn.Module):
+    def __init__(self, cfg: QwenTextConfig):
+        super().__init__()
+        self.gate = QwenRouter(cfg)
+        self.experts = nn.ModuleList(SwiGLU(cfg.hidden_size, cfg.moe_intermediate_size)
+                                     for _ in range(cfg.num_experts))
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        topk_idx, topk_w, _ = self.gate(x)
+        return run_experts(self.experts, x, topk_idx, topk_w).view(shape)
+
+
+class QwenDecoderLayer(nn.Module):
+    def __init__(self, cfg: QwenTextConfig, layer: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = QwenAttention(cfg, layer)
+        self.mlp = QwenMoE(cfg) if cfg.is_moe(layer) else SwiGLU(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x, ctx: DecoderInputs):
+        x = x + self.self_attn(self.input_layernorm(x), ctx)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class QwenTextModel(nn.Module):
+    def __init__(self, cfg: QwenTextConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(QwenDecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class _QwenInner(nn.Module):
+    """Holds `visual` and `language_model` so parameter names equal the checkpoint's `model.*` keys."""
+
+    def __init__(self, cfg: Qwen3VLMoeConfig):
+        super().__init__()
+        self.visual = QwenVisionModel(cfg.vision)
+        self.language_model = QwenTextModel(cfg.text)
+
+
+def mrope_position_ids(input_ids, image_grid_thw, attention_mask, image_token_id: int, merge: int):
+    """(3, B, T) position ids (rows T, H, W) and rope_deltas (B,). Text tokens advance all three rows by one;
+    an image run of lh x lw merged tokens gets (cur, cur + r, cur + c) and advances cur by max(lh, lw).
+    Padding (attention_mask == 0) is skipped; its positions are left at 0."""
+    B, T = input_ids.shape
+    pos = torch.zeros(3, B, T, dtype=torch.long, device=input_ids.device)
+    deltas = torch.zeros(B, dtype=torch.long, device=input_ids.device)
+    grids = iter(image_grid_thw.tolist()) if image_grid_thw is not None else iter(())
+    for b in range(B):
+        keep = attention_mask[b].bool() if attention_mask is not None else torch.ones(T, dtype=torch.bool)
+        ids = input_ids[b][keep].tolist()
+        rows, cur, i = [], 0, 0
+        while i < len(ids):
+            if ids[i] != image_token_id:
+                rows.append(torch.full((3, 1), cur))
+                cur, i = cur + 1, i + 1
+                continue
+            t, h, w = next(grids)
+            lh, lw = h // merge, w // merge
+            rr, cc = torch.meshgrid(torch.arange(lh), torch.arange(lw), indexing="ij")
+            rows.append(torch.stack([torch.zeros(lh * lw, dtype=torch.long), rr.flatten(), cc.flatten()]) + cur)
+            cur, i = cur + max(lh, lw), i + t * lh * lw
+        p = torch.cat(rows, dim=1) if rows else torch.zeros(3, 0, dtype=torch.long)
+        pos[:, b, keep.to(pos.device)] = p.to(pos.device)
+        deltas[b] = (int(p.max()) + 1 if p.numel() else 0) - len(ids)
+    return pos, deltas
+
+
+class Qwen3VLMoeModel(MoEVLM):
+    """Qwen3-VL-MoE. `forward(input_ids, pixel_values=None, image_grid_thw=None, attention_mask=None)`
+    returns logits (B, T, V) in fp32. The forward is split into `embed` -> `layers` -> `head` so the
+    quantizer can run the decoder one layer at a time."""
+
+    family = "qwen3_vl_moe"
+
+    def __init__(self, cfg: Qwen3VLMoeConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.model = _QwenInner(cfg)
+        self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.model.language_model.layers
+
+    @staticmethod
+    def layer_prefix(i: int) -> str:
+        return f"model.language_model.layers.{i}."
+
+    # -- rotary ------------------------------------------------------------------------------------------
+    def text_rope(self, position_ids, dtype):
+        """Interleaved M-RoPE. position_ids (3, B, T) -> cos, sin (B, 1, T, hd) in the activation dtype.
+        Frequency j uses the H row if j % 3 == 1 (j < 3*sec[1]), the W row if j % 3 == 2 (j < 3*sec[2]),
+        else the T row."""
+        c = self.cfg.text
+        inv = 1.0 / c.rope_theta ** (torch.arange(0, c.head_dim, 2, dtype=torch.float32,
+                                                  device=position_ids.device) / c.head_dim)
+        f = position_ids[..., None].float() * inv  # (3, B, T, hd/2)
+        freqs = f[0].clone()
+        for axis, offset in ((1, 1), (2, 2)):
+            sl = slice(offset, 3 * c.mrope_section[axis], 3)
+            freqs[..., sl] = f[axis][..., sl]
+        emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # (B, 1, T, hd)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    # -- forward pieces ----------------------------------------------------------------------------------
+    def embed(self, input_ids, attention_mask=None, cache=None, pixel_values=None, image_grid_thw=None):
+        """Token embeddings with image features scattered in, plus the per-forward DecoderInputs."""
+        lm = self.model.language_model
+        x = lm.embed_tokens(input_ids)
+        B, T = input_ids.shape
+        is_img = input_ids == self.cfg.image_token_id
+        past = cache.length if cache is not None else 0
+        ctx_extra = {}
+        if pixel_values is not None:
+            if image_grid_thw is None:
+                raise ValueError("pixel_values given without image_grid_thw")
+            feats, deepstack = self.model.visual(pixel_values, image_grid_thw)
+            if int(is_img.sum()) != feats.shape[0]:
+                raise ValueError(f"the prompt has {int(is_img.sum())} image tokens (id {self.cfg.image_token_id}) "
+                                 f"but image_grid_thw gives {feats.shape[0]} image features")
+            x = x.masked_scatter(is_img[..., None], feats.to(x.dtype))
+            ctx_extra = dict(visual_pos_masks=is_img, deepstack=[d.to(x.dtype) for d in deepstack])
+        elif is_img.any() and past == 0:
+            raise ValueError("the prompt contains image tokens but no pixel_values were given")
+        if past == 0:
+            pos, deltas = mrope_position_ids(input_ids, image_grid_thw if pixel_values is not None else None,
+                                             attention_mask, self.cfg.image_token_id,
+                                             self.cfg.vision.spatial_merge_size)
+            if cache is not None:
+                cache.extra["rope_deltas"] = deltas
+        else:  # decode step: plain positions shifted by the prompt's rope delta
+            deltas = cache.extra["rope_deltas"]
+            pos = (torch.arange(past, past + T, device=x.device)[None] + deltas[:, None].to(x.device))
+            pos = pos[None].expand(3, B, T)
+        ctx = DecoderInputs(rope=self.text_rope(pos.to(x.device), x.dtype),
+                            mask=causal_mask(attention_mask, T, past, x.dtype, x.device),
+                            attention_mask=attention_mask, cache=cache, **ctx_extra)
+        return x, ctx
+
+    def after_layer(self, i: int, x, ctx: DecoderInputs):
+        """DeepStack: add the i-th vision feature set at the image positions after decoder layer i."""
+        if i < len(ctx.deepstack):
+            x = x.clone()
+            x[ctx.visual_pos_masks] = x[ctx.visual_pos_masks] + ctx.deepstack[i]
+        return x
+
+    def head(self, x):
+        return self.lm_head(self.model.language_model.norm(x)).float()
+
+
+
+MODELS: dict[str, type] = {"qwen3_vl_moe": Qwen3VLMoeModel}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading: safetensors, strict, optionally one decoder layer at a time.
+
+
+class Checkpoint:
+    """Name -> file index over a checkpoint folder (`model.safetensors` or a sharded
+    `model.safetensors.index.json`); tensors are read lazily with `safe_open`."""
+
+    def __init__(self, checkpoint_dir: str):
+        from safetensors import safe_open
+
+        self.dir = checkpoint_dir
+        index = os.path.join(checkpoint_dir, "model.safetensors.index.json")
+        single = os.path.join(checkpoint_dir, "model.safetensors")
+        if os.path.isfile(index):
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+            files = sorted(set(weight_map.values()))
+        elif os.path.isfile(single):
+            files = ["model.safetensors"]
+        else:
+            raise CheckpointError(f"{checkpoint_dir}: no model.safetensors or model.safetensors.index.json found")
+        self.where: dict[str, str] = {}
+        self.handles = {}
+        for name in files:
+            path = os.path.join(checkpoint_dir, name)
+            if not os.path.isfile(path):
+                raise CheckpointError(f"{path}: listed in the index but missing; re-download the shard")
+            try:
+                self.handles[name] = safe_open(path, framework="pt")
+            except Exception as e:  # safetensors raises its own error types for bad headers
+                raise CheckpointError(f"{path}: not a readable safetensors file ({e}); it may be truncated") from e
+            for key in self.handles[name].keys():
+                self.where[key] = name
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.where
+
+    def keys(self):
+        return self.where.keys()
+
+    def get(self, key: str) -> torch.Tensor:
+        name = self.where[key]
+        try:
+            return self.handles[name].get_tensor(key)
+        except Exception as e:
+            raise CheckpointError(f"{os.path.join(self.dir, name)}: cannot read tensor {key!r} ({e}); "
+                                  "the file may be truncated") from e
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.handles[self.where[key]].get_slice(key).get_shape())
+
+    def get_expert(self, key: str, e: int) -> torch.Tensor:
+        """Row e of a fused [E, ...] tensor, read without loading the other experts."""
+        name = self.where[key]
+        try:
+            return self.handles[name].get_slice(key)[e]
+        except Exception as e_:
+            raise CheckpointError(f"{os.path.join(self.dir, name)}: cannot read expert {e} of {key!r} ({e_}); "
+                                  "the file may be truncated") from e_
+
+
+# Tensors present in real checkpoints that the forward pass does not use, skipped by name.
+STALE_KEYS = [re.compile(r".*\.rotary_emb\.inv_freq$")]
+
+# Per-expert names in our module tree, which may come from the Hub's fused 3-D tensors instead.
+_EXPERT_KEY = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+
+
+def resolve(ckpt: Checkpoint, key: str, shape: tuple[int, ...]) -> tuple[str, Callable[[], torch.Tensor]]:
+    """Where parameter `key` (of `shape`) comes from: (checkpoint key, reader). Checks presence and shape from
+    the file headers only, so a whole 60 GB checkpoint is validated without reading it.
+
+    Per-expert weights are read either under their own names (`experts.{e}.gate_proj.weight`, the layout
+    quantization toolkits write) or from the Hub's fused tensors: `gate_up_proj [E, H, 2I]` (columns [:I] gate,
+    [I:] up, used as x @ W) and `down_proj [E, I, H]`."""
+    if key in ckpt:
+        if ckpt.shape(key) != tuple(shape):
+            raise CheckpointError(f"{ckpt.dir}: tensor {key!r} has shape {ckpt.shape(key)}, expected {tuple(shape)} "
+                                  "(does config.json match the weights?)")
+        return key, lambda: ckpt.get(key)
+    m = _EXPERT_KEY.match(key)
+    fused = m and (f"{m.group(1)}.down_proj" if m.group(3) == "down_proj" else f"{m.group(1)}.gate_up_proj")
+    if not m or fused not in ckpt:
+        raise CheckpointError(f"{ckpt.dir}: tensor {key!r} is missing (expected shape {tuple(shape)})")
+    e, proj, (out_f, in_f) = int(m.group(2)), m.group(3), shape
+    E, a, b = ckpt.shape(fused)
+    want = (in_f, out_f) if proj == "down_proj" else (in_f, 2 * out_f)
+    if (a, b) != want or e >= E:
+        raise CheckpointError(f"{ckpt.dir}: fused tensor {fused!r} has shape {(E, a, b)}, expected "
+                              f"(>{e}, {want[0]}, {want[1]}) to provide {key!r}")
+
+    def read():
+        W = ckpt.get_expert(fused, e)  # (H, 2I) or (I, H), used as x @ W
+        if proj == "down_proj":
+            return W.T
+        return (W[:, :out_f] if proj == "gate_proj" else W[:, out_f:]).T
+
+    return fused, read
+
+
+def assign(model: nn.Module, key: str, t: torch.Tensor):
+    """Replace the parameter at dotted path `key` by `t` (used to swap meta tensors for real ones and back)."""
+    mod_name, _, name = key.rpartition(".")
+    setattr(model.get_submodule(mod_name), name, nn.Parameter(t, requires_grad=False))
+
+
+def load_model(checkpoint_dir: str, dtype=torch.float32, device="cpu", lazy_layers: bool = False):
+    """Build the model of `checkpoint_dir/config.json` and load its safetensors strictly.
+
+    dtype/device: where the weights live (fp32 on CPU; bf16 on GPU). With lazy_layers=True the decoder layers
+    stay on the meta device (no memory); materialize one with `model.load_layer(i)` and drop it with
+    `model.unload_layer(i)`. Every tensor of every layer is checked (presence, shape) up front; tensors in the
+    checkpoint that no parameter uses are reported by name. Errors are CheckpointError naming file and tensor."""
+    cfg = load_config(checkpoint_dir)
+    ckpt = Checkpoint(checkpoint_dir)
+    with torch.device("meta"):
+        model = MODELS[cfg.model_type](cfg)
+    model.eval().requires_grad_(False)
+    model.bind(ckpt, dtype, device)
+    used = {src for src, _ in model.sources.values()}
+    unexpected = [k for k in ckpt.keys() if k not in used and not any(p.match(k) for p in STALE_KEYS)]
+    if unexpected:
+        shown = ", ".join(unexpected[:10]) + (f" ... ({len(unexpected)} in all)" if len(unexpected) > 10 else "")
+        raise CheckpointError(f"{checkpoint_dir}: unexpected tensors not used by {cfg.model_type}: {shown}")
+    layer_keys = {k for i in range(len(model.layers)) for k in model.layer_keys(i)}
+    model.load_keys([k for k in model.sources if k not in layer_keys])
+    if not lazy_layers:
+        for i in range(len(model.layers)):
+            model.load_layer(i)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CLI: greedy answer to one prompt (with or without an image), printed as it is generated.
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Greedy generation with the hand-written model (no transformers).")
+    p.add_argument("--model", required=True, help="checkpoint folder (config.json, *.safetensors, tokenizer.json)")
+    p.add_argument("--prompt", required=True, help="user message text")
+    p.add_argument("--image", action="append", default=[],
+                   help="image file shown before the prompt; repeat the flag for several images")
+    p.add_argument("--system", default=None, help="optional system message")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="stop after this many generated tokens")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="weight/activation dtype (default: float32 on CPU, bfloat16 on GPU)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    args = p.parse_args(argv)
+
+    from data import load_processor  # data.py never imports model.py, so no loop
+
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.float32 if args.device == "cpu" else torch.bfloat16)
+    model = load_model(args.model, dtype=dtype, device=args.device)
+    proc = load_processor(args.model)
+    content = [{"type": "image"} for _ in args.image] + [{"type": "text", "text": args.prompt}]
+    messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
+        [{"role": "user", "content": content}]
+    enc = proc.encode(messages, images=args.image)
+    vision = {k: v.to(args.device) for k, v in enc.items() if k.startswith(("pixel_values", "image_grid"))}
+    ids = []
+
+    def show(tok):  # print the decoded text incrementally (decode the whole answer so far: BPE merges)
+        prev = proc.tokenizer.decode(ids)
+        ids.append(tok)
+        sys.stdout.write(proc.tokenizer.decode(ids)[len(prev):])
+        sys.stdout.flush()
+
+    model.generate(enc["input_ids"].to(args.device), args.max_new_tokens, stop_ids=proc.stop_ids,
+                   on_token=show, **vision)
+    sys.stdout.write("\n")
+
+
+if __name__ == "__main__":
+    main()
