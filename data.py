@@ -216,7 +216,123 @@ class QwenProcessor:
         return out
 
 
-PROCESSORS = {"qwen3_vl_moe": QwenProcessor}
+# ----------------------------------------------------------------------------------------------------------
+# Kimi-VL (ARCHITECTURES.md §3.2)
+
+# The Kimi-VL image processor's defaults (OpenAI CLIP), used only where preprocessor_config.json has no mean/std.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass
+class KimiImageConfig:
+    patch_size: int = 14
+    in_token_limit: int = 4096  # max patches before the image is shrunk
+    merge_kernel_size: tuple = (2, 2)
+    image_mean: tuple = CLIP_MEAN
+    image_std: tuple = CLIP_STD
+    max_grid: int = 512  # MoonViT's rope table side: a grid side must stay below it ("Exceed pos emb")
+
+    @classmethod
+    def from_file(cls, path: str) -> "KimiImageConfig":
+        d = _read_json(path, "the checkpoint's image preprocessing settings")
+        if d.get("pad_input", True) is not True:
+            raise DataError(f"{path}: pad_input={d['pad_input']!r} (center-crop) is not supported; "
+                            "Kimi-VL-A3B-Instruct pads (pad_input true)")
+        return cls(patch_size=d.get("patch_size", 14), in_token_limit=d.get("in_token_limit", 4096),
+                   merge_kernel_size=tuple(d.get("merge_kernel_size", (2, 2))),
+                   image_mean=tuple(d.get("image_mean") or CLIP_MEAN), image_std=tuple(d.get("image_std") or CLIP_STD))
+
+
+class KimiProcessor:
+    """Kimi chat format (`<|im_user|>user<|im_middle|>...<|im_end|>`, no newlines between turns) with
+    `<|media_start|>image<|media_content|><|media_pad|><|media_end|>` per image, and MoonViT preprocessing:
+    shrink to at most in_token_limit patches (PIL bicubic), pad right/bottom with black to multiples of
+    patch*merge, normalize, raster-order patches (L, 3, P, P)."""
+
+    family = "kimi_vl"
+    media = "<|media_start|>image<|media_content|><|media_pad|><|media_end|>"
+    roles = {"system": "<|im_system|>", "user": "<|im_user|>", "assistant": "<|im_assistant|>"}
+    default_system = "You are a helpful assistant"
+
+    def __init__(self, checkpoint_dir: str):
+        tok_path = os.path.join(checkpoint_dir, "tokenizer.json")
+        if not os.path.isfile(tok_path) and os.path.isfile(os.path.join(checkpoint_dir, "tiktoken.model")):
+            raise DataError(f"{tok_path}: not found; this checkpoint ships tiktoken.model. Convert it once to a "
+                            "`tokenizers` tokenizer.json (e.g. with transformers' TikTokenConverter) and save it there")
+        self.tokenizer = Tokenizer(tok_path)
+        self.image_cfg = KimiImageConfig.from_file(os.path.join(checkpoint_dir, "preprocessor_config.json"))
+        cfg = _read_json(os.path.join(checkpoint_dir, "config.json"), "model config")
+        self.media_token_id = cfg.get("media_placeholder_token_id", self.tokenizer.token_id("<|media_pad|>"))
+        self.stop_ids = [self.tokenizer.token_id("<|im_end|>"), self.tokenizer.token_id("[EOS]")]
+
+    # -- images ------------------------------------------------------------------------------------------
+    def resize_and_pad(self, image: Image.Image) -> Image.Image:
+        """Shrink by sqrt(limit / patches) if (w//P)*(h//P) > in_token_limit, then pad to multiples of P*merge."""
+        c, P = self.image_cfg, self.image_cfg.patch_size
+        w, h = image.size
+        if (w // P) * (h // P) > c.in_token_limit:
+            s = math.sqrt(c.in_token_limit / ((w // P) * (h // P)))
+            image = image.resize((int(w * s), int(h * s)), Image.BICUBIC)
+        w, h = image.size
+        ph, pw = P * c.merge_kernel_size[0], P * c.merge_kernel_size[1]
+        canvas = Image.new("RGB", (w + (pw - w % pw) % pw, h + (ph - h % ph) % ph))  # black
+        canvas.paste(image, (0, 0))
+        if canvas.width // P >= c.max_grid or canvas.height // P >= c.max_grid:
+            raise DataError(f"image of {w}x{h} px gives a {canvas.height // P}x{canvas.width // P} patch grid; "
+                            f"MoonViT supports sides below {c.max_grid} patches (lower in_token_limit)")
+        return canvas
+
+    def preprocess_image(self, image) -> tuple[torch.Tensor, list[int]]:
+        """-> pixel_values (gh*gw, 3, P, P) in raster (row-major) patch order, grid [gh, gw]."""
+        P = self.image_cfg.patch_size
+        image = self.resize_and_pad(load_image(image))
+        x = normalize(image, self.image_cfg.image_mean, self.image_cfg.image_std)  # (3, H, W)
+        gh, gw = x.shape[1] // P, x.shape[2] // P
+        x = x.reshape(3, gh, P, gw, P).transpose(1, 3, 0, 2, 4).reshape(gh * gw, 3, P, P)
+        return torch.from_numpy(np.ascontiguousarray(x)), [gh, gw]
+
+    def num_image_tokens(self, grid) -> int:
+        kh, kw = self.image_cfg.merge_kernel_size
+        return (grid[0] // kh) * (grid[1] // kw)
+
+    # -- prompt ------------------------------------------------------------------------------------------
+    def chat_text(self, messages, add_generation_prompt: bool = True) -> str:
+        """The Kimi-VL chat template; a default system turn when the first message is not a system one."""
+        out = []
+        if messages and messages[0]["role"] != "system":
+            out.append(f"<|im_system|>system<|im_middle|>{self.default_system}<|im_end|>")
+        for i, msg in enumerate(messages):
+            if msg["role"] not in self.roles:
+                raise DataError(f"message {i}: role {msg['role']!r} is not one of {sorted(self.roles)}")
+            body = "".join(self.media if it["type"] == "image" else it["text"] for it in _content_items(msg["content"]))
+            out.append(f"{self.roles[msg['role']]}{msg['role']}<|im_middle|>{body}<|im_end|>")
+        if add_generation_prompt:
+            out.append("<|im_assistant|>assistant<|im_middle|>")
+        return "".join(out)
+
+    def encode(self, messages, images=(), add_generation_prompt: bool = True) -> dict:
+        return self.encode_text(self.chat_text(messages, add_generation_prompt), images)
+
+    def encode_text(self, text: str, images=()) -> dict:
+        """Tokenize a prompt with one `<|media_pad|>` per image; expand each to (H/28)*(W/28) copies."""
+        pads = text.count("<|media_pad|>")
+        if pads != len(images):
+            raise DataError(f"the prompt has {pads} <|media_pad|> placeholders but {len(images)} images were given")
+        pv, grids = zip(*[self.preprocess_image(im) for im in images]) if images else ((), ())
+        parts = text.split("<|media_pad|>")
+        ids = self.tokenizer.encode(parts[0])
+        for grid, part in zip(grids, parts[1:]):
+            ids += [self.media_token_id] * self.num_image_tokens(grid) + self.tokenizer.encode(part)
+        out = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
+        if images:
+            out["pixel_values"] = torch.cat(pv)
+            out["image_grid_hws"] = torch.tensor(grids)
+        out["is_vis"] = out["input_ids"] == self.media_token_id
+        return out
+
+
+PROCESSORS = {"qwen3_vl_moe": QwenProcessor, "kimi_vl": KimiProcessor}
 
 
 def load_processor(checkpoint_dir: str):
