@@ -216,9 +216,28 @@ def apply_rope(x, cos, sin):
     return x * cos + rotate_half(x) * sin
 
 
-def attention(q, k, v, scale: float, mask=None):
-    """Softmax attention in the references' eager form. q (B, nh, T, d), k/v (B, nkv, S, d*) with nh % nkv == 0
-    (GQA: each kv head serves nh/nkv query heads). mask: additive (B, 1, T, S) or None. Softmax in fp32."""
+def attention(q, k, v, scale: float, mask=None, causal: bool = False):
+    """Softmax attention. q (B, nh, T, d), k/v (B, nkv, S, d*) with nh % nkv == 0 (GQA: each kv head serves
+    nh/nkv query heads). mask: additive (B, 1, T, S), or None with causal=True (plain causal, T == S) or
+    causal=False (bidirectional). Uses torch's fused SDPA kernel; `attention_reference` is the same math
+    written out."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None, scale=scale,
+                                          enable_gqa=q.shape[1] != k.shape[1])
+
+
+def block_diagonal_attention(q, k, v, seqlens: list[int], scale: float):
+    """Bidirectional attention inside each segment of a packed sequence, so packed images never see each other.
+    q, k, v (L, nh, hd); seqlens sums to L. Returns (L, nh*hd)."""
+    outs = []
+    for qs, ks, vs in zip(q.split(seqlens), k.split(seqlens), v.split(seqlens)):
+        o = attention(qs.transpose(0, 1)[None], ks.transpose(0, 1)[None], vs.transpose(0, 1)[None], scale=scale)
+        outs.append(o[0].transpose(0, 1).reshape(qs.shape[0], -1))
+    return torch.cat(outs)
+
+
+def attention_reference(q, k, v, scale: float, mask=None):
+    """softmax(q kᵀ * scale + mask) v with the softmax in fp32, as the references' eager path; also returns the
+    probabilities (B, nh, T, S), which token-weighting methods read."""
     rep = q.shape[1] // k.shape[1]
     if rep > 1:
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
@@ -226,7 +245,7 @@ def attention(q, k, v, scale: float, mask=None):
     if mask is not None:
         scores = scores + mask
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-    return torch.matmul(probs, v)  # (B, nh, T, d)
+    return torch.matmul(probs, v), probs
 
 
 def gelu_tanh(x):
@@ -248,13 +267,18 @@ class SwiGLU(nn.Module):
 
 def run_experts(experts: nn.ModuleList, x, topk_idx, topk_w):
     """The reference expert loop: gather each expert's routed tokens, run it, scatter-add weighted outputs.
-    x (N, D), topk_idx (N, k) long, topk_w (N, k) -> (N, D). Experts are visited in index order, matching the
-    accumulation order of the references. A quantizer hooks `experts[e]` (its tokens are exactly x[tok])."""
+    x (N, D), topk_idx (N, k) long, topk_w (N, k) -> (N, D). Experts are visited in index order and their tokens
+    in sequence order, matching the accumulation order of the references. A quantizer hooks `experts[e]`:
+    its inputs are exactly x[tok] below."""
+    N, k = topk_idx.shape
+    flat = topk_idx.flatten()  # (N*k,) expert of each (token, slot)
+    order = flat.argsort(stable=True)  # grouped by expert, token order kept inside a group
+    counts = flat.bincount(minlength=len(experts)).tolist()
     out = torch.zeros_like(x)
-    for e, expert in enumerate(experts):
-        tok, slot = torch.where(topk_idx == e)  # tokens routed to e, and which of their k slots chose e
-        if tok.numel() == 0:
+    for expert, sel in zip(experts, order.split(counts)):
+        if sel.numel() == 0:
             continue
+        tok, slot = sel // k, sel % k  # tokens routed to this expert, and which of their k slots chose it
         y = expert(x[tok]) * topk_w[tok, slot, None]
         out.index_add_(0, tok, y.to(out.dtype))
     return out
@@ -262,13 +286,16 @@ def run_experts(experts: nn.ModuleList, x, topk_idx, topk_w):
 
 def causal_mask(attention_mask, q_len: int, past_len: int, dtype, device):
     """Additive mask (B, 1, q_len, past_len + q_len): causal, and padded keys hidden. Every query row may see
-    itself, so rows of left padding stay finite (their outputs are never used)."""
+    itself, so rows of left padding stay finite (their outputs are never used). None when no mask is needed
+    beyond plain causality (no padding, no cache): attention() then uses the kernel's own causal path."""
+    if attention_mask is None and past_len == 0:
+        return None
     total = past_len + q_len
     q_pos = torch.arange(past_len, total, device=device)[:, None]
     k_pos = torch.arange(total, device=device)[None, :]
     allowed = (k_pos <= q_pos)[None]  # (1, q, S)
     if attention_mask is not None:
-        allowed = allowed & attention_mask[:, None, :total].bool()
+        allowed = allowed & attention_mask[:, None, :total].bool().to(device)
         allowed = allowed | (k_pos == q_pos)[None]
     mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
     mask = mask.masked_fill(~allowed, torch.finfo(dtype).min)
@@ -386,13 +413,7 @@ class QwenVisionAttention(nn.Module):
         cos, sin = rope  # (N, 1, hd) fp32
         q = apply_rope(q.float(), cos, sin).to(x.dtype)
         k = apply_rope(k.float(), cos, sin).to(x.dtype)
-        # bidirectional attention inside each image only (block-diagonal over the packed sequence)
-        outs = []
-        for qs, ks, vs in zip(q.split(seqlens), k.split(seqlens), v.split(seqlens)):
-            o = attention(qs.transpose(0, 1)[None], ks.transpose(0, 1)[None], vs.transpose(0, 1)[None],
-                          scale=self.hd ** -0.5)
-            outs.append(o[0].transpose(0, 1).reshape(-1, self.nh * self.hd))
-        return self.proj(torch.cat(outs))
+        return self.proj(block_diagonal_attention(q, k, v, seqlens, scale=self.hd ** -0.5))
 
 
 class QwenVisionMLP(nn.Module):
@@ -531,7 +552,7 @@ class QwenAttention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if ctx.cache is not None:
             k, v = ctx.cache.update(self.layer, k, v)
-        o = attention(q, k, v, scale=self.hd ** -0.5, mask=ctx.mask)
+        o = attention(q, k, v, scale=self.hd ** -0.5, mask=ctx.mask, causal=True)
         return self.o_proj(o.transpose(1, 2).reshape(B, T, self.nh * self.hd))
 
 
@@ -831,16 +852,6 @@ CONFIGS["kimi_vl"] = KimiVLConfig
 # order, D width, nh heads, hd head dim; (h, w) an image's grid in patches.
 
 
-def block_diagonal_attention(q, k, v, seqlens: list[int], scale: float):
-    """Bidirectional attention inside each segment of a packed sequence, so packed images never see each other.
-    q, k, v (L, nh, hd); seqlens sums to L. Returns (L, nh*hd)."""
-    outs = []
-    for qs, ks, vs in zip(q.split(seqlens), k.split(seqlens), v.split(seqlens)):
-        o = attention(qs.transpose(0, 1)[None], ks.transpose(0, 1)[None], vs.transpose(0, 1)[None], scale=scale)
-        outs.append(o[0].transpose(0, 1).reshape(qs.shape[0], -1))
-    return torch.cat(outs)
-
-
 def moonvit_rope(h: int, w: int, head_dim: int, theta: float, device):
     """cis(angle) per complex pair, (h*w, hd/2) complex64 in raster order. With freq_i = theta^(-4i/hd),
     pair 2i turns by col*freq_i and pair 2i+1 by row*freq_i (col = width index: the code, not its docstring)."""
@@ -1029,7 +1040,7 @@ class MLAttention(nn.Module):
         k = torch.cat([k_nope, k_pe.expand(B, self.nh, T, c.qk_rope_head_dim)], dim=-1)
         if ctx.cache is not None:
             k, v = ctx.cache.update(self.layer, k, v)
-        o = attention(q, k, v, scale=c.qk_head_dim ** -0.5, mask=ctx.mask)  # (B, nh, T, dv)
+        o = attention(q, k, v, scale=c.qk_head_dim ** -0.5, mask=ctx.mask, causal=True)  # (B, nh, T, dv)
         return self.o_proj(o.transpose(1, 2).reshape(B, T, self.nh * c.v_head_dim))
 
 
@@ -1193,8 +1204,6 @@ class KimiVLModel(MoEVLM):
 
 
 MODELS["kimi_vl"] = KimiVLModel
-
-
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -59,7 +59,7 @@ def randomize(model, seed, std=0.08):
                 p.copy_(std * noise)
 
 
-def qwen_config(vocab_size, ids, **text):
+def qwen_config(vocab_size, ids, vision=None, **text):
     from transformers import Qwen3VLMoeConfig
 
     t = dict(vocab_size=vocab_size, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
@@ -71,6 +71,7 @@ def qwen_config(vocab_size, ids, **text):
     v = dict(depth=3, hidden_size=32, num_heads=2, intermediate_size=64, patch_size=8, temporal_patch_size=2,
              spatial_merge_size=2, out_hidden_size=t["hidden_size"], num_position_embeddings=36,
              deepstack_visual_indexes=[0, 2])
+    v.update(vision or {})
     return Qwen3VLMoeConfig(text_config=t, vision_config=v, image_token_id=ids["<|image_pad|>"],
                             video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
                             vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False)
@@ -100,14 +101,14 @@ def to_hub_layout(src_dir, dst_dir):
     json.dump(cfg, open(os.path.join(dst_dir, "config.json"), "w"), indent=1)
 
 
-def make_tiny_qwen(path, seed=0, preprocessor=None, **text):
+def make_tiny_qwen(path, seed=0, preprocessor=None, vision=None, **text):
     """Tiny random Qwen3-VL-MoE in the Hub layout at `path` (config, weights, tokenizer, preprocessor)."""
     from transformers import Qwen3VLMoeForConditionalGeneration
 
     tok = build_tokenizer(QWEN_SPECIAL)
     ids = {t: tok.token_to_id(t) for t in QWEN_SPECIAL}
     torch.manual_seed(seed)
-    hf = Qwen3VLMoeForConditionalGeneration(qwen_config(tok.get_vocab_size(), ids, **text))
+    hf = Qwen3VLMoeForConditionalGeneration(qwen_config(tok.get_vocab_size(), ids, vision, **text))
     randomize(hf, seed)
     tmp = str(path) + "_hf"
     hf.save_pretrained(tmp)
