@@ -360,3 +360,163 @@ def pad_batch(encoded: list[dict], pad_id: int = 0, side: str = "left") -> dict:
         if parts:
             out[k] = torch.cat(parts)
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The bundled synthetic benchmark ("shapes"): deterministic scenes drawn with pillow, and questions whose
+# single-word answers need the vision tower (colour, shape, count, position) and the language model
+# (relations, arithmetic). Used to train the bundled tiny models and to measure what quantization costs them.
+
+SHAPES = ("circle", "square", "triangle")
+COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (50, 80, 220), "yellow": (230, 210, 40),
+          "purple": (150, 60, 190), "white": (245, 245, 245)}
+NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
+           "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen")
+IMAGE_TYPES = ("color", "shape", "count", "exists", "position", "relation")
+TEXT_TYPES = ("arithmetic", "order")
+SPLIT_SEEDS = {"train": 0, "test": 1_000_003}  # disjoint random streams: the held-out split is fixed
+
+
+@dataclass
+class Sample:
+    """One benchmark item. image is None for text-only items; choices is set for multiple choice."""
+
+    question: str
+    answer: str
+    type: str
+    image: Image.Image | None = None
+    choices: list | None = None
+
+    @property
+    def modality(self) -> str:
+        return "text" if self.image is None else "image"
+
+
+def _scene(rng, size=64):
+    """1-4 non-overlapping objects; centres at least 7 px apart in x and in y, so left/right/top/bottom
+    between any two objects is never ambiguous."""
+    n = int(rng.integers(1, 5))
+    objs, tries = [], 0
+    while len(objs) < n:
+        tries += 1
+        if tries > 200:  # an early object blocked the rest: start the scene over
+            objs, tries = [], 0
+        r = int(rng.integers(8, 12))
+        x, y = int(rng.integers(r, size - r)), int(rng.integers(r, size - r))
+        if all(abs(x - o["x"]) >= 7 and abs(y - o["y"]) >= 7 and math.hypot(x - o["x"], y - o["y"]) > r + o["r"] + 1
+               for o in objs):
+            objs.append(dict(shape=SHAPES[rng.integers(3)], color=list(COLORS)[rng.integers(len(COLORS))],
+                             x=x, y=y, r=r))
+    return objs
+
+
+def draw_scene(objs, size=64) -> Image.Image:
+    from PIL import ImageDraw
+
+    im = Image.new("RGB", (size, size), (128, 128, 128))
+    d = ImageDraw.Draw(im)
+    for o in objs:
+        x, y, r, c = o["x"], o["y"], o["r"], COLORS[o["color"]]
+        if o["shape"] == "circle":
+            d.ellipse([x - r, y - r, x + r, y + r], fill=c)
+        elif o["shape"] == "square":
+            d.rectangle([x - r + 2, y - r + 2, x + r - 2, y + r - 2], fill=c)
+        else:
+            d.polygon([(x, y - r), (x - r, y + r - 1), (x + r, y + r - 1)], fill=c)
+    return im
+
+
+def _unique(objs, key):
+    """Objects whose `key` value occurs once in the scene."""
+    return [o for o in objs if sum(p[key] == o[key] for p in objs) == 1]
+
+
+def _image_question(rng, objs, qtype):
+    """(question, answer) of type qtype for the scene, or None when the scene cannot pose it."""
+    if qtype == "color":
+        u = _unique(objs, "shape")
+        return u and (f"what color is the {(o := u[rng.integers(len(u))])['shape']} ?", o["color"])
+    if qtype == "shape":
+        u = _unique(objs, "color")
+        return u and (f"what shape is the {(o := u[rng.integers(len(u))])['color']} object ?", o["shape"])
+    if qtype == "count":
+        if rng.random() < 0.5:
+            return "how many objects are there ?", NUMBERS[len(objs)]
+        s = SHAPES[rng.integers(3)]
+        return f"how many {s}s are there ?", NUMBERS[sum(o["shape"] == s for o in objs)]
+    if qtype == "exists":
+        o = objs[rng.integers(len(objs))]
+        if rng.random() < 0.5:
+            return f"is there a {o['color']} {o['shape']} ?", "yes"
+        # hard negative: right colour with another shape, or right shape with another colour
+        shape, color = o["shape"], o["color"]
+        if rng.random() < 0.5:
+            shape = SHAPES[(SHAPES.index(shape) + 1 + rng.integers(2)) % 3]
+        else:
+            color = list(COLORS)[(list(COLORS).index(color) + 1 + rng.integers(len(COLORS) - 1)) % len(COLORS)]
+        present = any(p["shape"] == shape and p["color"] == color for p in objs)
+        return f"is there a {color} {shape} ?", "yes" if present else "no"
+    if qtype == "position":
+        if len(objs) < 2:
+            return None
+        side = ("left", "right", "top", "bottom")[rng.integers(4)]
+        key, pick = {"left": ("x", min), "right": ("x", max), "top": ("y", min), "bottom": ("y", max)}[side]
+        o = pick(objs, key=lambda p: p[key])
+        attr = ("shape", "color")[rng.integers(2)]
+        return f"what {attr} is the {side}most object ?", o[attr]
+    if qtype == "relation":  # nearest object on one side of a uniquely described anchor
+        u = [o for o in objs if sum(p["shape"] == o["shape"] and p["color"] == o["color"] for p in objs) == 1]
+        if len(objs) < 2 or not u:
+            return None
+        a = u[rng.integers(len(u))]
+        side = ("left of", "right of", "above", "below")[rng.integers(4)]
+        key, sign = {"left of": ("x", -1), "right of": ("x", 1), "above": ("y", -1), "below": ("y", 1)}[side]
+        cands = [o for o in objs if o is not a and sign * (o[key] - a[key]) > 0]
+        if not cands:
+            return None
+        o = min(cands, key=lambda p: abs(p[key] - a[key]))
+        attr = ("shape", "color")[rng.integers(2)]
+        return f"what {attr} is the object {side} the {a['color']} {a['shape']} ?", o[attr]
+    raise ValueError(f"unknown image question type {qtype!r}")
+
+
+def _text_question(rng, qtype):
+    if qtype == "arithmetic":
+        a, b = int(rng.integers(0, 10)), int(rng.integers(0, 10))
+        if rng.random() < 0.5 or a < b:
+            return f"what is {NUMBERS[a]} plus {NUMBERS[b]} ?", NUMBERS[a + b]
+        return f"what is {NUMBERS[a]} minus {NUMBERS[b]} ?", NUMBERS[a - b]
+    if qtype == "order":
+        a = int(rng.integers(1, 17))
+        word = ("after", "before")[rng.integers(2)]
+        return f"what number comes {word} {NUMBERS[a]} ?", NUMBERS[a + 1 if word == "after" else a - 1]
+    raise ValueError(f"unknown text question type {qtype!r}")
+
+
+def shapes_benchmark(n: int, seed: int = 0, split: str = "test", text_fraction: float = 0.2) -> list[Sample]:
+    """n deterministic samples of the given split ("train" or "test"; disjoint random streams), about
+    `text_fraction` of them text-only, image question types in equal proportion."""
+    if split not in SPLIT_SEEDS:
+        raise DataError(f"--split {split!r}: expected one of {sorted(SPLIT_SEEDS)}")
+    rng = np.random.default_rng([SPLIT_SEEDS[split], seed])
+    out = []
+    while len(out) < n:
+        if rng.random() < text_fraction:
+            qtype = TEXT_TYPES[rng.integers(len(TEXT_TYPES))]
+            q, a = _text_question(rng, qtype)
+            out.append(Sample(q, a, qtype))
+            continue
+        qtype = IMAGE_TYPES[len(out) % len(IMAGE_TYPES)]
+        objs = _scene(rng)
+        qa = _image_question(rng, objs, qtype)
+        if qa:
+            out.append(Sample(qa[0], qa[1], qtype, image=draw_scene(objs)))
+    return out
+
+
+def shapes_vocabulary() -> list[str]:
+    """Every word the benchmark can ask or answer (used to train the tiny models' tokenizers)."""
+    words = set(SHAPES) | set(COLORS) | set(NUMBERS) | {s + "s" for s in SHAPES}
+    for s in shapes_benchmark(3000, split="train"):
+        words |= set(s.question.split()) | {s.answer}
+    return sorted(words)
