@@ -386,6 +386,7 @@ class Sample:
     type: str
     image: Image.Image | None = None
     choices: list | None = None
+    objects: list | None = None  # the scene behind a synthetic image (shape, color, x, y, r per object)
 
     @property
     def modality(self) -> str:
@@ -410,13 +411,17 @@ def _scene(rng, size=64):
     return objs
 
 
-def draw_scene(objs, size=64) -> Image.Image:
+def draw_scene(objs, size=64, labels: bool = False) -> Image.Image:
+    """The scene on a grey background; with labels=True, an "L" image whose pixels hold 0 for background and
+    1 + shape_index * len(COLORS) + color_index under each object (a segmentation map for training probes)."""
     from PIL import ImageDraw
 
-    im = Image.new("RGB", (size, size), (128, 128, 128))
+    im = Image.new("L", (size, size), 0) if labels else Image.new("RGB", (size, size), (128, 128, 128))
     d = ImageDraw.Draw(im)
     for o in objs:
-        x, y, r, c = o["x"], o["y"], o["r"], COLORS[o["color"]]
+        x, y, r = o["x"], o["y"], o["r"]
+        c = (1 + SHAPES.index(o["shape"]) * len(COLORS) + list(COLORS).index(o["color"])) if labels \
+            else COLORS[o["color"]]
         if o["shape"] == "circle":
             d.ellipse([x - r, y - r, x + r, y + r], fill=c)
         elif o["shape"] == "square":
@@ -510,7 +515,7 @@ def shapes_benchmark(n: int, seed: int = 0, split: str = "test", text_fraction: 
         objs = _scene(rng)
         qa = _image_question(rng, objs, qtype)
         if qa:
-            out.append(Sample(qa[0], qa[1], qtype, image=draw_scene(objs)))
+            out.append(Sample(qa[0], qa[1], qtype, image=draw_scene(objs), objects=objs))
     return out
 
 

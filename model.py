@@ -342,6 +342,7 @@ class MoEVLM(nn.Module):
     `embed(...) -> (x, DecoderInputs)`, `after_layer(i, x, ctx)`, `head(x)`, `layers` and `layer_prefix(i)`."""
 
     family = ""
+    fused_experts = False
     keep_fp32: tuple[str, ...] = ()  # parameter-name suffixes loaded in fp32 whatever the model dtype
 
     def bind(self, ckpt, dtype, device):
@@ -649,6 +650,7 @@ class Qwen3VLMoeModel(MoEVLM):
     quantizer can run the decoder one layer at a time."""
 
     family = "qwen3_vl_moe"
+    fused_experts = True  # the Hub checkpoint stores each layer's experts as two fused 3-D tensors
 
     def __init__(self, cfg: Qwen3VLMoeConfig):
         super().__init__()
@@ -663,6 +665,9 @@ class Qwen3VLMoeModel(MoEVLM):
     @staticmethod
     def layer_prefix(i: int) -> str:
         return f"model.language_model.layers.{i}."
+
+    def vision_blocks(self) -> nn.ModuleList:
+        return self.model.visual.blocks
 
     # -- rotary ------------------------------------------------------------------------------------------
     def text_rope(self, position_ids, dtype):
@@ -1157,6 +1162,9 @@ class KimiVLModel(MoEVLM):
     def layer_prefix(i: int) -> str:
         return f"language_model.model.layers.{i}."
 
+    def vision_blocks(self) -> nn.ModuleList:
+        return self.vision_tower.encoder.blocks
+
     def text_rope(self, position_ids, dtype):
         """position_ids (B, T) -> cos, sin (B, 1, T, dr) over the rope dims, in the activation dtype."""
         c = self.cfg.text
@@ -1305,6 +1313,23 @@ def resolve(ckpt: Checkpoint, key: str, shape: tuple[int, ...]) -> tuple[str, Ca
         return (W[:, :out_f] if proj == "gate_proj" else W[:, out_f:]).T
 
     return fused, read
+
+
+def checkpoint_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's weights under the family's on-disk names: the inverse of `resolve`. For the Qwen family the
+    per-expert weights are fused back into the Hub layout (gate_up_proj [E, H, 2I], down_proj [E, I, H])."""
+    sd = dict(model.state_dict())
+    if not getattr(model, "fused_experts", False):
+        return sd
+    groups: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
+    for key in [k for k in sd if _EXPERT_KEY.match(k)]:
+        m = _EXPERT_KEY.match(key)
+        groups.setdefault(m.group(1), {}).setdefault(int(m.group(2)), {})[m.group(3)] = sd.pop(key)
+    for base, experts in groups.items():
+        order = [experts[e] for e in range(len(experts))]
+        sd[f"{base}.gate_up_proj"] = torch.stack([torch.cat([w["gate_proj"].T, w["up_proj"].T], 1) for w in order])
+        sd[f"{base}.down_proj"] = torch.stack([w["down_proj"].T for w in order])
+    return sd
 
 
 def assign(model: nn.Module, key: str, t: torch.Tensor):

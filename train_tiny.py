@@ -1,0 +1,345 @@
+"""Train the bundled tiny models from scratch on the synthetic shapes benchmark (data.py).
+
+The result is written in the exact checkpoint layout of the real family (config.json in the Hub spelling,
+model.safetensors in bf16 with the Hub's tensor names and fused-expert layout, tokenizer.json with the
+family's real special tokens, preprocessor_config.json, generation_config.json), so `model.load_model`,
+`data.load_processor`, calibrate.py, gptq.py and eval.py read the tiny and the real models the same way.
+
+Recipe (see ../shared/NOTES-tiny-model.md for why): 64x64 scenes, 8-px patches (8x8 grid -> 16 image
+tokens), Gaussian init N(0, 0.02) with residual output projections scaled by 1/sqrt(2 * layers), AdamW,
+warm-up then constant then linear decay, answer cross-entropy + 0.01 load-balancing loss + 0.3 x an
+auxiliary per-patch loss (a linear probe on the vision tower predicting the shape x colour under each patch;
+it teaches the tower to see shape early and is dropped from the checkpoint).
+
+    python train_tiny.py --family qwen3_vl_moe --minutes 40 --out models/tiny-qwen3-vl-moe
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import data
+import model
+
+QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+                 "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+                 "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+
+
+def qwen_config(tok) -> dict:
+    """Tiny Qwen3-VL-MoE, Hub spelling. H=128, I=160: H != I and H != 2I, so the fused expert layouts
+    cannot be confused by a loader that guesses from shapes (transformers does)."""
+    ids = {t: tok.token_to_id(t) for t in QWEN_SPECIALS}
+    return {
+        "architectures": ["Qwen3VLMoeForConditionalGeneration"], "model_type": "qwen3_vl_moe",
+        "image_token_id": ids["<|image_pad|>"], "video_token_id": ids["<|video_pad|>"],
+        "vision_start_token_id": ids["<|vision_start|>"], "vision_end_token_id": ids["<|vision_end|>"],
+        "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+        "text_config": {
+            "model_type": "qwen3_vl_moe_text", "vocab_size": tok.get_vocab_size(), "hidden_size": 128,
+            "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32,
+            "intermediate_size": 256, "moe_intermediate_size": 160, "num_experts": 8, "num_experts_per_tok": 2,
+            "decoder_sparse_step": 1, "mlp_only_layers": [], "norm_topk_prob": True, "hidden_act": "silu",
+            "rms_norm_eps": 1e-6, "attention_bias": False, "max_position_embeddings": 4096,
+            "bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"], "tie_word_embeddings": False,
+            "rope_theta": 10000.0,
+            "rope_scaling": {"rope_type": "default", "mrope_section": [6, 5, 5], "mrope_interleaved": True},
+        },
+        "vision_config": {
+            "model_type": "qwen3_vl_moe", "depth": 3, "hidden_size": 128, "num_heads": 4,
+            "intermediate_size": 512, "hidden_act": "gelu_pytorch_tanh", "patch_size": 8,
+            "temporal_patch_size": 2, "spatial_merge_size": 2, "in_channels": 3, "out_hidden_size": 128,
+            "num_position_embeddings": 64, "deepstack_visual_indexes": [1],
+        },
+    }
+
+
+def qwen_files(tok) -> dict:
+    ids = {t: tok.token_to_id(t) for t in QWEN_SPECIALS}
+    return {
+        "preprocessor_config.json": {
+            "image_processor_type": "Qwen2VLImageProcessor", "patch_size": 8, "temporal_patch_size": 2,
+            "merge_size": 2, "image_mean": [0.5] * 3, "image_std": [0.5] * 3, "do_convert_rgb": True,
+            "resample": 3, "rescale_factor": 1 / 255, "size": {"shortest_edge": 64 * 64, "longest_edge": 64 * 64}},
+        "generation_config.json": {"bos_token_id": ids["<|endoftext|>"], "do_sample": False,
+                                   "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]]},
+    }
+
+
+KIMI_SPECIALS = ["[BOS]", "[EOS]", "<|im_end|>", "<|im_user|>", "<|im_assistant|>", "<|im_system|>",
+                 "<|im_middle|>", "<|media_start|>", "<|media_content|>", "<|media_end|>", "<|media_pad|>", "[PAD]"]
+
+
+def kimi_config(tok) -> dict:
+    """Tiny Kimi-VL in the original remote-code spelling: MoonViT with 8-px patches, a DeepSeek-V3 text model
+    with MLA (q_lora_rank null), a dense first layer, 8 routed experts top-2 plus one shared expert."""
+    ids = {t: tok.token_to_id(t) for t in KIMI_SPECIALS}
+    return {
+        "architectures": ["KimiVLForConditionalGeneration"], "model_type": "kimi_vl",
+        "media_placeholder_token_id": ids["<|media_pad|>"], "ignore_index": -100, "tie_word_embeddings": False,
+        "vocab_size": tok.get_vocab_size(), "torch_dtype": "bfloat16",
+        "text_config": {
+            "model_type": "deepseek_v3", "vocab_size": tok.get_vocab_size(), "hidden_size": 128,
+            "intermediate_size": 320, "moe_intermediate_size": 160, "num_hidden_layers": 4,
+            "num_attention_heads": 4, "num_key_value_heads": 4, "n_shared_experts": 1, "n_routed_experts": 8,
+            "routed_scaling_factor": 2.446, "kv_lora_rank": 64, "q_lora_rank": None, "qk_rope_head_dim": 16,
+            "v_head_dim": 32, "qk_nope_head_dim": 32, "topk_method": "noaux_tc", "n_group": 1, "topk_group": 1,
+            "num_experts_per_tok": 2, "moe_layer_freq": 1, "first_k_dense_replace": 1, "norm_topk_prob": True,
+            "scoring_func": "sigmoid", "hidden_act": "silu", "rms_norm_eps": 1e-5, "rope_theta": 800000.0,
+            "rope_scaling": None, "attention_bias": False, "max_position_embeddings": 4096,
+            "bos_token_id": ids["[BOS]"], "eos_token_id": ids["[EOS]"], "pad_token_id": ids["[PAD]"],
+            "tie_word_embeddings": False,
+        },
+        "vision_config": {
+            "model_type": "moonvit", "patch_size": 8, "init_pos_emb_height": 8, "init_pos_emb_width": 8,
+            "num_attention_heads": 4, "num_hidden_layers": 3, "hidden_size": 128, "intermediate_size": 512,
+            "merge_kernel_size": [2, 2],
+        },
+    }
+
+
+def kimi_files(tok) -> dict:
+    ids = {t: tok.token_to_id(t) for t in KIMI_SPECIALS}
+    return {
+        "preprocessor_config.json": {
+            "image_processor_type": "KimiVLImageProcessor", "patch_size": 8, "in_token_limit": 4096,
+            "merge_kernel_size": [2, 2], "pad_input": True, "num_pooled_tokens": 16,
+            "image_mean": [0.5] * 3, "image_std": [0.5] * 3},
+        "generation_config.json": {"bos_token_id": ids["[BOS]"], "do_sample": False,
+                                   "eos_token_id": [ids["<|im_end|>"], ids["[EOS]"]]},
+    }
+
+
+FAMILIES = {"qwen3_vl_moe": dict(specials=QWEN_SPECIALS, config=qwen_config, files=qwen_files,
+                                 grid_key="image_grid_thw", patch_order="merge_block"),
+            "kimi_vl": dict(specials=KIMI_SPECIALS, config=kimi_config, files=kimi_files,
+                            grid_key="image_grid_hws", patch_order="raster")}
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+
+def build_tokenizer(specials, vocab_size: int = 512):
+    """Byte-level BPE (the kind both real families use) trained on the benchmark's words and the chat
+    template's role names, plus the family's special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    words = data.shapes_vocabulary() + ["user", "assistant", "system", "image", "?", "You are a helpful assistant"]
+    corpus = [s.question + " " + s.answer for s in data.shapes_benchmark(5000, split="train")] + words
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(specials), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus, trainer)
+    tok.add_special_tokens(specials)
+    return tok
+
+
+def init_weights(m: nn.Module, n_layers: int, std: float = 0.02):
+    """N(0, 0.02) for every matrix and embedding; residual output projections (attention o_proj / wo /
+    proj, MLP down projections) scaled by 1/sqrt(2 * layers); norms at 1, biases at 0."""
+    for name, p in m.named_parameters():
+        if p.ndim == 1:
+            nn.init.ones_(p) if name.endswith("weight") and "norm" in name else nn.init.zeros_(p)
+            if "gate.weight" in name:
+                nn.init.normal_(p, std=std)
+        elif name.endswith(("o_proj.weight", "down_proj.weight", "attn.proj.weight", "wo.weight",
+                            "linear_fc2.weight", "fc1.weight")):
+            nn.init.normal_(p, std=std / math.sqrt(2 * n_layers))
+        else:
+            nn.init.normal_(p, std=std)
+
+
+def encode_batch(proc, samples, grid_key):
+    """Right-padded batch: prompt (chat template with the image) + answer + <|im_end|>; labels are the answer
+    and end tokens (-100 elsewhere)."""
+    encs, labels = [], []
+    end = proc.stop_ids[0]
+    for s in samples:
+        content = ([{"type": "image"}] if s.image is not None else []) + [{"type": "text", "text": s.question}]
+        e = proc.encode([{"role": "user", "content": content}], [s.image] if s.image is not None else [])
+        ans = proc.tokenizer.encode(s.answer) + [end]
+        n = e["input_ids"].shape[1]
+        e["input_ids"] = torch.cat([e["input_ids"], torch.tensor([ans])], 1)
+        e["attention_mask"] = torch.ones_like(e["input_ids"])
+        e["is_vis"] = torch.cat([e["is_vis"], torch.zeros(1, len(ans), dtype=torch.bool)], 1)
+        encs.append(e)
+        labels.append([-100] * n + ans)
+    batch = data.pad_batch(encs, side="right")
+    T = batch["input_ids"].shape[1]
+    batch["labels"] = torch.tensor([lab + [-100] * (T - len(lab)) for lab in labels])
+    return batch
+
+
+def patch_labels(samples, patch_order: str, grid: int = 8, patch: int = 8):
+    """Per-patch class for the auxiliary loss: the label-map value (0 background, else shape x colour) at each
+    patch centre, in the order of the pixel rows (Qwen: merge blocks; Kimi: raster). (n_image_samples * grid²,)"""
+    order = model.merge_block_order(grid, grid, 2) if patch_order == "merge_block" else torch.arange(grid * grid)
+    centres = np.arange(grid) * patch + patch // 2
+    out = [torch.from_numpy(np.asarray(data.draw_scene(s.objects, labels=True))[centres][:, centres]
+                            .astype(np.int64).reshape(-1))[order]
+           for s in samples if s.image is not None]
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+
+
+class Probes:
+    """Forward hooks that keep what the auxiliary losses read: the vision tower's last block output and every
+    router's probabilities (for the load-balancing loss)."""
+
+    def __init__(self, m):
+        self.vision, self.router_probs = None, []
+        m.vision_blocks()[-1].register_forward_hook(lambda mod, i, o: setattr(self, "vision", o))
+        for layer in m.layers:
+            if hasattr(layer.mlp, "gate"):
+                layer.mlp.gate.register_forward_hook(lambda mod, i, o: self.router_probs.append((o[0], o[2])))
+
+    def balance_loss(self, n_experts: int):
+        """Switch-style E * sum_e f_e P_e, averaged over MoE layers (1.0 when perfectly balanced)."""
+        losses = []
+        for idx, scores in self.router_probs:
+            f = torch.bincount(idx.flatten(), minlength=n_experts).float() / idx.numel()
+            P = scores.float() / scores.float().sum(-1, keepdim=True)  # softmax probs, or normalized sigmoids
+            losses.append(n_experts * (f * P.mean(0)).sum())
+        self.router_probs = []
+        return torch.stack(losses).mean()
+
+
+def answer_loss(logits, labels):
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                           ignore_index=-100)
+
+
+@torch.no_grad()
+def evaluate(m, proc, samples, grid_key, batch_size: int = 100) -> dict:
+    """Exact-match accuracy per question type and modality. Teacher-forced: an answer counts as right when
+    every answer token and the end token are the argmax given the right prefix, which is exactly when greedy
+    generation reproduces it, at the cost of one batched forward."""
+    right = {}
+    for i in range(0, len(samples), batch_size):
+        chunk = samples[i:i + batch_size]
+        b = encode_batch(proc, chunk, grid_key)
+        vision = {k: b[k] for k in ("pixel_values", grid_key) if k in b}
+        pred = m(b["input_ids"], attention_mask=b["attention_mask"], **vision)[:, :-1].argmax(-1)
+        lab = b["labels"][:, 1:]
+        ok = ((pred == lab) | (lab == -100)).all(-1)
+        for s, good in zip(chunk, ok.tolist()):
+            for key in (s.type, s.modality, "all"):
+                right.setdefault(key, []).append(good)
+    return {k: sum(v) / len(v) for k, v in right.items()}
+
+
+def save_checkpoint(m, cfg_dict, tok, files: dict, out: str):
+    """Write the checkpoint folder atomically: everything goes to a temporary sibling, then one rename."""
+    from safetensors.torch import save_file
+
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
+    sd = {k: v.detach().to(torch.bfloat16).contiguous() for k, v in model.checkpoint_state_dict(m).items()}
+    save_file(sd, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+    tok.save(os.path.join(tmp, "tokenizer.json"))
+    for name, content in {"config.json": cfg_dict, **files}.items():
+        with open(os.path.join(tmp, name), "w") as f:
+            json.dump(content, f, indent=2)
+    if os.path.exists(out):
+        shutil.rmtree(out)
+    os.rename(tmp, out)
+
+
+def lr_at(step: int, steps: int, peak: float, warmup: int, decay_frac: float) -> float:
+    """Linear warm-up, constant, then linear decay to 10% over the last `decay_frac` of the steps."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    start = int(steps * (1 - decay_frac))
+    return peak if step < start else peak * (1 - 0.9 * (step - start) / max(1, steps - start))
+
+
+def train(family: str = "qwen3_vl_moe", out: str = "models/tiny-qwen3-vl-moe", steps: int = 3000,
+          batch: int = 64, lr: float = 2e-3, warmup: int = 150, decay_frac: float = 0.3, aux: float = 0.3,
+          balance: float = 0.01, seed: int = 0, eval_every: int = 250, eval_n: int = 400, threads: int = 2):
+    torch.manual_seed(seed)
+    torch.set_num_threads(threads)
+    fam = FAMILIES[family]
+    tok = build_tokenizer(fam["specials"])
+    cfg_dict, files = fam["config"](tok), fam["files"](tok)
+    workdir = tempfile.mkdtemp(prefix="tiny-")  # the processor reads the same files the checkpoint will hold
+    tok.save(os.path.join(workdir, "tokenizer.json"))
+    for name, content in {"config.json": cfg_dict, **files}.items():
+        json.dump(content, open(os.path.join(workdir, name), "w"))
+    proc = data.load_processor(workdir)
+    cfg = model.CONFIGS[family].from_dict(cfg_dict)
+    m = model.MODELS[family](cfg)
+    init_weights(m, n_layers=len(m.layers))
+    probes = Probes(m)
+    n_classes = 1 + len(data.SHAPES) * len(data.COLORS)
+    probe = nn.Linear(m.vision_blocks()[-1].norm1.weight.shape[0], n_classes)
+    params = list(m.parameters()) + list(probe.parameters())
+    decay = [p for p in params if p.ndim >= 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05},
+                             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
+                            lr=lr, betas=(0.9, 0.95))
+    held_out = data.shapes_benchmark(eval_n, split="test")
+    n_experts = cfg_dict["text_config"].get("num_experts") or cfg_dict["text_config"].get("n_routed_experts")
+    print(f"{family}: {sum(p.numel() for p in m.parameters()) / 1e6:.2f}M parameters, vocab {tok.get_vocab_size()}")
+    t0 = time.time()
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, steps, lr, warmup, decay_frac)
+        samples = data.shapes_benchmark(batch, seed=seed * 1_000_000 + step, split="train")
+        b = encode_batch(proc, samples, fam["grid_key"])
+        vision = {k: b[k] for k in ("pixel_values", fam["grid_key"]) if k in b}
+        logits = m(b["input_ids"], attention_mask=b["attention_mask"], **vision)
+        loss_ans = answer_loss(logits, b["labels"])
+        loss = loss_ans + balance * probes.balance_loss(n_experts)
+        if "pixel_values" in b:
+            loss = loss + aux * F.cross_entropy(probe(probes.vision), patch_labels(samples, fam["patch_order"]))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        probes.vision = None
+        if step % 25 == 0:
+            print(f"step {step:5d}  loss {loss.item():.4f}  answer {loss_ans.item():.4f}  "
+                  f"lr {opt.param_groups[0]['lr']:.2e}  {time.time() - t0:7.1f}s", flush=True)
+        if (step + 1) % eval_every == 0 or step + 1 == steps:
+            m.eval()
+            acc = evaluate(m, proc, held_out, fam["grid_key"])
+            probes.router_probs = []
+            m.train()
+            print(f"eval step {step + 1}: " + "  ".join(f"{k} {v:.3f}" for k, v in sorted(acc.items())) +
+                  f"  ({time.time() - t0:.0f}s)", flush=True)
+            save_checkpoint(m, cfg_dict, tok, files, out)
+    shutil.rmtree(workdir)
+    return acc
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--family", default="qwen3_vl_moe", choices=sorted(FAMILIES), help="model family to train")
+    p.add_argument("--out", default=None, help="output checkpoint folder (default models/tiny-<family>)")
+    p.add_argument("--steps", type=int, default=3000, help="optimizer steps")
+    p.add_argument("--batch", type=int, default=64, help="samples per step")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
+    p.add_argument("--seed", type=int, default=0, help="seed for init and training data")
+    p.add_argument("--eval-every", type=int, default=250, help="steps between held-out evaluations/checkpoints")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    args = p.parse_args()
+    out = args.out or f"models/tiny-{args.family.replace('_', '-')}"
+    train(args.family, out, steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed,
+          eval_every=args.eval_every, threads=args.threads)
+
+
+if __name__ == "__main__":
+    main()
