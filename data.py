@@ -525,3 +525,162 @@ def shapes_vocabulary() -> list[str]:
     for s in shapes_benchmark(3000, split="train"):
         words |= set(s.question.split()) | {s.answer}
     return sorted(words)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Question-answer batches and dataset readers.
+
+MC_INSTRUCTION = "Answer with the option's letter from the given choices directly."
+LETTERS = "ABCDEFGHIJ"
+
+
+def question_text(s: Sample) -> str:
+    """The user text of a sample: the question, and for multiple choice the lettered options and the usual
+    instruction."""
+    if not s.choices:
+        return s.question
+    options = "\n".join(f"{LETTERS[i]}. {c}" for i, c in enumerate(s.choices))
+    return f"{s.question}\n{options}\n{MC_INSTRUCTION}"
+
+
+def gold_text(s: Sample) -> str:
+    """The reference answer as the model should say it: the letter for multiple choice."""
+    if s.choices and s.answer in s.choices:
+        return LETTERS[s.choices.index(s.answer)]
+    return s.answer
+
+
+def encode_sample(proc, s: Sample) -> dict:
+    content = ([{"type": "image"}] if s.image is not None else []) + [{"type": "text", "text": question_text(s)}]
+    return proc.encode([{"role": "user", "content": content}], [s.image] if s.image is not None else [])
+
+
+def encode_qa_batch(proc, samples: list[Sample]) -> dict:
+    """Right-padded batch of prompt + gold answer + end token, for teacher forcing. `labels` holds the answer
+    and end token ids at their positions and -100 elsewhere (B, T)."""
+    encs, labels = [], []
+    end = proc.stop_ids[0]
+    for s in samples:
+        e = encode_sample(proc, s)
+        ans = proc.tokenizer.encode(gold_text(s)) + [end]
+        n = e["input_ids"].shape[1]
+        e["input_ids"] = torch.cat([e["input_ids"], torch.tensor([ans])], 1)
+        e["attention_mask"] = torch.ones_like(e["input_ids"])
+        e["is_vis"] = torch.cat([e["is_vis"], torch.zeros(1, len(ans), dtype=torch.bool)], 1)
+        encs.append(e)
+        labels.append([-100] * n + ans)
+    batch = pad_batch(encs, side="right")
+    T = batch["input_ids"].shape[1]
+    batch["labels"] = torch.tensor([lab + [-100] * (T - len(lab)) for lab in labels])
+    return batch
+
+
+def vision_inputs(batch: dict) -> dict:
+    """The image tensors of an encoded batch, under the names the model's forward takes."""
+    return {k: batch[k] for k in ("pixel_values", "image_grid_thw", "image_grid_hws") if k in batch}
+
+
+SAMPLE_FIELDS = {"image", "question", "answer", "choices", "type", "id"}
+
+
+def _resolve_image(path, root, where):
+    full = path if os.path.isabs(path) else os.path.join(root, path)
+    if not os.path.isfile(full):
+        raise DataError(f"{where}: image {full!r} not found (paths are relative to the data file's folder or "
+                        "--image-root)")
+    return full
+
+
+def read_jsonl(path: str, image_root: str | None = None) -> list[Sample]:
+    """One JSON object per line: {"image": path?, "question": str, "answer": str, "choices": [str]?,
+    "type": str?, "id": any?}. Images are relative to the file's folder (or image_root)."""
+    root = image_root or os.path.dirname(os.path.abspath(path))
+    out = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{n}"
+            try:
+                d = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: not valid JSON ({e})") from e
+            if not isinstance(d, dict) or "question" not in d or "answer" not in d:
+                raise DataError(f"{where}: each line needs at least \"question\" and \"answer\"")
+            unknown = set(d) - SAMPLE_FIELDS
+            if unknown:
+                raise DataError(f"{where}: unknown field(s) {sorted(unknown)}; allowed: {sorted(SAMPLE_FIELDS)}")
+            image = _resolve_image(d["image"], root, where) if d.get("image") else None
+            out.append(Sample(str(d["question"]), str(d["answer"]), d.get("type", "jsonl"), image=image,
+                              choices=d.get("choices")))
+    return out
+
+
+def read_llava(path: str, image_root: str | None = None) -> list[Sample]:
+    """LLaVA / ShareGPT JSON: a list of {"image": path?, "conversations": [{"from": "human", "value":
+    "<image>\\nquestion"}, {"from": "gpt", "value": answer}, ...]}; the first human/gpt turn becomes a sample."""
+    root = image_root or os.path.dirname(os.path.abspath(path))
+    items = _read_json_list(path)
+    out = []
+    for n, d in enumerate(items):
+        where = f"{path}: item {n}"
+        conv = d.get("conversations") if isinstance(d, dict) else None
+        if not conv or len(conv) < 2 or conv[0].get("from") != "human" or conv[1].get("from") != "gpt":
+            raise DataError(f"{where}: expected \"conversations\" starting with a human turn then a gpt turn")
+        question = conv[0]["value"].replace("<image>", "").strip()
+        image = _resolve_image(d["image"], root, where) if d.get("image") else None
+        out.append(Sample(question, conv[1]["value"].strip(), "llava", image=image))
+    return out
+
+
+def read_coco_captions(path: str, image_root: str | None = None,
+                       prompt: str = "Describe this image in one sentence.") -> list[Sample]:
+    """COCO captions: annotations/captions_*.json ({"images": [{"id", "file_name"}], "annotations":
+    [{"image_id", "caption"}]}); images in image_root (default: ../<split name> next to annotations/, e.g.
+    val2017/). The first caption of each image is the reference answer."""
+    d = _read_json(path, "COCO captions annotations")
+    if not isinstance(d, dict) or "images" not in d or "annotations" not in d:
+        raise DataError(f"{path}: not a COCO captions file (needs \"images\" and \"annotations\")")
+    split = os.path.basename(path).replace("captions_", "").replace(".json", "")
+    root = image_root or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(path))), split)
+    first = {}
+    for a in d["annotations"]:
+        first.setdefault(a["image_id"], a["caption"].strip())
+    return [Sample(prompt, first[im["id"]], "caption",
+                   image=_resolve_image(im["file_name"], root, f"{path}: image id {im['id']}"))
+            for im in d["images"] if im["id"] in first]
+
+
+def _read_json_list(path: str) -> list:
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: not found")
+    try:
+        with open(path) as f:
+            items = json.load(f)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(items, list):
+        raise DataError(f"{path}: expected a JSON list of samples")
+    return items
+
+
+def load_samples(spec: str = "shapes", n: int | None = None, seed: int = 0, split: str = "test",
+                 image_root: str | None = None) -> list[Sample]:
+    """`shapes` (the bundled benchmark), a .jsonl file, a LLaVA/ShareGPT .json list, or a COCO captions .json.
+    For files, n samples are drawn without replacement with `seed` (all of them when n is None)."""
+    if spec == "shapes":
+        return shapes_benchmark(n or 500, seed=seed, split=split)
+    if not os.path.isfile(spec):
+        raise DataError(f"--data {spec!r}: not 'shapes' and not an existing file")
+    if spec.endswith(".jsonl"):
+        samples = read_jsonl(spec, image_root)
+    elif os.path.basename(spec).startswith("captions_"):
+        samples = read_coco_captions(spec, image_root)
+    elif spec.endswith(".json"):
+        samples = read_llava(spec, image_root)
+    else:
+        raise DataError(f"--data {spec!r}: unknown format; use .jsonl, a LLaVA .json list or COCO captions_*.json")
+    if n is not None and n < len(samples):
+        idx = np.random.default_rng(seed).choice(len(samples), size=n, replace=False)
+        samples = [samples[i] for i in sorted(idx)]
+    return samples

@@ -121,10 +121,8 @@ def kimi_files(tok) -> dict:
     }
 
 
-FAMILIES = {"qwen3_vl_moe": dict(specials=QWEN_SPECIALS, config=qwen_config, files=qwen_files,
-                                 grid_key="image_grid_thw", patch_order="merge_block"),
-            "kimi_vl": dict(specials=KIMI_SPECIALS, config=kimi_config, files=kimi_files,
-                            grid_key="image_grid_hws", patch_order="raster")}
+FAMILIES = {"qwen3_vl_moe": dict(specials=QWEN_SPECIALS, config=qwen_config, files=qwen_files, patch_order="merge_block"),
+            "kimi_vl": dict(specials=KIMI_SPECIALS, config=kimi_config, files=kimi_files, patch_order="raster")}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -160,27 +158,6 @@ def init_weights(m: nn.Module, n_layers: int, std: float = 0.02):
             nn.init.normal_(p, std=std / math.sqrt(2 * n_layers))
         else:
             nn.init.normal_(p, std=std)
-
-
-def encode_batch(proc, samples, grid_key):
-    """Right-padded batch: prompt (chat template with the image) + answer + <|im_end|>; labels are the answer
-    and end tokens (-100 elsewhere)."""
-    encs, labels = [], []
-    end = proc.stop_ids[0]
-    for s in samples:
-        content = ([{"type": "image"}] if s.image is not None else []) + [{"type": "text", "text": s.question}]
-        e = proc.encode([{"role": "user", "content": content}], [s.image] if s.image is not None else [])
-        ans = proc.tokenizer.encode(s.answer) + [end]
-        n = e["input_ids"].shape[1]
-        e["input_ids"] = torch.cat([e["input_ids"], torch.tensor([ans])], 1)
-        e["attention_mask"] = torch.ones_like(e["input_ids"])
-        e["is_vis"] = torch.cat([e["is_vis"], torch.zeros(1, len(ans), dtype=torch.bool)], 1)
-        encs.append(e)
-        labels.append([-100] * n + ans)
-    batch = data.pad_batch(encs, side="right")
-    T = batch["input_ids"].shape[1]
-    batch["labels"] = torch.tensor([lab + [-100] * (T - len(lab)) for lab in labels])
-    return batch
 
 
 def patch_labels(samples, patch_order: str, grid: int = 8, patch: int = 8):
@@ -222,16 +199,15 @@ def answer_loss(logits, labels):
 
 
 @torch.no_grad()
-def evaluate(m, proc, samples, grid_key, batch_size: int = 100) -> dict:
+def evaluate(m, proc, samples, batch_size: int = 100) -> dict:
     """Exact-match accuracy per question type and modality. Teacher-forced: an answer counts as right when
     every answer token and the end token are the argmax given the right prefix, which is exactly when greedy
     generation reproduces it, at the cost of one batched forward."""
     right = {}
     for i in range(0, len(samples), batch_size):
         chunk = samples[i:i + batch_size]
-        b = encode_batch(proc, chunk, grid_key)
-        vision = {k: b[k] for k in ("pixel_values", grid_key) if k in b}
-        pred = m(b["input_ids"], attention_mask=b["attention_mask"], **vision)[:, :-1].argmax(-1)
+        b = data.encode_qa_batch(proc, chunk)
+        pred = m(b["input_ids"], attention_mask=b["attention_mask"], **data.vision_inputs(b))[:, :-1].argmax(-1)
         lab = b["labels"][:, 1:]
         ok = ((pred == lab) | (lab == -100)).all(-1)
         for s, good in zip(chunk, ok.tolist()):
@@ -298,9 +274,8 @@ def train(family: str = "qwen3_vl_moe", out: str = "models/tiny-qwen3-vl-moe", s
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, lr, warmup, decay_frac)
         samples = data.shapes_benchmark(batch, seed=seed * 1_000_000 + step, split="train")
-        b = encode_batch(proc, samples, fam["grid_key"])
-        vision = {k: b[k] for k in ("pixel_values", fam["grid_key"]) if k in b}
-        logits = m(b["input_ids"], attention_mask=b["attention_mask"], **vision)
+        b = data.encode_qa_batch(proc, samples)
+        logits = m(b["input_ids"], attention_mask=b["attention_mask"], **data.vision_inputs(b))
         loss_ans = answer_loss(logits, b["labels"])
         loss = loss_ans + balance * probes.balance_loss(n_experts)
         if "pixel_values" in b:
@@ -315,7 +290,7 @@ def train(family: str = "qwen3_vl_moe", out: str = "models/tiny-qwen3-vl-moe", s
                   f"lr {opt.param_groups[0]['lr']:.2e}  {time.time() - t0:7.1f}s", flush=True)
         if (step + 1) % eval_every == 0 or step + 1 == steps:
             m.eval()
-            acc = evaluate(m, proc, held_out, fam["grid_key"])
+            acc = evaluate(m, proc, held_out)
             probes.router_probs = []
             m.train()
             print(f"eval step {step + 1}: " + "  ".join(f"{k} {v:.3f}" for k, v in sorted(acc.items())) +

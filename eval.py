@@ -1,0 +1,195 @@
+"""Evaluate a (quantized) model: accuracy, and what changed against the float reference.
+
+    python eval.py --model quantized/ --reference models/tiny-qwen3-vl-moe [--data shapes|FILE] [--n 500]
+                   [--seed 0] [--json out.json] [--ppl FILE]
+
+Metrics, overall and per modality (image / text-only) and question type:
+  * accuracy: greedy generation, normalized exact match (lower case, punctuation and extra spaces removed);
+    multiple-choice samples are asked with lettered options and scored on the letter;
+  * with --reference (the float model), on the gold answer tokens, teacher forced:
+      kl        mean KL(P_ref || P_model) per answer token (nats),
+      top1      fraction of answer tokens where both models' argmax agree,
+      ce_delta  answer cross-entropy of the model minus that of the reference (nats/token),
+      flips     fraction of samples whose greedy answer differs from the reference's greedy answer.
+    On small models accuracy hides what quantization does; these are the primary metrics.
+  * --ppl FILE: perplexity of a text file (non-overlapping windows).
+Prints a markdown table; --json writes every number with the model, data, n, seed and command.
+Does not handle: video, sampling-based decoding, LLM-as-judge scoring of free-form answers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import data
+import model as modeling
+
+MODALITIES = ("all", "image", "text")
+
+
+def normalize_answer(text: str) -> str:
+    text = text.lower().strip()
+    text = re.sub(r"[^\w\s]", " ", text)
+    return " ".join(text.split())
+
+
+def is_correct(prediction: str, s: data.Sample) -> bool:
+    if s.choices:  # letter match: the first letter-like token of the prediction
+        m = re.search(r"\b([A-J])\b", prediction.strip().upper())
+        return m is not None and m.group(1) == data.gold_text(s)
+    return normalize_answer(prediction) == normalize_answer(s.answer)
+
+
+@torch.no_grad()
+def greedy_answers(m, proc, samples, max_new_tokens: int = 16, device="cpu") -> list[str]:
+    out = []
+    for s in samples:
+        e = data.encode_sample(proc, s)
+        vision = {k: v.to(device) for k, v in data.vision_inputs(e).items()}
+        ids = m.generate(e["input_ids"].to(device), max_new_tokens, stop_ids=proc.stop_ids, **vision)
+        out.append(proc.tokenizer.decode(ids))
+    return out
+
+
+@torch.no_grad()
+def answer_logprobs(m, proc, samples, batch_size: int = 32, device="cpu") -> list[torch.Tensor]:
+    """Per sample, log-probabilities (n_answer_tokens, V) at the gold answer (+ end) positions, teacher forced."""
+    out = []
+    for i in range(0, len(samples), batch_size):
+        b = data.encode_qa_batch(proc, samples[i:i + batch_size])
+        vision = {k: v.to(device) for k, v in data.vision_inputs(b).items()}
+        logits = m(b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device), **vision)
+        logp = F.log_softmax(logits[:, :-1].float(), -1).cpu()
+        keep = b["labels"][:, 1:] != -100
+        out += [logp[j][keep[j]] for j in range(logp.shape[0])]
+    return out
+
+
+def gold_ids(proc, samples) -> list[torch.Tensor]:
+    return [torch.tensor(proc.tokenizer.encode(data.gold_text(s)) + [proc.stop_ids[0]]) for s in samples]
+
+
+def group_mean(values, samples, key=lambda s: s.modality) -> dict:
+    """Mean of per-sample values overall, per modality and per question type (None where a group is empty)."""
+    groups = {"all": list(values)}
+    for v, s in zip(values, samples):
+        groups.setdefault(s.modality, []).append(v)
+        groups.setdefault(f"type:{s.type}", []).append(v)
+    out = {k: (sum(v) / len(v) if v else None) for k, v in groups.items()}
+    for mod in MODALITIES:
+        out.setdefault(mod, None)
+    return out
+
+
+def compare(lp_model, lp_ref, golds, samples) -> dict:
+    """Token-level comparison on the gold answers; each sample contributes its mean over its answer tokens."""
+    kl, top1, ce = [], [], []
+    for lm, lr, g in zip(lp_model, lp_ref, golds):
+        kl.append((lr.exp() * (lr - lm)).sum(-1).mean().item())
+        top1.append((lm.argmax(-1) == lr.argmax(-1)).float().mean().item())
+        ce.append((-lm.gather(1, g[:, None]) + lr.gather(1, g[:, None])).mean().item())
+    return {"kl": group_mean(kl, samples), "top1": group_mean(top1, samples), "ce_delta": group_mean(ce, samples)}
+
+
+@torch.no_grad()
+def perplexity(m, proc, path: str, window: int = 512, device="cpu") -> float:
+    with open(path) as f:
+        ids = proc.tokenizer.encode(f.read())
+    if len(ids) < 2:
+        raise data.DataError(f"{path}: needs at least two tokens for perplexity")
+    nll, count = 0.0, 0
+    for i in range(0, len(ids) - 1, window):
+        chunk = torch.tensor([ids[i:i + window + 1]], device=device)
+        logits = m(chunk[:, :-1])
+        nll += F.cross_entropy(logits[0].float(), chunk[0, 1:], reduction="sum").item()
+        count += chunk.shape[1] - 1
+    return math.exp(nll / count)
+
+
+def evaluate(model: str, reference: str | None = None, data_spec: str = "shapes", n: int = 500, seed: int = 0,
+             ppl: str | None = None, device: str = "cpu", dtype=torch.float32, max_new_tokens: int = 16,
+             command: str | None = None) -> dict:
+    """Everything eval.py reports, as a dict (the JSON written by --json)."""
+    t0 = time.time()
+    samples = data.load_samples(data_spec, n=n, seed=seed, split="test")
+    proc = data.load_processor(model)
+    m = modeling.load_model(model, dtype=dtype, device=device)
+    answers = greedy_answers(m, proc, samples, max_new_tokens, device)
+    result = {"model": model, "reference": reference, "data": data_spec, "n": len(samples), "seed": seed,
+              "command": command or " ".join(sys.argv),
+              "accuracy": group_mean([float(is_correct(a, s)) for a, s in zip(answers, samples)], samples)}
+    if reference:
+        ref = modeling.load_model(reference, dtype=dtype, device=device)
+        ref_answers = greedy_answers(ref, proc, samples, max_new_tokens, device)
+        result["reference_accuracy"] = group_mean([float(is_correct(a, s)) for a, s in zip(ref_answers, samples)],
+                                                  samples)
+        result.update(compare(answer_logprobs(m, proc, samples, device=device),
+                              answer_logprobs(ref, proc, samples, device=device), gold_ids(proc, samples), samples))
+        result["flips"] = group_mean([float(normalize_answer(a) != normalize_answer(b))
+                                      for a, b in zip(answers, ref_answers)], samples)
+    if ppl:
+        result["perplexity"] = perplexity(m, proc, ppl, device=device)
+    result["seconds"] = time.time() - t0
+    return result
+
+
+def markdown(result: dict) -> str:
+    """One row per group (all / image / text / each question type), one column per metric."""
+    metrics = [k for k in ("accuracy", "reference_accuracy", "kl", "top1", "flips", "ce_delta") if k in result]
+    groups = [g for g in result["accuracy"] if result["accuracy"][g] is not None]
+    groups = [g for g in MODALITIES if g in groups] + sorted(g for g in groups if g not in MODALITIES)
+    fmt = {"accuracy": "{:.1%}", "reference_accuracy": "{:.1%}", "top1": "{:.1%}", "flips": "{:.1%}",
+           "kl": "{:.2e}", "ce_delta": "{:+.2e}"}
+    lines = ["| group | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
+    for g in groups:
+        cells = [fmt[k].format(result[k][g]) if result[k].get(g) is not None else "-" for k in metrics]
+        lines.append(f"| {g.replace('type:', '')} | " + " | ".join(cells) + " |")
+    head = f"model {result['model']}, data {result['data']}, n {result['n']}, seed {result['seed']}"
+    if result.get("reference"):
+        head += f", reference {result['reference']}"
+    tail = f"\nperplexity: {result['perplexity']:.3f}" if "perplexity" in result else ""
+    return head + "\n\n" + "\n".join(lines) + tail
+
+
+def write_json(result: dict, path: str):
+    """Atomic write: a temporary file in the same folder, then rename."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=2)
+    os.replace(tmp, path)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="models/tiny-qwen3-vl-moe", help="checkpoint folder to evaluate")
+    p.add_argument("--reference", default=None, help="float checkpoint to compare against (KL, top-1, flips)")
+    p.add_argument("--data", default="shapes", help="'shapes' (bundled benchmark, held-out split) or a file: "
+                   ".jsonl, LLaVA .json, COCO captions_*.json")
+    p.add_argument("--n", type=int, default=500, help="number of samples")
+    p.add_argument("--seed", type=int, default=0, help="sample selection seed")
+    p.add_argument("--ppl", default=None, help="text file to measure perplexity on")
+    p.add_argument("--json", default=None, help="write all numbers to this JSON file")
+    p.add_argument("--max-new-tokens", type=int, default=16, help="generation limit per answer")
+    p.add_argument("--device", default="cpu", help="torch device")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
+    args = p.parse_args(argv)
+    result = evaluate(args.model, args.reference, args.data, args.n, args.seed, args.ppl, args.device,
+                      getattr(torch, args.dtype), args.max_new_tokens,
+                      command="python eval.py " + " ".join(argv if argv is not None else sys.argv[1:]))
+    print(markdown(result))
+    if args.json:
+        write_json(result, args.json)
+    return result
+
+
+if __name__ == "__main__":
+    main()
