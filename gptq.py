@@ -1,0 +1,302 @@
+"""Weight quantization of linear layers: the quantizer grid, round-to-nearest (RTN) and the GPTQ solver; below
+them (last section) the CLI driver that walks a model layer by layer.
+
+GPTQ: Frantar, Ashkboos, Hoefler, Alistarh, "GPTQ: Accurate Post-Training Quantization for Generative
+Pre-trained Transformers" (arXiv 2210.17323), following the IST-DASLab reference `gptq.py` (`fasterquant`).
+Symbols as there: W (out, in) the weight, H (in, in) the Hessian of the layer's inputs (hessian.py),
+Hinv the upper Cholesky factor of H⁻¹, Q the quantized columns, Err the scaled errors of one block.
+Quantizing column j to q adds error (w - q); GPTQ compensates by moving the not-yet-quantized columns k > j
+by -(w - q) / Hinv_jj · Hinv_jk (the optimal update of Optimal Brain Surgeon, with H⁻¹ kept in Cholesky form).
+Blocks of `block_size` columns get these updates immediately; later columns get them in one matmul per block.
+
+Quantizer grid (the reference's and compressed-tensors'):
+  codes are unsigned integers in [0, 2^bits - 1]; Ŵ = scale · (code - zero), one (scale, zero) per output row
+  and group of `group_size` consecutive input columns (-1: one group spanning the row, "per channel").
+  asymmetric: the range [min(w, 0), max(w, 0)] is cut into 2^bits - 1 steps, zero = round(-min / scale);
+  symmetric:  scale = max|w| / ((2^bits - 1) / 2), zero = 2^(bits-1) fixed (not stored).
+  compressed-tensors stores signed codes (code - 2^(bits-1)) and adds the offset back when packing, so the
+  packed int32 words are identical (packing itself lives with the runtime: model.pack_int32).
+
+Deliberate differences from the reference code, each for correctness or honest reporting:
+  * dynamic group parameters are computed from the group's columns as they are at that moment (including the
+    block's pending lazy updates); the reference reads stale columns when group_size < block_size. With the
+    defaults (group_size == block_size == 128) both are the same.
+  * symmetric range is always [-max|w|, max|w|] (the reference clips rows without negative weights).
+  * a failed Cholesky retries with 10x the damping, at most `max_retries` times, counted in the result; if all
+    fail, GPTQError. Never an identity Hessian.
+  * act_order with groups requires static_groups: the output format has no g_idx, so groups must stay
+    contiguous in the original column order.
+Does not: capture activations or build Hessians (hessian.py), search scales (ecs.py), search clipping ranges.
+
+Run the tests:  python -m pytest -q tests/test_gptq.py
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple, Sequence
+
+import torch
+
+BITS = (2, 3, 4, 8)  # supported weight widths
+DAMP_ESCALATION = 10.0  # each Cholesky retry multiplies the damping by this
+
+
+class GPTQError(RuntimeError):
+    """The damped Hessian could not be Cholesky-factorized at any damping tried. The message names the
+    matrix, its shape and the dampings."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Quantizer grid
+
+
+def n_groups(in_features: int, group_size: int) -> int:
+    """Number of column groups per row; a last partial group is allowed (ceil)."""
+    return 1 if group_size == -1 else math.ceil(in_features / group_size)
+
+
+def _group_len(in_features: int, group_size: int) -> int:
+    return in_features if group_size == -1 else group_size
+
+
+def _expand(t: torch.Tensor, in_features: int, group_size: int) -> torch.Tensor:
+    """Per-group (out, n_groups) -> per-column (out, in)."""
+    return t.repeat_interleave(_group_len(in_features, group_size), dim=1)[:, :in_features]
+
+
+def _check_grid(bits: int, group_size: int, name: str):
+    if bits not in BITS:
+        raise ValueError(f"{name}: bits={bits} is not supported; use one of {BITS}")
+    if group_size != -1 and group_size <= 0:
+        raise ValueError(f"{name}: group_size={group_size}; use a positive group size or -1 (per output channel)")
+
+
+def quant_params(W: torch.Tensor, *, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """scale, zero (out,) for one group of columns W (out, g). zero is integer-valued (float tensor)."""
+    maxq = 2**bits - 1
+    zeros = torch.zeros(W.shape[0], dtype=W.dtype, device=W.device)
+    xmin = torch.minimum(W.min(dim=1).values, zeros)  # the range always contains 0, so zero lands in [0, maxq]
+    xmax = torch.maximum(W.max(dim=1).values, zeros)
+    if sym:
+        xmax = torch.maximum(-xmin, xmax)
+        xmin = -xmax
+    empty = xmax == xmin  # an all-zero row: any scale works; the reference uses [-1, 1]
+    xmin, xmax = torch.where(empty, -1.0, xmin), torch.where(empty, 1.0, xmax)
+    scale = (xmax - xmin) / maxq
+    zero = torch.full_like(scale, 2 ** (bits - 1)) if sym else torch.round(-xmin / scale)
+    return scale, zero
+
+
+def group_params(W: torch.Tensor, *, bits: int, group_size: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """scale, zero (out, n_groups) for W (out, in), groups of `group_size` consecutive columns (-1: one)."""
+    params = [quant_params(Wg, bits=bits, sym=sym) for Wg in W.split(_group_len(W.shape[1], group_size), dim=1)]
+    return torch.stack([s for s, _ in params], 1), torch.stack([z for _, z in params], 1)
+
+
+def quantize(W: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, *, bits: int, group_size: int):
+    """Integer codes (out, in) uint8 in [0, 2^bits - 1]: clamp(round(W / scale) + zero)."""
+    s, z = _expand(scale, W.shape[1], group_size), _expand(zero.to(scale.dtype), W.shape[1], group_size)
+    return torch.clamp(torch.round(W / s) + z, 0, 2**bits - 1).to(torch.uint8)
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, *, bits: int,
+               group_size: int) -> torch.Tensor:
+    """Ŵ = scale · (codes - zero), in scale's dtype; zero None means symmetric (zero = 2^(bits-1))."""
+    in_features = codes.shape[1]
+    z = 2 ** (bits - 1) if zero is None else _expand(zero.to(scale.dtype), in_features, group_size)
+    return (codes.to(scale.dtype) - z) * _expand(scale, in_features, group_size)
+
+
+class Quantized(NamedTuple):
+    codes: torch.Tensor  # (out, in) uint8
+    scale: torch.Tensor  # (out, n_groups)
+    zero: torch.Tensor | None  # (out, n_groups) uint8; None when symmetric
+    W_hat: torch.Tensor  # (out, in) dequantized
+
+
+def _compute_dtype(W: torch.Tensor) -> torch.dtype:
+    return torch.float64 if W.dtype == torch.float64 else torch.float32
+
+
+@torch.no_grad()
+def rtn(W: torch.Tensor, *, bits: int, group_size: int = 128, sym: bool = False) -> Quantized:
+    """Round-to-nearest with min/max (or symmetric max-abs) group parameters. W (out, in), any float dtype;
+    computed in float32 (float64 if W is)."""
+    _check_grid(bits, group_size, "rtn")
+    W = W.detach().to(_compute_dtype(W))
+    scale, zero = group_params(W, bits=bits, group_size=group_size, sym=sym)
+    codes = quantize(W, scale, zero, bits=bits, group_size=group_size)
+    zero_out = None if sym else zero.to(torch.uint8)
+    return Quantized(codes, scale, zero_out, dequantize(codes, scale, zero_out, bits=bits, group_size=group_size))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# GPTQ for one matrix
+
+
+@dataclass
+class GPTQResult:
+    codes: torch.Tensor  # (out, in) uint8 in [0, 2^bits - 1], original column order
+    scale: torch.Tensor  # (out, n_groups) float32 (float64 if W was)
+    zero: torch.Tensor | None  # (out, n_groups) uint8; None when symmetric (implicit 2^(bits-1))
+    W_hat: torch.Tensor  # (out, in) = dequantize(codes, scale, zero): dead columns are 0
+    damp: float  # absolute value added to diag(H): percdamp · mean(diag H) · 10^retries
+    retries: int  # Cholesky failures before success (each escalated the damping 10x)
+    row_loss: torch.Tensor  # (out,) GPTQ's objective per row: Σ_j (w_j - q_j)² / Hinv_jj² / 2
+    n_dead: int  # input columns with H_jj == 0 (no input ever reached them)
+
+    @property
+    def loss(self) -> float:
+        return float(self.row_loss.sum())
+
+
+def damped_inverse_cholesky(H: torch.Tensor, *, percdamp: float = 0.01, max_retries: int = 3,
+                            name: str = "weight") -> tuple[torch.Tensor, float, int]:
+    """Upper Cholesky factor U of (H + damp·I)⁻¹ = Uᵀ U (in, in), in H's dtype, with damp = percdamp ·
+    mean(diag H), escalated 10x after each failure. Returns (U, damp, retries); raises GPTQError if
+    1 + max_retries attempts all fail (H indefinite or NaN)."""
+    idx = torch.arange(H.shape[0], device=H.device)
+    damp0 = percdamp * float(torch.diagonal(H).mean())
+    tried = []
+    for retries in range(max_retries + 1):
+        damp = damp0 * DAMP_ESCALATION**retries
+        tried.append(damp)
+        Hd = H.clone()
+        Hd[idx, idx] += damp
+        L, info = torch.linalg.cholesky_ex(Hd)  # H + damp·I = L Lᵀ
+        if int(info) != 0:
+            continue
+        U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)  # (H + damp·I)⁻¹ = Uᵀ U
+        if int(info) == 0 and bool(torch.isfinite(U).all()):
+            return U, damp, retries
+    raise GPTQError(f"{name}: Cholesky of the damped Hessian H {tuple(H.shape)} failed with damping "
+                    f"{', '.join(f'{d:.3g}' for d in tried)} (percdamp={percdamp}, mean diag "
+                    f"{float(torch.diagonal(H).mean()):.3g}): H is not positive semi-definite; check its "
+                    "tokens/weights, accumulate in float64, or raise percdamp / max_retries")
+
+
+def _current_columns(W, W1, Err1, Hinv, i1: int, i: int, i2: int, g: int) -> torch.Tensor:
+    """Columns j .. j+g-1 (j = i1 + i) as the column-by-column algorithm sees them at column j: inside the
+    block they are in W1; beyond it, W still lacks this block's pending updates Err1[:, :i] @ Hinv[...]."""
+    inside = W1[:, i:i + g]  # (out, <= g)
+    end = i1 + i + g
+    if end <= i2:
+        return inside
+    beyond = W[:, i2:end] - Err1[:, :i] @ Hinv[i1:i1 + i, i2:end]
+    return torch.cat([inside, beyond], dim=1)
+
+
+def _quantize_blocks(W, Hinv, scale, zero, col_group, *, bits: int, block_size: int, dynamic_g: int,
+                     sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The GPTQ sweep over W (out, in) in its (possibly permuted) column order. col_group (in,) is the group
+    of each column; if dynamic_g > 0, the params of group j // dynamic_g are computed when column j starts it
+    (written into scale/zero (out, n_groups)). Modifies W. Returns codes (out, in) uint8 and row_loss (out,)."""
+    out_f, in_f = W.shape
+    maxq = 2**bits - 1
+    codes = torch.zeros(out_f, in_f, dtype=torch.uint8, device=W.device)
+    row_loss = torch.zeros(out_f, dtype=W.dtype, device=W.device)
+    for i1 in range(0, in_f, block_size):
+        i2 = min(i1 + block_size, in_f)
+        W1 = W[:, i1:i2].clone()  # (out, B) the block, updated column by column
+        Err1 = torch.zeros_like(W1)  # (out, B) scaled errors, applied to the later blocks in one matmul
+        Hinv1 = Hinv[i1:i2, i1:i2]  # (B, B)
+        for i in range(i2 - i1):
+            j = i1 + i
+            if dynamic_g and j % dynamic_g == 0:
+                cols = _current_columns(W, W1, Err1, Hinv, i1, i, i2, dynamic_g)
+                scale[:, j // dynamic_g], zero[:, j // dynamic_g] = quant_params(cols, bits=bits, sym=sym)
+            w, s, z = W1[:, i], scale[:, col_group[j]], zero[:, col_group[j]]  # (out,) each
+            c = torch.clamp(torch.round(w / s) + z, 0, maxq)  # this column's codes
+            q = (c - z) * s
+            codes[:, j] = c.to(torch.uint8)
+            d = Hinv1[i, i]
+            row_loss += (w - q) ** 2 / d**2 / 2
+            err = (w - q) / d  # (out,)
+            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]  # compensate in the block's remaining columns
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # lazy batch update: (out, B) @ (B, in - i2)
+    return codes, row_loss
+
+
+def _check_gptq_args(W, H, bits, group_size, block_size, percdamp, act_order, static_groups, name):
+    _check_grid(bits, group_size, name)
+    if W.dim() != 2 or tuple(H.shape) != (W.shape[1], W.shape[1]):
+        raise ValueError(f"{name}: W {tuple(W.shape)} must be (out, in) and H {tuple(H.shape)} (in, in)")
+    if block_size <= 0 or percdamp < 0:
+        raise ValueError(f"{name}: block_size={block_size} must be > 0 and percdamp={percdamp} >= 0")
+    if act_order and group_size != -1 and not static_groups:
+        raise ValueError(f"{name}: act_order with group_size={group_size} needs static_groups=True (the packed "
+                         "format has no g_idx, so groups must stay contiguous in the original column order)")
+    for t, what in ((W, "W"), (H, "H")):
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{name}: {what} has NaN/inf entries; fix the weights / calibration inputs first")
+
+
+@torch.no_grad()
+def gptq(W: torch.Tensor, H: torch.Tensor, *, bits: int, group_size: int = 128, sym: bool = False,
+         block_size: int = 128, percdamp: float = 0.01, act_order: bool = False, static_groups: bool = False,
+         max_retries: int = 3, name: str = "weight") -> GPTQResult:
+    """GPTQ-quantize W (out, in) given the Hessian H (in, in) of its inputs (any positive scale, e.g.
+    hessian.Hessian.finalize()). Computes in float32 (float64 if W is); the Cholesky runs in H's dtype.
+    act_order: quantize columns by descending H_jj. static_groups: group params from W before any update.
+    name: used in error messages (pass the tensor's checkpoint name)."""
+    _check_gptq_args(W, H, bits, group_size, block_size, percdamp, act_order, static_groups, name)
+    dtype = _compute_dtype(W)
+    in_f = W.shape[1]
+    W = W.detach().to(dtype).clone()  # (out, in), updated in place by the sweep
+    H = H.detach().clone()  # (in, in)
+    dead = torch.diagonal(H) == 0  # (in,) channels no token reached: nothing to preserve there
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    g = _group_len(in_f, group_size)
+    dynamic = group_size != -1 and not static_groups
+    if dynamic:  # filled group by group during the sweep
+        scale = torch.empty(W.shape[0], n_groups(in_f, group_size), dtype=dtype, device=W.device)
+        zero = torch.empty_like(scale)
+    else:  # per-channel, or static groups: computed up front on the un-permuted W
+        scale, zero = group_params(W, bits=bits, group_size=group_size, sym=sym)
+    perm = torch.argsort(torch.diagonal(H), descending=True) if act_order else torch.arange(in_f, device=W.device)
+    W, H = W[:, perm], H[perm][:, perm]
+    Hinv, damp, retries = damped_inverse_cholesky(H, percdamp=percdamp, max_retries=max_retries, name=name)
+    codes, row_loss = _quantize_blocks(W, Hinv.to(dtype), scale, zero, (perm // g).tolist(), bits=bits,
+                                       block_size=block_size, dynamic_g=g if dynamic else 0, sym=sym)
+    codes = codes[:, torch.argsort(perm)]  # back to the original column order
+    zero_out = None if sym else zero.to(torch.uint8)
+    return GPTQResult(codes=codes, scale=scale, zero=zero_out,
+                      W_hat=dequantize(codes, scale, zero_out, bits=bits, group_size=group_size),
+                      damp=damp, retries=retries, row_loss=row_loss, n_dead=int(dead.sum()))
+
+
+@torch.no_grad()
+def gptq_shared(Ws: Sequence[torch.Tensor], H: torch.Tensor, **kwargs) -> list[GPTQResult]:
+    """GPTQ of several matrices that read the same inputs (an expert's gate_proj and up_proj), sharing one
+    Hessian, one damping and one Cholesky. GPTQ treats rows independently, so this equals quantizing each
+    matrix on its own. kwargs as for gptq()."""
+    sizes = [W.shape[0] for W in Ws]
+    r = gptq(torch.cat(list(Ws), dim=0), H, **kwargs)
+    zeros = r.zero.split(sizes) if r.zero is not None else [None] * len(sizes)
+    return [GPTQResult(codes=c, scale=s, zero=z, W_hat=w, damp=r.damp, retries=r.retries, row_loss=l,
+                       n_dead=r.n_dead)
+            for c, s, z, w, l in zip(r.codes.split(sizes), r.scale.split(sizes), zeros, r.W_hat.split(sizes),
+                                     r.row_loss.split(sizes))]
+
+
+@torch.no_grad()
+def relative_output_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float:
+    """tr(ΔW H ΔWᵀ) / tr(W H Wᵀ), in float64. With H ∝ Σ x xᵀ this is ||(W - Ŵ) X||² / ||W X||²: the
+    layer's relative output error on the calibration tokens, without the tokens."""
+    W, dW, H = W.double(), (W.double() - W_hat.double()), H.double()
+    return float(((dW @ H) * dW).sum() / ((W @ H) * W).sum())
+
+
+# ---- CLI driver (sequential layer-by-layer loop) ----
+
+
+def main():
+    raise NotImplementedError("driver not written yet")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""Token-weighted Hessian accumulation for GPTQ-style quantization of one linear layer.
+
+For a linear layer y = W x with inputs x_j in R^d (one per calibration token j), GPTQ minimizes the layer's
+output error  Σ_j ||(W - Ŵ) x_j||²  =  tr(ΔW (Σ_j x_j x_jᵀ) ΔWᵀ), so all it needs from the data is the
+second-moment matrix of the inputs (Frantar et al., "GPTQ", arXiv 2210.17323, eq. 1-2). Methods that care more
+about some tokens than others weigh each token by w_j >= 0:
+
+    H = 2 / Σ_j w_j  ·  Σ_j w_j x_j x_jᵀ                                                            (d, d)
+
+  * plain GPTQ:  w_j = 1 for every token (H = 2/n Σ x xᵀ, as in the original code);
+  * VEQ-MA (arXiv 2602.01037): w_j = p_j^λ · α_j on the tokens routed to an expert (router prob, modality);
+  * FAQ (ECMFQ reconstruction, ../shared/ALGORITHMS.md): w_j = per-token fusion weight.
+The caller builds the weight vector; this file only accumulates. Rows are scaled by sqrt(w_j) and summed with
+one matmul: (sqrt(w) ⊙ X)ᵀ (sqrt(w) ⊙ X) = Σ_j w_j x_j x_jᵀ.
+
+Sum first, divide once: `add()` keeps the raw sum S = Σ w_j x_j x_jᵀ, the token count and Σ w_j, and
+`finalize()` divides at the end. (The original code keeps a running average, rescaling H on every batch; the
+sum is simpler and, in float64, exact to rounding.) The factor 2/Σw does not change GPTQ's result (its damping
+is relative to mean(diag H) and the update rule is scale-invariant); it fixes the scale of reported losses.
+
+Does not: capture activations (the driver hooks the model), choose token weights, or fall back when an expert
+got no tokens (finalize() raises; the caller decides, and reports, what to do).
+Run the tests:  python -m pytest -q tests/test_hessian.py
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class Hessian:
+    """Accumulates S = Σ_j w_j x_j x_jᵀ over batches of inputs x (..., d) of one linear layer.
+
+    dtype: accumulation dtype; float64 costs 2x memory but makes the sum order-independent to ~1e-16, which
+    matters when many small weights are summed (millions of tokens, VEQ-MA's p^λ). Inputs are cast to it."""
+
+    def __init__(self, d: int, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+        self.d = d
+        self.S = torch.zeros(d, d, dtype=dtype, device=device)  # (d, d) raw weighted sum, not normalized
+        self.weight_sum = torch.zeros((), dtype=torch.float64, device=device)  # Σ w_j (a tensor: no GPU sync)
+        self._n_tokens = 0
+
+    @property
+    def n_tokens(self) -> int:
+        """Tokens added so far (weighted or not; a token with weight 0 still counts here)."""
+        return self._n_tokens
+
+    @torch.no_grad()
+    def add(self, x: torch.Tensor, weight: torch.Tensor | None = None):
+        """Add inputs x (..., d), flattened over all leading dims to n tokens, with optional weights (n,) >= 0."""
+        if x.shape[-1] != self.d:
+            raise ValueError(f"Hessian.add: x has last dim {x.shape[-1]}, expected d={self.d} (wrong layer input?)")
+        X = x.reshape(-1, self.d).to(self.S.dtype)  # (n, d)
+        n = X.shape[0]
+        if weight is None:
+            self.weight_sum += n
+        else:
+            w = weight.reshape(-1).to(device=X.device, dtype=self.S.dtype)  # (n,)
+            if w.numel() != n:
+                raise ValueError(f"Hessian.add: weight has {w.numel()} entries for {n} tokens of x {tuple(x.shape)}")
+            if not bool((w >= 0).all()):  # also catches NaN weights (NaN >= 0 is False)
+                raise ValueError("Hessian.add: token weights must be finite and >= 0 (their square roots scale the rows)")
+            X = X * w.sqrt()[:, None]  # row j scaled by sqrt(w_j), so XᵀX = Σ w_j x_j x_jᵀ
+            self.weight_sum += w.sum().to(torch.float64)
+        self.S.addmm_(X.T, X)  # (d, n) @ (n, d)
+        self._n_tokens += n
+
+    @torch.no_grad()
+    def merge(self, other: "Hessian"):
+        """Add another accumulator's sums into this one (e.g. pooling all experts of a layer)."""
+        if other.d != self.d:
+            raise ValueError(f"Hessian.merge: d={other.d} does not match d={self.d}")
+        self.S += other.S.to(self.S)
+        self.weight_sum += other.weight_sum.to(self.weight_sum.device)
+        self._n_tokens += other.n_tokens
+
+    @torch.no_grad()
+    def finalize(self) -> torch.Tensor:
+        """H = 2/Σw · S (d, d), in the accumulation dtype. Raises if nothing (or only zero weight) was added,
+        or if the sum is not finite: never a silent identity."""
+        total = float(self.weight_sum)
+        if self._n_tokens == 0 or total <= 0:
+            raise ValueError(f"Hessian.finalize: no calibration tokens ({self._n_tokens} tokens, weight sum "
+                             f"{total}); use a pooled Hessian and flag it, or skip this layer explicitly")
+        if not bool(torch.isfinite(self.S).all()):
+            raise ValueError("Hessian.finalize: the accumulated sum has NaN/inf (non-finite layer inputs?)")
+        return self.S * (2.0 / total)
+
+
+def dead_columns(H: torch.Tensor) -> torch.Tensor:
+    """Boolean mask (d,) of input channels that were exactly zero for every weighted token (H_jj == 0).
+    GPTQ sets H_jj = 1 and zeroes W[:, j] for them: the weights there never met any input."""
+    return torch.diagonal(H) == 0

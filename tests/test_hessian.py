@@ -1,0 +1,105 @@
+"""hessian.Hessian against explicit float64 sums: weighting, chunking, normalization, pooling, bad input."""
+
+import pytest
+import torch
+
+from hessian import Hessian, dead_columns
+
+D = 12
+
+
+def explicit(X, w):
+    """2/Σw · Σ_j w_j x_j x_jᵀ, one token at a time, in float64 (the oracle)."""
+    X, w = X.double(), w.double()
+    S = sum(w[j] * torch.outer(X[j], X[j]) for j in range(X.shape[0]))
+    return S * (2.0 / w.sum())
+
+
+def data(n=50, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, D, generator=g, dtype=torch.float64), torch.rand(n, generator=g, dtype=torch.float64)
+
+
+def test_weighted_equals_explicit_sum_float64():
+    X, w = data()
+    h = Hessian(D, dtype=torch.float64)
+    h.add(X, weight=w)
+    torch.testing.assert_close(h.finalize(), explicit(X, w), rtol=1e-12, atol=1e-12)
+    assert h.n_tokens == 50
+    assert float(h.weight_sum) == pytest.approx(float(w.sum()), rel=1e-14)
+
+
+def test_unweighted_is_two_over_n_xtx():
+    X, _ = data()
+    h = Hessian(D, dtype=torch.float64)
+    h.add(X)
+    torch.testing.assert_close(h.finalize(), 2.0 / X.shape[0] * X.T @ X, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(h.finalize(), explicit(X, torch.ones(X.shape[0])), rtol=1e-12, atol=1e-12)
+
+
+def test_normalization_ignores_a_common_weight_scale():
+    X, w = data()
+    a, b = Hessian(D, dtype=torch.float64), Hessian(D, dtype=torch.float64)
+    a.add(X, weight=w)
+    b.add(X, weight=w * 37.0)
+    torch.testing.assert_close(a.finalize(), b.finalize(), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_chunked_adds_equal_one_add(dtype, tol):
+    X, w = data(n=64)
+    one, chunked = Hessian(D, dtype=dtype), Hessian(D, dtype=dtype)
+    one.add(X, weight=w)
+    for Xc, wc in zip(X.split(7), w.split(7)):
+        chunked.add(Xc, weight=wc)
+    torch.testing.assert_close(chunked.finalize(), one.finalize(), rtol=tol, atol=tol)
+    assert chunked.n_tokens == one.n_tokens == 64
+
+
+def test_leading_dims_are_flattened():
+    X, w = data(n=24)
+    a, b = Hessian(D, dtype=torch.float64), Hessian(D, dtype=torch.float64)
+    a.add(X.reshape(2, 3, 4, D), weight=w.reshape(2, 3, 4))
+    b.add(X, weight=w)
+    torch.testing.assert_close(a.finalize(), b.finalize(), rtol=0, atol=0)
+
+
+def test_merge_pools_two_accumulators():
+    X, w = data(n=40)
+    a, b, both = (Hessian(D, dtype=torch.float64) for _ in range(3))
+    a.add(X[:15], weight=w[:15])
+    b.add(X[15:], weight=w[15:])
+    both.add(X, weight=w)
+    a.merge(b)
+    torch.testing.assert_close(a.finalize(), both.finalize(), rtol=1e-12, atol=1e-12)
+    assert a.n_tokens == 40
+
+
+def test_dead_columns_include_channels_seen_only_by_zero_weight_tokens():
+    X, w = data(n=20)
+    X[:, 3] = 0  # never active
+    X[:10, 5], w[10:] = 0, 0  # active only on tokens of weight 0
+    h = Hessian(D, dtype=torch.float64)
+    h.add(X, weight=w)
+    dead = dead_columns(h.finalize())
+    assert dead.nonzero().flatten().tolist() == [3, 5]
+
+
+def test_bad_input_raises():
+    h = Hessian(D)
+    with pytest.raises(ValueError, match="last dim 5, expected d=12"):
+        h.add(torch.randn(4, 5))
+    with pytest.raises(ValueError, match="weight has 3 entries for 4 tokens"):
+        h.add(torch.randn(4, D), weight=torch.ones(3))
+    with pytest.raises(ValueError, match=">= 0"):
+        h.add(torch.randn(4, D), weight=torch.tensor([1.0, -1.0, 1.0, 1.0]))
+    with pytest.raises(ValueError, match=">= 0"):
+        h.add(torch.randn(4, D), weight=torch.tensor([1.0, float("nan"), 1.0, 1.0]))
+    with pytest.raises(ValueError, match="no calibration tokens"):
+        h.finalize()
+    h.add(torch.randn(4, D), weight=torch.zeros(4))
+    with pytest.raises(ValueError, match="no calibration tokens"):
+        h.finalize()
+    h.add(torch.full((1, D), float("nan")))
+    with pytest.raises(ValueError, match="NaN/inf"):
+        h.finalize()
