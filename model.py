@@ -193,6 +193,12 @@ def load_config(checkpoint_dir: str):
 # Building blocks shared by both families.
 
 
+def upcast(x):
+    """x in at least float32: the references compute norms, softmaxes and rotations in fp32; a float64 model
+    (used by tests as a high-precision recomputation) stays float64."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 class RMSNorm(nn.Module):
     """w * x / rms(x), computed in fp32 and cast back *before* the weight multiply (as the references do)."""
 
@@ -202,7 +208,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        xf = x.float()
+        xf = upcast(x)
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
 
@@ -246,7 +252,7 @@ def attention_reference(q, k, v, scale: float, mask=None):
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # (B, nh, T, S)
     if mask is not None:
         scores = scores + mask
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    probs = torch.softmax(upcast(scores), dim=-1).to(q.dtype)
     return torch.matmul(probs, v), probs
 
 
@@ -414,8 +420,8 @@ class QwenVisionAttention(nn.Module):
         N = x.shape[0]
         q, k, v = self.qkv(x).view(N, 3, self.nh, self.hd).unbind(1)  # each (N, nh, hd)
         cos, sin = rope  # (N, 1, hd) fp32
-        q = apply_rope(q.float(), cos, sin).to(x.dtype)
-        k = apply_rope(k.float(), cos, sin).to(x.dtype)
+        q = apply_rope(upcast(q), cos, sin).to(x.dtype)
+        k = apply_rope(upcast(k), cos, sin).to(x.dtype)
         return self.proj(block_diagonal_attention(q, k, v, seqlens, scale=self.hd ** -0.5))
 
 
@@ -495,7 +501,7 @@ class QwenVisionModel(nn.Module):
     def position_embedding(self, t: int, h: int, w: int):
         """Learned 2-D table resampled bilinearly (align_corners=True) to (h, w), in merge-block order. (t*h*w, D)"""
         D, s = self.cfg.hidden_size, self.side
-        table = self.pos_embed.weight.float().T.reshape(1, D, s, s)
+        table = upcast(self.pos_embed.weight).T.reshape(1, D, s, s)
         grid = F.interpolate(table, size=(h, w), mode="bilinear", align_corners=True)[0]  # (D, h, w)
         grid = grid.reshape(D, h * w).T[merge_block_order(h, w, self.cfg.spatial_merge_size)]
         return grid.repeat(t, 1)
@@ -568,7 +574,7 @@ class QwenRouter(nn.Module):
         self.weight = nn.Parameter(torch.zeros(cfg.num_experts, cfg.hidden_size))
 
     def forward(self, x):  # x (N, D) -> topk_idx (N, k), topk_w (N, k), probs (N, E) fp32
-        probs = torch.softmax(F.linear(x, self.weight), dim=-1, dtype=torch.float32)
+        probs = torch.softmax(upcast(F.linear(x, self.weight)), dim=-1)
         topk_p, topk_idx = torch.topk(probs, self.top_k, dim=-1)
         topk_w = (topk_p / topk_p.sum(-1, keepdim=True)).to(x.dtype)
         return topk_idx, topk_w, probs
@@ -873,7 +879,7 @@ def moonvit_rope(h: int, w: int, head_dim: int, theta: float, device):
 def apply_complex_rope(x, cis):
     """Rotate consecutive pairs (x[2j], x[2j+1]) as complex numbers by cis[:, j]; fp32 inside, cast back.
     x (L, nh, hd), cis (L, hd/2)."""
-    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    xc = torch.view_as_complex(upcast(x).reshape(*x.shape[:-1], -1, 2))
     return torch.view_as_real(xc * cis[:, None]).flatten(-2).to(x.dtype)
 
 
@@ -885,7 +891,7 @@ class MoonViTPosEmb(nn.Module):
         self.weight = nn.Parameter(torch.zeros(cfg.pos_emb_height, cfg.pos_emb_width, cfg.hidden_size))
 
     def forward(self, h: int, w: int):  # -> (h*w, D) in raster order, fp32
-        table = self.weight.float()
+        table = upcast(self.weight)
         if (h, w) != tuple(table.shape[:2]):
             table = F.interpolate(table.permute(2, 0, 1)[None], size=(h, w), mode="bicubic",
                                   align_corners=False)[0].permute(1, 2, 0)
@@ -1065,8 +1071,8 @@ class KimiRouter(nn.Module):
 
     def forward(self, x):  # x (N, H)
         c = self.cfg
-        s = torch.sigmoid(F.linear(x.float(), self.weight.float()))  # (N, E)
-        choice = s + self.e_score_correction_bias.float()
+        s = torch.sigmoid(F.linear(upcast(x), upcast(self.weight)))  # (N, E)
+        choice = s + upcast(self.e_score_correction_bias)
         if c.topk_group < c.n_group:
             per_group = choice.view(x.shape[0], c.n_group, -1)  # (N, G, E/G)
             group_score = per_group.topk(min(2, per_group.shape[-1]), dim=-1).values.sum(-1)  # (N, G)

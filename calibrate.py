@@ -1,0 +1,198 @@
+"""Choose calibration samples, run the float model once, and record what the quantizers need.
+
+    python calibrate.py [--model DIR] [--data shapes|FILE] [--n 128] [--seed 0] [--out calib/]
+
+Per MoE layer l and expert e (VEQ, arXiv 2602.01037, §3):
+  n_text[l, e], n_vis[l, e]   tokens of each modality routed to e (top-k membership),
+  mean_prob[l, e]             mean router probability of e over all tokens (softmax prob for Qwen, the
+                              normalized sigmoid score for Kimi),
+and over the set: T_text, T_vis (tokens per modality) and the text/vision gradient ratio
+  gamma = mean over image samples of  mean|dL/dx| on text positions / mean|dL/dx| on image positions,
+with x the decoder input embeddings and L the answer (or caption) cross-entropy of the float model
+(the paper reports 22.4 on Qwen3-VL with 128 COCO samples: text tokens matter more per token).
+
+Writes `calib/stats.safetensors` (tensors) and `calib/calib.json` (everything else, including which samples
+were used, so gptq.py reads back exactly the same set); never pickle. The folder is written atomically.
+Does not: select samples by MACS yet (random selection only), handle video.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+
+import data
+import model as modeling
+
+DEFAULT_MODEL = "models/tiny-qwen3-vl-moe"
+
+
+def moe_layers(m) -> list[int]:
+    """Indices of decoder layers whose MLP is a routed MoE block."""
+    return [i for i, layer in enumerate(m.layers) if hasattr(layer.mlp, "experts")]
+
+
+class RoutingRecorder:
+    """Forward hooks on every router: keeps (topk_idx (N, k), scores (N, E)) of the last forward per layer."""
+
+    def __init__(self, m):
+        self.last: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.handles = [m.layers[i].mlp.gate.register_forward_hook(self._hook(i)) for i in moe_layers(m)]
+
+    def _hook(self, i):
+        def hook(module, inputs, outputs):
+            self.last[i] = (outputs[0].detach(), outputs[2].detach().float())
+        return hook
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def input_gradient(m, x, ctx, labels) -> torch.Tensor:
+    """dL/dx (T, D) of the answer cross-entropy L with respect to the decoder inputs x (1, T, D)."""
+    x = x.detach().requires_grad_(True)
+    h = x
+    for i, layer in enumerate(m.layers):
+        h = m.after_layer(i, layer(h, ctx), ctx)
+    loss = F.cross_entropy(m.head(h)[0, :-1], labels[0, 1:], ignore_index=-100)
+    (g,) = torch.autograd.grad(loss, x)
+    return g[0]
+
+
+def gradient_ratio(g, is_vis) -> float | None:
+    """mean|g| over text positions / mean|g| over image positions, g (T, D), is_vis (T,); None without images."""
+    if not is_vis.any():
+        return None
+    per_pos = g.abs().mean(-1)  # (T,)
+    return (per_pos[~is_vis].mean() / per_pos[is_vis].mean()).item()
+
+
+def collect(m, proc, samples, gamma: bool = True) -> dict:
+    """One float forward per sample (teacher forced on the gold answer): routing counts by modality, mean
+    router probabilities, token totals, and the per-sample gradient ratios."""
+    layers = moe_layers(m)
+    E = len(m.layers[layers[0]].mlp.experts) if layers else 0
+    n_text, n_vis = torch.zeros(len(layers), E), torch.zeros(len(layers), E)
+    prob_sum = torch.zeros(len(layers), E, dtype=torch.float64)
+    T_text = T_vis = 0
+    ratios = []
+    rec = RoutingRecorder(m)
+    try:
+        for s in samples:
+            b = data.encode_qa_batch(proc, [s])
+            is_vis = b["is_vis"]
+            with torch.no_grad():
+                x, ctx = m.embed(b["input_ids"], **data.vision_inputs(b))
+                h = x
+                for i, layer in enumerate(m.layers):
+                    h = m.after_layer(i, layer(h, ctx), ctx)
+            vis = is_vis.flatten()
+            T_vis += int(vis.sum())
+            T_text += int((~vis).sum())
+            for j, i in enumerate(layers):
+                topk_idx, scores = rec.last[i]
+                n_vis[j] += torch.bincount(topk_idx[vis].flatten(), minlength=E).float()
+                n_text[j] += torch.bincount(topk_idx[~vis].flatten(), minlength=E).float()
+                prob_sum[j] += (scores / scores.sum(-1, keepdim=True)).sum(0).double()
+            if gamma:
+                ratios.append(gradient_ratio(input_gradient(m, x, ctx, b["labels"]), vis))
+    finally:
+        rec.remove()
+    per_sample = [r for r in ratios if r is not None]
+    return {"moe_layers": layers, "n_text": n_text, "n_vis": n_vis,
+            "mean_prob": (prob_sum / max(1, T_text + T_vis)).float(), "T_text": T_text, "T_vis": T_vis,
+            "gamma": sum(per_sample) / len(per_sample) if per_sample else None, "gamma_per_sample": ratios}
+
+
+def save(out: str, stats: dict, meta: dict):
+    """calib/stats.safetensors + calib/calib.json, written to a temporary sibling folder and renamed."""
+    from safetensors.torch import save_file
+
+    parent = os.path.dirname(os.path.abspath(out)) or "."
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".calib-", dir=parent)
+    tensors = {k: stats[k].contiguous() for k in ("n_text", "n_vis", "mean_prob")}
+    save_file(tensors, os.path.join(tmp, "stats.safetensors"))
+    rest = {k: v for k, v in stats.items() if k not in tensors}
+    with open(os.path.join(tmp, "calib.json"), "w") as f:
+        json.dump({**meta, **rest}, f, indent=2)
+    if os.path.exists(out):
+        shutil.rmtree(out)
+    os.rename(tmp, out)
+
+
+def load(calib_dir: str) -> dict:
+    """Read back a calib/ folder: the JSON fields plus the tensors."""
+    from safetensors.torch import load_file
+
+    path = os.path.join(calib_dir, "calib.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: not found; run `python calibrate.py` first (or pass --calib DIR)")
+    with open(path) as f:
+        out = json.load(f)
+    out.update(load_file(os.path.join(calib_dir, "stats.safetensors")))
+    return out
+
+
+def calibration_samples(meta: dict) -> list:
+    """The exact samples a calib.json describes (data spec, split, n, seed)."""
+    return data.load_samples(meta["data"], n=meta["n"], seed=meta["seed"], split=meta["split"])
+
+
+def summary(stats: dict, hidden: int) -> str:
+    low = (stats["n_text"] + stats["n_vis"]) < 2 * hidden
+    lines = [f"tokens: text {stats['T_text']}, image {stats['T_vis']} "
+             f"(beta = T_text / T_vis = {stats['T_text'] / max(1, stats['T_vis']):.3f})",
+             f"gamma (text/vision gradient ratio): "
+             + (f"{stats['gamma']:.3f} over {sum(r is not None for r in stats['gamma_per_sample'])} image samples"
+                if stats["gamma"] is not None else "not computed"),
+             f"experts with fewer than 2 x {hidden} (input width) routed tokens: {int(low.sum())} of {low.numel()}"]
+    for j, i in enumerate(stats["moe_layers"]):
+        counts = (stats["n_text"][j] + stats["n_vis"][j]).int().tolist()
+        lines.append(f"  layer {i:3d}: tokens per expert {counts}, image share "
+                     f"{stats['n_vis'][j].sum() / max(1, (stats['n_text'][j] + stats['n_vis'][j]).sum()):.2f}")
+    return "\n".join(lines)
+
+
+def calibrate(model: str = DEFAULT_MODEL, data_spec: str = "shapes", n: int = 128, seed: int = 0,
+              out: str = "calib", gamma: bool = True, device: str = "cpu", command: str | None = None) -> dict:
+    t0 = time.time()
+    m = modeling.load_model(model, dtype=torch.float32, device=device)
+    proc = data.load_processor(model)
+    meta = {"model": model, "data": data_spec, "n": n, "seed": seed, "split": "train", "selection": "random",
+            "command": command or " ".join(sys.argv)}
+    samples = calibration_samples(meta)
+    stats = collect(m, proc, samples, gamma=gamma)
+    meta["n"] = len(samples)
+    meta["seconds"] = time.time() - t0
+    save(out, stats, meta)
+    print(summary(stats, m.layers[0].input_layernorm.weight.shape[0]))
+    print(f"wrote {out}/ ({len(samples)} samples, {meta['seconds']:.1f}s)")
+    return {**meta, **stats}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=DEFAULT_MODEL, help="float checkpoint folder")
+    p.add_argument("--data", default="shapes", help="'shapes' (bundled benchmark, train split) or a data file")
+    p.add_argument("--n", type=int, default=128, help="number of calibration samples")
+    p.add_argument("--seed", type=int, default=0, help="sample selection seed")
+    p.add_argument("--out", default="calib", help="output folder")
+    p.add_argument("--no-gamma", action="store_true", help="skip the gradient pass (gamma is then not recorded)")
+    p.add_argument("--device", default="cpu", help="torch device")
+    args = p.parse_args(argv)
+    calibrate(args.model, args.data, args.n, args.seed, args.out, gamma=not args.no_gamma, device=args.device,
+              command="python calibrate.py " + " ".join(argv if argv is not None else sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    main()

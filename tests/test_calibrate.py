@@ -1,0 +1,58 @@
+"""calibrate.py: routing statistics are consistent counts, the folder round-trips, gamma is a real ratio."""
+
+import torch
+
+import calibrate
+import data
+import model
+
+
+def test_routing_counts_and_round_trip(tiny_qwen, tmp_path):
+    out = str(tmp_path / "calib")
+    r = calibrate.calibrate(tiny_qwen, n=6, seed=1, out=out, command="test")
+    k = model.load_config(tiny_qwen).text.num_experts_per_tok
+    # every token is routed to exactly k experts in every MoE layer
+    assert torch.equal(r["n_text"].sum(1), torch.full((len(r["moe_layers"]),), float(k * r["T_text"])))
+    assert torch.equal(r["n_vis"].sum(1), torch.full((len(r["moe_layers"]),), float(k * r["T_vis"])))
+    assert torch.allclose(r["mean_prob"].sum(1), torch.ones(len(r["moe_layers"])), atol=1e-5)
+    # the token totals are the samples' prompt + answer lengths
+    m, proc = model.load_model(tiny_qwen), data.load_processor(tiny_qwen)
+    samples = calibrate.calibration_samples(r)
+    encs = [data.encode_qa_batch(proc, [s]) for s in samples]
+    assert r["T_vis"] == sum(int(e["is_vis"].sum()) for e in encs)
+    assert r["T_text"] == sum(int((~e["is_vis"]).sum()) for e in encs)
+    back = calibrate.load(out)
+    assert torch.equal(back["n_text"], r["n_text"]) and back["gamma"] == r["gamma"] and back["seed"] == 1
+    n_img = sum(s.image is not None for s in samples)
+    assert sum(g is not None for g in r["gamma_per_sample"]) == n_img and r["gamma"] > 0
+
+
+def test_input_gradient_matches_finite_differences(tiny_qwen):
+    """dL/dx at the decoder inputs, checked by central differences along random directions at text and image
+    positions (float64); the ratio is then the plain formula on it."""
+    m, proc = model.load_model(tiny_qwen, dtype=torch.float64), data.load_processor(tiny_qwen)
+    s = next(s for s in data.shapes_benchmark(10, split="train") if s.image is not None)
+    b = data.encode_qa_batch(proc, [s])
+    x, ctx = m.embed(b["input_ids"], **data.vision_inputs(b))
+    g = calibrate.input_gradient(m, x, ctx, b["labels"])
+
+    def loss(xx):
+        h = xx
+        for i, layer in enumerate(m.layers):
+            h = m.after_layer(i, layer(h, ctx), ctx)
+        logits = m.lm_head(m.model.language_model.norm(h))  # float64 (m.head casts logits to float32)
+        return torch.nn.functional.cross_entropy(logits[0, :-1], b["labels"][0, 1:], ignore_index=-100)
+
+    vis = b["is_vis"][0]
+    positions = torch.where(vis)[0][:3].tolist() + torch.where(~vis)[0][-3:].tolist()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for t in positions:
+            v = torch.zeros_like(x)
+            v[0, t] = torch.randn(x.shape[-1], generator=gen, dtype=torch.float64)
+            fd = (loss(x + 1e-6 * v) - loss(x - 1e-6 * v)) / 2e-6
+            assert abs(fd - (g[t] * v[0, t]).sum()) < 1e-4 * abs(fd) + 1e-8  # g has float32 logits (m.head)
+    per_pos = g.abs().mean(-1)
+    want = (per_pos[~vis].mean() / per_pos[vis].mean()).item()
+    assert calibrate.gradient_ratio(g, vis) == want
+    assert calibrate.gradient_ratio(g, torch.zeros_like(vis)) is None
