@@ -292,10 +292,399 @@ def relative_output_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor)
 
 
 # ---- CLI driver (sequential layer-by-layer loop) ----
+#
+#   python gptq.py --bits 3                      # default: VEQ-MA on the bundled tiny model and calib/
+#   python gptq.py --method gptq --bits 4 --group-size 32 --model DIR --calib calib/ --out quantized/
+#
+# For each decoder layer l (inputs produced by the already-quantized layers < l):
+#   1. load layer l from the checkpoint (one layer in memory at a time);
+#   2. [awq | smoothquant] search per-channel scales on the layer's float inputs and fold them in (ecs.py);
+#   3. run the layer on every calibration sample with hooks on every nn.Linear: accumulate one Hessian per
+#      distinct input (q/k/v share one, an expert's gate/up share one), experts seeing only their routed
+#      tokens, each token weighted as the method says (token_weights below);
+#   4. quantize every linear (RTN or GPTQ), swap it for a packed QuantLinear;
+#   5. recompute the layer's outputs with the quantized weights (+ DeepStack), write the layer atomically.
+# Router, norms, embeddings, vision tower and lm_head stay in float.
+
+import argparse  # noqa: E402
+from dataclasses import asdict  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import re  # noqa: E402
+import shutil  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import calibrate  # noqa: E402
+import data  # noqa: E402
+import model as model_lib  # noqa: E402
+from hessian import Hessian  # noqa: E402
+
+METHODS = ("veq-ma", "gptq", "rtn")
+_EXPERT = re.compile(r"^mlp\.experts\.(\d+)\.")
 
 
-def main():
-    raise NotImplementedError("driver not written yet")
+@dataclass
+class QuantArgs:
+    """Everything that decides the quantized weights (written to report.json and the output config)."""
+
+    method: str = "veq-ma"
+    bits: int = 3
+    group_size: int = 128
+    sym: bool = False
+    abits: int = 16
+    act_order: bool = False
+    static_groups: bool = False
+    block_size: int = 128
+    percdamp: float = 0.01
+    min_expert_tokens: int = 1  # experts with fewer routed tokens are quantized from the pooled MoE Hessian
+    lam: float = 1.0  # VEQ-MA: exponent λ on the router probability p
+    gamma: float | None = None  # VEQ-MA: text weight α; None -> calib/'s gamma
+    affinity: bool = True  # VEQ-MA: use p^λ (False: p = 1)
+    modality: bool = True  # VEQ-MA: use α (False: α = 1)
+    plain_dense: bool = False  # VEQ-MA: attention / shared / dense layers unweighted (default: weighted by α)
+
+
+@dataclass
+class Sample_:
+    """One calibration sample flowing through the decoder: hidden states (1, T, D), the per-forward inputs,
+    and which positions are image tokens (T,)."""
+
+    x: torch.Tensor
+    ctx: object
+    is_vis: torch.Tensor
+
+
+def token_weights(q: QuantArgs, gamma: float, is_vis, p=None):
+    """Per-token Hessian weights c_j for the tokens of one linear's input (None = all 1, plain GPTQ).
+    VEQ-MA (arXiv 2602.01037, eq. 7): c_j = p_j^λ · α_j on an expert's routed tokens, with p_j the router
+    weight of that expert for token j and α_j = γ for text, 1 for image tokens; non-expert linears get α_j
+    alone (or nothing with plain_dense). Returns (n,) or None."""
+    if q.method != "veq-ma":
+        return None
+    alpha = torch.where(is_vis, 1.0, gamma if q.modality else 1.0).double()
+    if p is None:  # attention, shared expert, dense MLP
+        return None if q.plain_dense else alpha
+    affinity = p.double() ** q.lam if q.affinity else torch.ones_like(alpha)
+    return affinity * alpha
+
+
+class LayerCapture:
+    """Forward hooks on every nn.Linear of one decoder layer and on its router, accumulating one Hessian per
+    distinct input tensor. An expert's linears see only the rows routed to it: `run_experts` feeds expert e
+    the tokens torch.where(topk_idx == e) in token order, and the router hook records topk for this forward."""
+
+    def __init__(self, layer: nn.Module, q: QuantArgs, gamma: float):
+        self.q, self.gamma = q, gamma
+        self.H: dict[str, Hessian] = {}  # input key -> accumulator
+        self.key_of: dict[str, str] = {}  # linear name -> input key
+        self.tokens: dict[str, list[int]] = {}  # input key -> [n_text, n_vis]
+        self.pool: Hessian | None = None  # all tokens entering the MoE block (for starved experts)
+        self.moe_inputs: list[torch.Tensor] = []
+        self.is_vis, self.routing, self._seen = None, None, {}
+        self.handles = [mod.register_forward_pre_hook(self._linear_hook(name))
+                        for name, mod in layer.named_modules() if isinstance(mod, nn.Linear)]
+        gate = getattr(getattr(layer, "mlp", None), "gate", None)
+        if gate is not None and not isinstance(gate, nn.Linear):  # a router (kept float)
+            self.handles.append(gate.register_forward_hook(self._router_hook))
+
+    def start_sample(self, is_vis):
+        self.is_vis, self.routing, self._seen = is_vis, None, {}
+
+    def _router_hook(self, module, args, out):
+        x = args[0].reshape(-1, args[0].shape[-1])
+        self.routing = (out[0], out[1].float())  # topk_idx (T, k), topk_w (T, k)
+        if self.pool is None:
+            self.pool = Hessian(x.shape[-1], dtype=torch.float64)
+        self.pool.add(x)
+        self.moe_inputs.append(x.detach())
+
+    def _linear_hook(self, name):
+        def hook(module, args):
+            x = args[0].reshape(-1, args[0].shape[-1])
+            # same tensor object -> same Hessian; the tensor is kept so its id cannot be reused in this forward
+            key = self._seen.setdefault(id(args[0]), (args[0], name))[1]
+            self.key_of.setdefault(name, key)
+            if key != name:  # already accumulated for this forward by the first reader
+                return
+            m = _EXPERT.match(name)
+            if m:
+                tok, slot = torch.where(self.routing[0] == int(m.group(1)))
+                is_vis, p = self.is_vis[tok], self.routing[1][tok, slot]
+            else:
+                is_vis, p = self.is_vis, None
+            if key not in self.H:
+                self.H[key], self.tokens[key] = Hessian(x.shape[-1], dtype=torch.float64), [0, 0]
+            self.H[key].add(x, token_weights(self.q, self.gamma, is_vis, p))
+            self.tokens[key][0] += int((~is_vis).sum())
+            self.tokens[key][1] += int(is_vis.sum())
+        return hook
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def pooled_hessian(layer, name: str, cap: LayerCapture) -> torch.Tensor:
+    """For an expert with (almost) no routed tokens: the Hessian of what its linear would see if every MoE
+    token were routed to it (gate/up: the MoE input; down: that expert's activations on the MoE input)."""
+    if name.endswith("down_proj"):
+        expert = layer.get_submodule(name.rsplit(".", 1)[0])
+        H = Hessian(expert.down_proj.in_features, dtype=torch.float64)
+        for x in cap.moe_inputs:
+            H.add(F.silu(expert.gate_proj(x)) * expert.up_proj(x))
+        return H.finalize()
+    return cap.pool.finalize()
+
+
+def quantize_linears(layer, cap: LayerCapture, q: QuantArgs, prefix: str) -> dict:
+    """Quantize every linear of the layer from its captured Hessian (GPTQ) or directly (RTN), swap each for a
+    packed QuantLinear, and return the per-linear report."""
+    by_key: dict[str, list[str]] = {}
+    for name, mod in layer.named_modules():
+        if isinstance(mod, nn.Linear):
+            if name not in cap.key_of and not _EXPERT.match(name):
+                raise RuntimeError(f"{prefix}{name}: no calibration token reached this linear")
+            by_key.setdefault(cap.key_of.get(name, name), []).append(name)  # an expert nobody routed to: alone
+    report = {}
+    for key, names in by_key.items():
+        linears = [layer.get_submodule(n) for n in names]
+        seen = cap.H[key].n_tokens if key in cap.H else 0
+        starved = _EXPERT.match(key) is not None and seen < q.min_expert_tokens
+        H = pooled_hessian(layer, key, cap) if starved else cap.H[key].finalize()
+        W = [lin.weight.float() for lin in linears]
+        if q.method == "rtn":
+            results = [rtn(w, bits=q.bits, group_size=q.group_size, sym=q.sym) for w in W]
+            damp, retries = None, 0
+        else:
+            results = gptq_shared(W, H.float(), bits=q.bits, group_size=q.group_size, sym=q.sym,
+                                  block_size=q.block_size, percdamp=q.percdamp, act_order=q.act_order,
+                                  static_groups=q.static_groups, name=prefix + key)
+            damp, retries = results[0].damp, results[0].retries
+        n_text, n_vis = cap.tokens.get(key, (0, 0))
+        for name, lin, w, r in zip(names, linears, W, results):
+            ql = model_lib.QuantLinear.from_codes(r.codes, r.scale, r.zero, bits=q.bits, group_size=q.group_size,
+                                                  sym=q.sym, abits=q.abits if q.abits < 16 else None)
+            parent, _, attr = name.rpartition(".")
+            setattr(layer.get_submodule(parent) if parent else layer, attr, ql.to(lin.weight.device))
+            report[name] = {"tokens_text": n_text, "tokens_vis": n_vis, "pooled_hessian": starved,
+                            "damp": damp, "cholesky_retries": retries,
+                            "rel_error": relative_output_error(w, r.W_hat, H)}
+    return report
+
+
+def run_layer(m, i: int, samples: list) -> list:
+    """The layer's outputs (+ DeepStack injection) for every sample."""
+    layer = m.layers[i]
+    with torch.no_grad():
+        return [Sample_(m.after_layer(i, layer(s.x, s.ctx), s.ctx), s.ctx, s.is_vis) for s in samples]
+
+
+def embed_samples(m, proc, samples, device) -> list:
+    """Decoder inputs of every calibration sample (prompt + gold answer, teacher forced, batch 1)."""
+    out = []
+    with torch.no_grad():
+        for s in samples:
+            b = data.encode_qa_batch(proc, [s])
+            vision = {k: v.to(device) for k, v in data.vision_inputs(b).items()}
+            x, ctx = m.embed(b["input_ids"].to(device), **vision)
+            out.append(Sample_(x, ctx, b["is_vis"][0].to(device)))
+    return out
+
+
+def layer_state(m, i: int) -> dict:
+    """Layer i's tensors under their checkpoint names (packed linears, float norms and router)."""
+    prefix = m.layer_prefix(i)
+    return {prefix + k: v.detach().contiguous() for k, v in m.layers[i].state_dict().items()}
+
+
+def save_atomic(tensors: dict, path: str, metadata: dict | None = None):
+    from safetensors.torch import save_file
+
+    tmp = path + ".tmp"
+    save_file(tensors, tmp, metadata=metadata)
+    os.replace(tmp, path)
+
+
+def restore_layer(m, i: int, path: str, q: QuantArgs):
+    """Resume: rebuild layer i from its saved result (QuantLinear shells, then the saved tensors)."""
+    from safetensors.torch import load_file
+
+    layer = m.load_layer(i)
+    model_lib.to_quant_shells(layer, bits=q.bits, group_size=q.group_size, sym=q.sym,
+                              abits=q.abits if q.abits < 16 else None)
+    sd = load_file(path)
+    prefix = m.layer_prefix(i)
+    layer.load_state_dict({k[len(prefix):]: v for k, v in sd.items()}, strict=True)
+
+
+
+
+def quantization_config(q: QuantArgs, ignore: list[str]) -> dict:
+    """compressed-tensors `pack-quantized` description of what was done (vLLM / llm-compressor read it)."""
+    weights = {"num_bits": q.bits, "type": "int", "symmetric": q.sym, "dynamic": False, "observer": "minmax",
+               "strategy": "channel" if q.group_size == -1 else "group",
+               "group_size": None if q.group_size == -1 else q.group_size,
+               "actorder": "static" if q.act_order else None}
+    acts = None if q.abits >= 16 else {"num_bits": q.abits, "type": "int", "symmetric": True, "dynamic": True,
+                                        "strategy": "token"}
+    return {"quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
+            "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": acts}},
+            "ignore": ignore, "moe_vlm_quant": asdict(q)}
+
+
+def ignored_modules(m) -> list[str]:
+    """Module names that stay float: every nn.Linear outside the decoder layers, and the routers."""
+    names = [n for n, mod in m.named_modules() if isinstance(mod, nn.Linear)
+             and not any(n.startswith(m.layer_prefix(i)) for i in range(len(m.layers)))]
+    return names + [f"re:{re.escape(m.layer_prefix(0)).replace('0', '[0-9]+', 1)}mlp\\.gate$"]
+
+
+def write_output(m, model_dir: str, out: str, q: QuantArgs, partial: str, report: dict):
+    """Assemble out/: config.json with quantization_config, model.safetensors (float non-layer tensors +
+    every finished layer), the tokenizer / preprocessor files, report.json. Written to a temporary folder
+    and renamed; the per-layer partial results are removed only after that."""
+    from safetensors.torch import load_file
+
+    tmp = out.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    layer_keys = {k for i in range(len(m.layers)) for k in m.layer_keys(i)}
+    tensors = {k: t for k, t in model_lib.checkpoint_state_dict(m, keys=[k for k in m.sources if k not in layer_keys]).items()}
+    for i in range(len(m.layers)):
+        tensors.update(load_file(os.path.join(partial, f"layer_{i:04d}.safetensors")))
+    save_atomic(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(model_dir, "config.json")) as f:
+        cfg = json.load(f)
+    cfg["quantization_config"] = quantization_config(q, ignored_modules(m))
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+    for name in os.listdir(model_dir):  # tokenizer, preprocessor, generation config, chat template ...
+        if name.endswith((".json", ".jinja", ".model", ".txt")) and name != "config.json" \
+                and not name.startswith("model.safetensors"):
+            shutil.copy(os.path.join(model_dir, name), tmp)
+    with open(os.path.join(tmp, "report.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    if os.path.exists(out):
+        shutil.rmtree(out)
+    os.rename(tmp, out)
+    shutil.rmtree(partial)
+
+
+def print_layer(i: int, n_layers: int, rep: dict, t0: float, t_layer: float):
+    errs = [r["rel_error"] for r in rep.values()]
+    pooled = [n for n, r in rep.items() if r["pooled_hessian"]]
+    retries = sum(r["cholesky_retries"] for r in rep.values())
+    done = i + 1
+    eta = (time.time() - t0) / done * (n_layers - done)
+    print(f"layer {i:3d}/{n_layers}: {len(rep)} linears, rel. output error mean {sum(errs) / len(errs):.2e} "
+          f"max {max(errs):.2e}, pooled-Hessian linears {len(pooled)}, Cholesky retries {retries}, "
+          f"{t_layer:.1f}s, elapsed {time.time() - t0:.0f}s, ETA {eta:.0f}s", flush=True)
+
+
+def quantize_model(model: str, calib: str = "calib", out: str = "quantized", q: QuantArgs | None = None,
+                   resume: bool = False, device: str = "cpu", command: str | None = None) -> dict:
+    """The sequential loop. Returns the run report (also written to out/report.json)."""
+    q = q or QuantArgs()
+    if q.method not in METHODS:
+        raise ValueError(f"--method {q.method!r}: expected one of {METHODS}")
+    t0 = time.time()
+    cal = calibrate.load(calib)
+    if os.path.abspath(cal["model"]) != os.path.abspath(model):
+        print(f"note: {calib}/ was made with --model {cal['model']}, quantizing {model}", file=sys.stderr)
+    gamma = q.gamma if q.gamma is not None else cal.get("gamma")
+    if q.method == "veq-ma" and q.modality and gamma is None:
+        raise ValueError(f"{calib}/calib.json has no gamma (calibrate.py --no-gamma?); pass --gamma or --no-modality")
+    m = model_lib.load_model(model, dtype=torch.float32, device=device, lazy_layers=True)
+    proc = data.load_processor(model)
+    acts = embed_samples(m, proc, calibrate.calibration_samples(cal), device)
+    partial = out.rstrip("/") + ".partial"
+    if not resume:
+        shutil.rmtree(partial, ignore_errors=True)
+    os.makedirs(partial, exist_ok=True)
+    report = {"method": q.method, "bits": q.bits, "group_size": q.group_size, "abits": q.abits, "sym": q.sym,
+              "model": model, "calib": calib, "gamma": gamma, "n_samples": len(acts), "seed": cal["seed"],
+              "command": command or " ".join(sys.argv), "args": asdict(q), "layers": {}}
+    n = len(m.layers)
+    for i in range(n):
+        t_layer = time.time()
+        path = os.path.join(partial, f"layer_{i:04d}.safetensors")
+        if resume and os.path.exists(path):
+            restore_layer(m, i, path, q)
+            with open(path[:-len(".safetensors")] + ".json") as f:
+                report["layers"][str(i)] = json.load(f)
+            print(f"layer {i:3d}/{n}: restored from {path}")
+        else:
+            layer = m.load_layer(i)
+            cap = LayerCapture(layer, q, gamma or 1.0)
+            try:
+                with torch.no_grad():
+                    for s in acts:
+                        cap.start_sample(s.is_vis)
+                        layer(s.x, s.ctx)
+            finally:
+                cap.remove()
+            rep = quantize_linears(layer, cap, q, m.layer_prefix(i))
+            save_atomic(layer_state(m, i), path)
+            with open(path[:-len(".safetensors")] + ".json.tmp", "w") as f:
+                json.dump(rep, f)
+            os.replace(path[:-len(".safetensors")] + ".json.tmp", path[:-len(".safetensors")] + ".json")
+            report["layers"][str(i)] = rep
+            print_layer(i, n, rep, t0, time.time() - t_layer)
+        acts = run_layer(m, i, acts)
+        m.unload_layer(i)
+    report["seconds"] = time.time() - t0
+    report["pooled_hessian_linears"] = [f"{i}:{k}" for i, rep in report["layers"].items()
+                                        for k, r in rep.items() if r["pooled_hessian"]]
+    report["cholesky_retries"] = sum(r["cholesky_retries"] for rep in report["layers"].values() for r in rep.values())
+    write_output(m, model, out, q, partial, report)
+    print(f"wrote {out}/ ({q.method}, W{q.bits} g{q.group_size} A{q.abits}) in {report['seconds']:.1f}s; "
+          f"{len(report['pooled_hessian_linears'])} linears quantized from the pooled MoE Hessian (experts with "
+          f"< {q.min_expert_tokens} calibration tokens), {report['cholesky_retries']} Cholesky retries")
+    return report
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Quantize an MoE VLM layer by layer (see the section comment).")
+    p.add_argument("--model", default=calibrate.DEFAULT_MODEL, help="float checkpoint folder")
+    p.add_argument("--calib", default="calib", help="calibration folder written by calibrate.py")
+    p.add_argument("--out", default="quantized", help="output checkpoint folder")
+    p.add_argument("--method", default="veq-ma", choices=METHODS, help="quantization method")
+    p.add_argument("--bits", type=int, default=3, choices=BITS, help="weight bits")
+    p.add_argument("--group-size", type=int, default=128, help="input columns per scale group; -1 = per channel")
+    p.add_argument("--sym", action="store_true", help="symmetric weights (no zero point)")
+    p.add_argument("--abits", type=int, default=16, choices=(8, 16), help="8: per-token int8 activations (W4A8)")
+    p.add_argument("--act-order", action="store_true", help="GPTQ columns by descending H_jj")
+    p.add_argument("--static-groups", action="store_true", help="group params before GPTQ (needed with act-order)")
+    p.add_argument("--percdamp", type=float, default=0.01, help="GPTQ damping, fraction of mean(diag H)")
+    p.add_argument("--min-expert-tokens", type=int, default=1,
+                   help="experts with fewer routed calibration tokens use the layer's pooled MoE Hessian")
+    p.add_argument("--lam", type=float, default=1.0, help="VEQ-MA: exponent on the router probability")
+    p.add_argument("--gamma", type=float, default=None, help="VEQ-MA: text-token weight (default: calib/'s gamma)")
+    p.add_argument("--no-affinity", action="store_true", help="VEQ-MA ablation: p = 1")
+    p.add_argument("--no-modality", action="store_true", help="VEQ-MA ablation: alpha = 1")
+    p.add_argument("--plain-dense", action="store_true", help="VEQ-MA: no modality weights outside the experts")
+    p.add_argument("--resume", action="store_true", help="continue from the last finished layer in OUT.partial/")
+    p.add_argument("--no-eval", action="store_true", help="skip the closing comparison with the float model")
+    p.add_argument("--eval-n", type=int, default=200, help="held-out samples for the closing comparison")
+    p.add_argument("--device", default="cpu", help="torch device")
+    a = p.parse_args(argv)
+    q = QuantArgs(method=a.method, bits=a.bits, group_size=a.group_size, sym=a.sym, abits=a.abits,
+                  act_order=a.act_order, static_groups=a.static_groups, percdamp=a.percdamp,
+                  min_expert_tokens=a.min_expert_tokens, lam=a.lam, gamma=a.gamma, affinity=not a.no_affinity,
+                  modality=not a.no_modality, plain_dense=a.plain_dense)
+    command = "python gptq.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    report = quantize_model(a.model, a.calib, a.out, q, resume=a.resume, device=a.device, command=command)
+    cal = calibrate.load(a.calib)
+    if cal["data"] == "shapes" and not a.no_eval:
+        import eval as evaluation
+
+        result = evaluation.evaluate(a.out, reference=a.model, n=a.eval_n, device=a.device, command=command)
+        print(evaluation.markdown(result))
+    return report
 
 
 if __name__ == "__main__":

@@ -351,7 +351,7 @@ class MoEVLM(nn.Module):
 
     family = ""
     fused_experts = False
-    keep_fp32: tuple[str, ...] = ()  # parameter-name suffixes loaded in fp32 whatever the model dtype
+    keep_fp32: tuple[str, ...] = ("weight_scale",)  # name suffixes loaded in fp32 whatever the model dtype
 
     def bind(self, ckpt, dtype, device):
         """Resolve where every parameter comes from (headers only) without reading any tensor."""
@@ -376,10 +376,10 @@ class MoEVLM(nn.Module):
         return self.layers[i]
 
     def unload_layer(self, i: int):
-        """Drop decoder layer i's weights back to the meta device."""
-        for k in self.layer_keys(i):
-            p = self.get_parameter(k)
-            assign(self, k, torch.empty(p.shape, dtype=p.dtype, device="meta"))
+        """Drop decoder layer i's weights (whatever modules it holds now) back to the meta device."""
+        prefix = self.layer_prefix(i)
+        for k, p in list(self.layers[i].named_parameters()):
+            assign(self, prefix + k, torch.empty(p.shape, dtype=p.dtype, device="meta"))
 
     def forward(self, input_ids, attention_mask=None, cache=None, **vision):
         x, ctx = self.embed(input_ids, attention_mask=attention_mask, cache=cache, **vision)
@@ -1153,7 +1153,7 @@ class KimiVLModel(MoEVLM):
     (B, T, V) in fp32. pixel_values (L, 3, 14, 14) in raster order, image_grid_hws (n_images, 2)."""
 
     family = "kimi_vl"
-    keep_fp32 = ("e_score_correction_bias",)  # routing bias stays fp32 in every model dtype (as in transformers)
+    keep_fp32 = ("weight_scale", "e_score_correction_bias")  # routing bias stays fp32 in every model dtype (as in transformers)
 
     def __init__(self, cfg: KimiVLConfig):
         super().__init__()
@@ -1473,10 +1473,13 @@ def resolve(ckpt: Checkpoint, key: str, shape: tuple[int, ...]) -> tuple[str, Ca
     return fused, read
 
 
-def checkpoint_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's weights under the family's on-disk names: the inverse of `resolve`. For the Qwen family the
-    per-expert weights are fused back into the Hub layout (gate_up_proj [E, H, 2I], down_proj [E, I, H])."""
+def checkpoint_state_dict(model: nn.Module, keys=None) -> dict[str, torch.Tensor]:
+    """The model's weights (or only `keys`) under the family's on-disk names: the inverse of `resolve`. For the
+    Qwen family float per-expert weights are fused back into the Hub layout (gate_up_proj [E, H, 2I],
+    down_proj [E, I, H]); packed (quantized) experts keep their per-expert names."""
     sd = dict(model.state_dict())
+    if keys is not None:
+        sd = {k: sd[k] for k in keys}
     if not getattr(model, "fused_experts", False):
         return sd
     groups: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
@@ -1496,6 +1499,34 @@ def assign(model: nn.Module, key: str, t: torch.Tensor):
     setattr(model.get_submodule(mod_name), name, nn.Parameter(t, requires_grad=False))
 
 
+def quantization_settings(checkpoint_dir: str) -> dict | None:
+    """QuantLinear arguments from a compressed-tensors `quantization_config` in config.json (None if absent).
+    Every nn.Linear inside the decoder layers is packed; what stayed float is listed in its `ignore`."""
+    with open(os.path.join(checkpoint_dir, "config.json")) as f:
+        qc = json.load(f).get("quantization_config")
+    if qc is None:
+        return None
+    where = f"{checkpoint_dir}/config.json: quantization_config"
+    if qc.get("quant_method") != "compressed-tensors" or qc.get("format") != "pack-quantized":
+        raise CheckpointError(f"{where}: only compressed-tensors pack-quantized checkpoints are supported")
+    groups = list(qc.get("config_groups", {}).values())
+    if len(groups) != 1:
+        raise CheckpointError(f"{where}: expected one config group, found {len(groups)}")
+    w, a = groups[0]["weights"], groups[0].get("input_activations")
+    group_size = -1 if w.get("strategy") == "channel" else int(w["group_size"])
+    return dict(bits=int(w["num_bits"]), group_size=group_size, sym=bool(w["symmetric"]),
+                abits=None if a is None else int(a["num_bits"]))
+
+
+def to_quant_shells(layer: nn.Module, *, bits: int, group_size: int, sym: bool, abits: int | None):
+    """Replace every nn.Linear in `layer` by an empty QuantLinear of the same shape (filled by the loader)."""
+    for name, lin in [(n, m) for n, m in layer.named_modules() if isinstance(m, nn.Linear)]:
+        parent, _, attr = name.rpartition(".")
+        setattr(layer.get_submodule(parent) if parent else layer, attr,
+                QuantLinear(lin.in_features, lin.out_features, bits=bits, group_size=group_size, sym=sym,
+                            abits=abits, bias=lin.bias is not None))
+
+
 def load_model(checkpoint_dir: str, dtype=torch.float32, device="cpu", lazy_layers: bool = False):
     """Build the model of `checkpoint_dir/config.json` and load its safetensors strictly.
 
@@ -1505,8 +1536,12 @@ def load_model(checkpoint_dir: str, dtype=torch.float32, device="cpu", lazy_laye
     checkpoint that no parameter uses are reported by name. Errors are CheckpointError naming file and tensor."""
     cfg = load_config(checkpoint_dir)
     ckpt = Checkpoint(checkpoint_dir)
+    quant = quantization_settings(checkpoint_dir)
     with torch.device("meta"):
         model = MODELS[cfg.model_type](cfg)
+        if quant is not None:
+            for i in range(len(model.layers)):
+                to_quant_shells(model.layers[i], **quant)
     model.eval().requires_grad_(False)
     model.bind(ckpt, dtype, device)
     used = {src for src, _ in model.sources.values()}
