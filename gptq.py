@@ -323,7 +323,9 @@ import data  # noqa: E402
 import model as model_lib  # noqa: E402
 from hessian import Hessian  # noqa: E402
 
-METHODS = ("veq-ma", "gptq", "rtn")
+METHODS = ("veq-ma", "gptq", "rtn", "awq", "smoothquant", "smoothquant-gptq")
+SCALED = {"awq": "awq", "smoothquant": "smoothquant", "smoothquant-gptq": "smoothquant"}  # method -> scale search
+RTN_SOLVER = ("rtn", "awq", "smoothquant")  # methods that round to nearest after any scaling
 _EXPERT = re.compile(r"^mlp\.experts\.(\d+)\.")
 
 
@@ -456,7 +458,7 @@ def quantize_linears(layer, cap: LayerCapture, q: QuantArgs, prefix: str) -> dic
         starved = _EXPERT.match(key) is not None and seen < q.min_expert_tokens
         H = pooled_hessian(layer, key, cap) if starved else cap.H[key].finalize()
         W = [lin.weight.float() for lin in linears]
-        if q.method == "rtn":
+        if q.method in RTN_SOLVER:
             results = [rtn(w, bits=q.bits, group_size=q.group_size, sym=q.sym) for w in W]
             damp, retries = None, 0
         else:
@@ -474,6 +476,91 @@ def quantize_linears(layer, cap: LayerCapture, q: QuantArgs, prefix: str) -> dic
                             "damp": damp, "cholesky_retries": retries,
                             "rel_error": relative_output_error(w, r.W_hat, H)}
     return report
+
+
+class InputCapture:
+    """Hooks keeping the raw float inputs (n, d) of chosen modules of a layer (concatenated over samples) and
+    every token's top-k experts (n, k), for the scale searches."""
+
+    def __init__(self, layer, names: list[str]):
+        self.X = {n: [] for n in names}
+        self.topk, self.handles = [], []
+        for n in names:
+            self.handles.append(layer.get_submodule(n).register_forward_pre_hook(self._hook(n)))
+        gate = getattr(layer.mlp, "gate", None)
+        if gate is not None and not isinstance(gate, nn.Linear):
+            self.handles.append(gate.register_forward_hook(lambda mod, a, out: self.topk.append(out[0])))
+
+    def _hook(self, name):
+        def hook(module, args):
+            self.X[name].append(args[0].reshape(-1, args[0].shape[-1]).detach())
+        return hook
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def group_consumers(layer, consumers: list[str], topk, ecs) -> list:
+    """ecs.Consumer per reader: an expert's gate and up stacked (they read the same rows), restricted to its
+    routed tokens; other readers see every token."""
+    out = []
+    for c in consumers:
+        if c.endswith("up_proj") and c[:-len("up_proj")] + "gate_proj" in consumers:
+            continue  # stacked with its gate_proj below
+        W = layer.get_submodule(c).weight.float()
+        if c.endswith("gate_proj"):
+            W = torch.cat([W, layer.get_submodule(c[:-len("gate_proj")] + "up_proj").weight.float()])
+        m = _EXPERT.match(c)
+        rows = torch.where((topk == int(m.group(1))).any(-1))[0] if m and topk is not None else None
+        out.append(ecs.Consumer(W=W, rows=rows, name=c))
+    return out
+
+
+def search_and_fold(layer, groups, acts, q: QuantArgs) -> dict:
+    """AWQ / SmoothQuant (ecs.py) on each scaling group of the layer: capture the group's float input X (the
+    router's input for the MoE block), search the per-channel scale s, then fold 1/s into the producer and
+    s into every consumer and the router (kept float, so routing is unchanged). Returns per-group reports."""
+    import ecs
+
+    source = {p: (r if r else cons[0]) for p, cons, r in groups}  # a module whose input is the group's X
+    cap = InputCapture(layer, sorted(set(source.values())))
+    try:
+        with torch.no_grad():
+            for smp in acts:
+                layer(smp.x, smp.ctx)
+    finally:
+        cap.remove()
+    topk = torch.cat(cap.topk) if cap.topk else None
+    report = {}
+    for producer, consumers, router in groups:
+        if not cap.X[source[producer]]:  # an expert no calibration token reached: nothing to scale on
+            report[producer] = {"skipped": "no tokens"}
+            continue
+        X = torch.cat(cap.X[source[producer]]).float()
+        readers = group_consumers(layer, consumers, topk if router else None, ecs)
+        if SCALED[q.method] == "awq":
+            r = ecs.awq_scale(X, readers, bits=q.bits, group_size=q.group_size, sym=q.sym, abits=q.abits)
+            s, report[producer] = r.s, {"alpha": r.alpha, "rel_error": r.rel_error,
+                                        "rel_error_no_scale": r.rel_error_no_scale}
+        else:
+            r = ecs.smoothquant_scale(X.abs().amax(0), [c.W for c in readers], alpha=0.5)
+            s, report[producer] = r.s, {"alpha": 0.5, "zero_channels": r.n_zero_channels}
+        fold_group(layer, producer, consumers, router, s, ecs)
+    return report
+
+
+def fold_group(layer, producer: str, consumers: list[str], router: str | None, s, ecs):
+    """Producer output / s (a norm's weight, or a linear's output rows), consumers' input columns * s."""
+    prod = layer.get_submodule(producer)
+    with torch.no_grad():
+        if isinstance(prod, nn.Linear):
+            prod.weight.copy_(ecs.fold_into_linear_rows(prod.weight, s)[0])
+        else:
+            prod.weight.copy_(ecs.fold_into_norm(prod.weight, s))
+        for name in consumers + ([router] if router else []):
+            mod = layer.get_submodule(name)
+            mod.weight.copy_(ecs.scale_consumer(mod.weight, s))
 
 
 def run_layer(m, i: int, samples: list) -> list:
@@ -574,13 +661,47 @@ def write_output(m, model_dir: str, out: str, q: QuantArgs, partial: str, report
     shutil.rmtree(partial)
 
 
+def export_fake_quant(quantized: str, dst: str):
+    """Write the dequantized weights of a packed checkpoint in the original float layout (Hub names, fused
+    Qwen experts, no quantization_config), so any harness that reads the float model (lmms-eval,
+    transformers, SGLang) evaluates the quantized one unchanged. Written to a temporary folder, then renamed."""
+    from safetensors.torch import save_file
+
+    m = model_lib.load_model(quantized, dtype=torch.float32)
+    for layer in m.layers:
+        for name, ql in [(n, mod) for n, mod in layer.named_modules() if isinstance(mod, model_lib.QuantLinear)]:
+            lin = nn.Linear(ql.in_features, ql.out_features, bias=ql.bias is not None)
+            lin.weight = nn.Parameter(ql.dequantize().float(), requires_grad=False)
+            if ql.bias is not None:
+                lin.bias = nn.Parameter(ql.bias.float(), requires_grad=False)
+            parent, _, attr = name.rpartition(".")
+            setattr(layer.get_submodule(parent) if parent else layer, attr, lin)
+    tmp = dst.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    sd = {k: v.contiguous() for k, v in model_lib.checkpoint_state_dict(m).items()}
+    save_file(sd, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(quantized, "config.json")) as f:
+        cfg = json.load(f)
+    cfg.pop("quantization_config")
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+    for name in os.listdir(quantized):
+        if name not in ("config.json", "model.safetensors", "report.json") and os.path.isfile(os.path.join(quantized, name)):
+            shutil.copy(os.path.join(quantized, name), tmp)
+    if os.path.exists(dst):
+        shutil.rmtree(dst)
+    os.rename(tmp, dst)
+
+
 def print_layer(i: int, n_layers: int, rep: dict, t0: float, t_layer: float):
-    errs = [r["rel_error"] for r in rep.values()]
-    pooled = [n for n, r in rep.items() if r["pooled_hessian"]]
-    retries = sum(r["cholesky_retries"] for r in rep.values())
+    lin = rep["linears"]
+    errs = [r["rel_error"] for r in lin.values()]
+    pooled = [n for n, r in lin.items() if r["pooled_hessian"]]
+    retries = sum(r["cholesky_retries"] for r in lin.values())
     done = i + 1
     eta = (time.time() - t0) / done * (n_layers - done)
-    print(f"layer {i:3d}/{n_layers}: {len(rep)} linears, rel. output error mean {sum(errs) / len(errs):.2e} "
+    print(f"layer {i:3d}/{n_layers}: {len(lin)} linears, rel. output error mean {sum(errs) / len(errs):.2e} "
           f"max {max(errs):.2e}, pooled-Hessian linears {len(pooled)}, Cholesky retries {retries}, "
           f"{t_layer:.1f}s, elapsed {time.time() - t0:.0f}s, ETA {eta:.0f}s", flush=True)
 
@@ -619,6 +740,7 @@ def quantize_model(model: str, calib: str = "calib", out: str = "quantized", q: 
             print(f"layer {i:3d}/{n}: restored from {path}")
         else:
             layer = m.load_layer(i)
+            scales = search_and_fold(layer, m.scaling_groups(i), acts, q) if q.method in SCALED else {}
             cap = LayerCapture(layer, q, gamma or 1.0)
             try:
                 with torch.no_grad():
@@ -627,7 +749,7 @@ def quantize_model(model: str, calib: str = "calib", out: str = "quantized", q: 
                         layer(s.x, s.ctx)
             finally:
                 cap.remove()
-            rep = quantize_linears(layer, cap, q, m.layer_prefix(i))
+            rep = {"linears": quantize_linears(layer, cap, q, m.layer_prefix(i)), "scales": scales}
             save_atomic(layer_state(m, i), path)
             with open(path[:-len(".safetensors")] + ".json.tmp", "w") as f:
                 json.dump(rep, f)
@@ -638,12 +760,14 @@ def quantize_model(model: str, calib: str = "calib", out: str = "quantized", q: 
         m.unload_layer(i)
     report["seconds"] = time.time() - t0
     report["pooled_hessian_linears"] = [f"{i}:{k}" for i, rep in report["layers"].items()
-                                        for k, r in rep.items() if r["pooled_hessian"]]
-    report["cholesky_retries"] = sum(r["cholesky_retries"] for rep in report["layers"].values() for r in rep.values())
+                                        for k, r in rep["linears"].items() if r["pooled_hessian"]]
+    report["cholesky_retries"] = sum(r["cholesky_retries"] for rep in report["layers"].values()
+                                     for r in rep["linears"].values())
     write_output(m, model, out, q, partial, report)
+    how = "error measured on" if q.method in RTN_SOLVER else "quantized from"
     print(f"wrote {out}/ ({q.method}, W{q.bits} g{q.group_size} A{q.abits}) in {report['seconds']:.1f}s; "
-          f"{len(report['pooled_hessian_linears'])} linears quantized from the pooled MoE Hessian (experts with "
-          f"< {q.min_expert_tokens} calibration tokens), {report['cholesky_retries']} Cholesky retries")
+          f"{len(report['pooled_hessian_linears'])} expert linears with < {q.min_expert_tokens} calibration "
+          f"tokens ({how} the layer's pooled MoE Hessian), {report['cholesky_retries']} Cholesky retries")
     return report
 
 
@@ -667,6 +791,8 @@ def main(argv=None):
     p.add_argument("--no-affinity", action="store_true", help="VEQ-MA ablation: p = 1")
     p.add_argument("--no-modality", action="store_true", help="VEQ-MA ablation: alpha = 1")
     p.add_argument("--plain-dense", action="store_true", help="VEQ-MA: no modality weights outside the experts")
+    p.add_argument("--fake-quant", action="store_true",
+                   help="also write OUT/fake-quant/: dequantized weights in the original float layout")
     p.add_argument("--resume", action="store_true", help="continue from the last finished layer in OUT.partial/")
     p.add_argument("--no-eval", action="store_true", help="skip the closing comparison with the float model")
     p.add_argument("--eval-n", type=int, default=200, help="held-out samples for the closing comparison")
@@ -678,6 +804,9 @@ def main(argv=None):
                   modality=not a.no_modality, plain_dense=a.plain_dense)
     command = "python gptq.py " + " ".join(argv if argv is not None else sys.argv[1:])
     report = quantize_model(a.model, a.calib, a.out, q, resume=a.resume, device=a.device, command=command)
+    if a.fake_quant:
+        export_fake_quant(a.out, os.path.join(a.out, "fake-quant"))
+        print(f"wrote {a.out}/fake-quant/ (dequantized weights, original layout)")
     cal = calibrate.load(a.calib)
     if cal["data"] == "shapes" and not a.no_eval:
         import eval as evaluation

@@ -273,6 +273,19 @@ class SwiGLU(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+def swiglu_groups(layer: nn.Module) -> list[tuple[str, list[str], None]]:
+    """(up_proj -> down_proj) scaling groups of every SwiGLU in a layer: a per-channel scale folded into
+    up_proj's output rows is undone exactly by down_proj's input columns (silu(g) * u/s * s = silu(g) * u)."""
+    return [(f"{n}.up_proj", [f"{n}.down_proj"], None) for n, m in layer.named_modules() if isinstance(m, SwiGLU)]
+
+
+def mlp_readers(layer: nn.Module) -> tuple[list[str], str | None]:
+    """The linears that read post_attention_layernorm's output (every routed / shared / dense gate_proj and
+    up_proj) and the router that reads it too (None for a dense layer)."""
+    names = [f"{n}.{p}" for n, m in layer.named_modules() if isinstance(m, SwiGLU) for p in ("gate_proj", "up_proj")]
+    return names, ("mlp.gate" if hasattr(layer.mlp, "gate") and not isinstance(layer.mlp.gate, nn.Linear) else None)
+
+
 def run_experts(experts: nn.ModuleList, x, topk_idx, topk_w):
     """The reference expert loop: gather each expert's routed tokens, run it, scatter-add weighted outputs.
     x (N, D), topk_idx (N, k) long, topk_w (N, k) -> (N, D). Experts are visited in index order and their tokens
@@ -676,6 +689,14 @@ class Qwen3VLMoeModel(MoEVLM):
 
     def vision_blocks(self) -> nn.ModuleList:
         return self.model.visual.blocks
+
+    def scaling_groups(self, i: int) -> list[tuple[str, list[str], str | None]]:
+        """(producer, consumer linears, router or None) of decoder layer i, names relative to the layer: where a
+        per-channel scale can be folded into the producer (a norm or a linear's output rows) exactly."""
+        layer = self.layers[i]
+        mlp, router = mlp_readers(layer)
+        return [("input_layernorm", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], None),
+                ("post_attention_layernorm", mlp, router)] + swiglu_groups(layer)
 
     # -- rotary ------------------------------------------------------------------------------------------
     def text_rope(self, position_ids, dtype):
@@ -1172,6 +1193,17 @@ class KimiVLModel(MoEVLM):
 
     def vision_blocks(self) -> nn.ModuleList:
         return self.vision_tower.encoder.blocks
+
+    def scaling_groups(self, i: int) -> list[tuple[str, list[str], str | None]]:
+        """(producer, consumer linears, router or None) of decoder layer i, names relative to the layer."""
+        layer = self.layers[i]
+        q_in = "self_attn.q_a_proj" if self.cfg.text.q_lora_rank else "self_attn.q_proj"
+        groups = [("input_layernorm", [q_in, "self_attn.kv_a_proj_with_mqa"], None),
+                  ("self_attn.kv_a_layernorm", ["self_attn.kv_b_proj"], None)]
+        if self.cfg.text.q_lora_rank:
+            groups.append(("self_attn.q_a_layernorm", ["self_attn.q_b_proj"], None))
+        mlp, router = mlp_readers(layer)
+        return groups + [("post_attention_layernorm", mlp, router)] + swiglu_groups(layer)
 
     def text_rope(self, position_ids, dtype):
         """position_ids (B, T) -> cos, sin (B, 1, T, dr) over the rope dims, in the activation dtype."""

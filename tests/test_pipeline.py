@@ -1,0 +1,126 @@
+"""The gptq.py driver end to end on a tiny random Qwen3-VL-MoE: invariants between methods, resume, the
+packed and fake-quant outputs, starved experts, scale folding."""
+
+import hashlib
+import json
+import os
+
+import pytest
+import torch
+
+import calibrate
+import data
+import gptq
+import model
+
+
+@pytest.fixture(scope="module")
+def calib(tiny_qwen, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("calib") / "calib")
+    calibrate.calibrate(tiny_qwen, n=6, seed=0, out=out, command="test")
+    return out
+
+
+def run(tiny_qwen, calib, out, **kw):
+    q = gptq.QuantArgs(**{"bits": 3, "group_size": 16, **kw})
+    return gptq.quantize_model(tiny_qwen, calib, str(out), q, command="test")
+
+
+def digest(path):
+    return hashlib.sha256(open(os.path.join(path, "model.safetensors"), "rb").read()).hexdigest()
+
+
+def test_veq_ma_with_gamma_1_and_lambda_0_is_exactly_gptq(tiny_qwen, calib, tmp_path):
+    run(tiny_qwen, calib, tmp_path / "g", method="gptq")
+    run(tiny_qwen, calib, tmp_path / "v", method="veq-ma", gamma=1.0, lam=0.0)
+    assert digest(tmp_path / "g") == digest(tmp_path / "v")
+    run(tiny_qwen, calib, tmp_path / "v2", method="veq-ma")  # the real weighting changes the result
+    assert digest(tmp_path / "v2") != digest(tmp_path / "g")
+
+
+def test_resume_equals_uninterrupted(tiny_qwen, calib, tmp_path, monkeypatch):
+    run(tiny_qwen, calib, tmp_path / "full", method="gptq")
+    original = gptq.print_layer
+
+    def crash_after_layer_1(i, *a, **k):
+        original(i, *a, **k)
+        if i == 1:
+            raise KeyboardInterrupt("simulated interruption")
+
+    monkeypatch.setattr(gptq, "print_layer", crash_after_layer_1)
+    with pytest.raises(KeyboardInterrupt):
+        run(tiny_qwen, calib, tmp_path / "resumed", method="gptq")
+    assert not os.path.exists(tmp_path / "resumed")  # nothing half-written at the final path
+    monkeypatch.setattr(gptq, "print_layer", original)
+    q = gptq.QuantArgs(method="gptq", bits=3, group_size=16)
+    gptq.quantize_model(tiny_qwen, calib, str(tmp_path / "resumed"), q, resume=True, command="test")
+    assert digest(tmp_path / "full") == digest(tmp_path / "resumed")
+
+
+def test_packed_output_format_and_report(tiny_qwen, calib, tmp_path):
+    rep = run(tiny_qwen, calib, tmp_path / "q", method="gptq", bits=4, sym=True)
+    cfg = json.load(open(tmp_path / "q" / "config.json"))
+    qc = cfg["quantization_config"]
+    assert qc["format"] == "pack-quantized" and qc["config_groups"]["group_0"]["weights"]["num_bits"] == 4
+    assert "lm_head" in qc["ignore"]
+    from safetensors import safe_open
+
+    keys = set(safe_open(str(tmp_path / "q" / "model.safetensors"), "pt").keys())
+    assert "model.language_model.layers.0.mlp.experts.5.down_proj.weight_packed" in keys
+    assert "model.language_model.layers.0.self_attn.q_proj.weight_scale" in keys
+    assert not any(k.endswith("weight_zero_point") for k in keys)  # symmetric
+    assert "model.language_model.layers.0.mlp.gate.weight" in keys  # router stays float
+    saved = json.load(open(tmp_path / "q" / "report.json"))
+    for k in ("method", "bits", "group_size", "abits", "seconds"):
+        assert saved[k] == rep[k]
+    one = saved["layers"]["0"]["linears"]["self_attn.q_proj"]
+    assert one["tokens_text"] + one["tokens_vis"] > 0 and one["rel_error"] < 0.1 and one["damp"] > 0
+
+
+def test_fake_quant_export_loads_in_transformers_with_equal_logits(tiny_qwen, calib, tmp_path):
+    from transformers import Qwen3VLMoeForConditionalGeneration
+
+    run(tiny_qwen, calib, tmp_path / "q", method="gptq", bits=4, sym=True)
+    gptq.export_fake_quant(str(tmp_path / "q"), str(tmp_path / "fq"))
+    packed = model.load_model(str(tmp_path / "q"))
+    hf = Qwen3VLMoeForConditionalGeneration.from_pretrained(str(tmp_path / "fq"), dtype=torch.float32).eval()
+    proc = data.load_processor(str(tmp_path / "q"))
+    s = next(s for s in data.shapes_benchmark(5) if s.image is not None)
+    e = data.encode_sample(proc, s)
+    with torch.no_grad():
+        ours = packed(e["input_ids"], pixel_values=e["pixel_values"], image_grid_thw=e["image_grid_thw"])
+        ref = hf(input_ids=e["input_ids"], pixel_values=e["pixel_values"], image_grid_thw=e["image_grid_thw"],
+                 mm_token_type_ids=e["is_vis"].int()).logits
+    assert (ours - ref).abs().max() <= 1e-4
+
+
+def test_starved_experts_use_the_pooled_hessian_and_are_reported(tiny_qwen, calib, tmp_path):
+    rep = run(tiny_qwen, calib, tmp_path / "q", method="gptq", min_expert_tokens=10**9)
+    E = model.load_config(tiny_qwen).text.num_experts
+    assert len(rep["pooled_hessian_linears"]) == 3 * E * 3  # every expert linear of the 3 layers
+    lin = rep["layers"]["0"]["linears"]
+    assert lin["mlp.experts.0.gate_proj"]["pooled_hessian"] and not lin["self_attn.q_proj"]["pooled_hessian"]
+    m = model.load_model(str(tmp_path / "q"))  # and every expert is packed
+    assert isinstance(m.layers[2].mlp.experts[E - 1].down_proj, model.QuantLinear)
+
+
+def test_w8_rtn_stays_close_to_float(tiny_qwen, calib, tmp_path):
+    import eval as evaluation
+
+    run(tiny_qwen, calib, tmp_path / "q", method="rtn", bits=8, group_size=16)
+    r = evaluation.evaluate(str(tmp_path / "q"), reference=tiny_qwen, n=8, max_new_tokens=2)
+    assert r["kl"]["all"] < 1e-4, r["kl"]
+
+
+@pytest.mark.parametrize("method", ["awq", "smoothquant"])
+def test_scale_folding_leaves_the_float_layer_unchanged(tiny_qwen, calib, method):
+    m = model.load_model(tiny_qwen)
+    acts = gptq.embed_samples(m, data.load_processor(tiny_qwen),
+                              calibrate.calibration_samples(calibrate.load(calib)), "cpu")
+    before = gptq.run_layer(m, 0, acts)
+    q = gptq.QuantArgs(method=method, bits=3, group_size=16)
+    rep = gptq.search_and_fold(m.layers[0], m.scaling_groups(0), acts, q)
+    assert "post_attention_layernorm" in rep and "input_layernorm" in rep
+    after = gptq.run_layer(m, 0, acts)
+    for a, b in zip(before, after):
+        assert (a.x - b.x).abs().max() <= 1e-4 * a.x.abs().max()
