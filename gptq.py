@@ -323,9 +323,12 @@ import data  # noqa: E402
 import model as model_lib  # noqa: E402
 from hessian import Hessian  # noqa: E402
 
-METHODS = ("veq-ma", "gptq", "rtn", "awq", "smoothquant", "smoothquant-gptq")
-SCALED = {"awq": "awq", "smoothquant": "smoothquant", "smoothquant-gptq": "smoothquant"}  # method -> scale search
-RTN_SOLVER = ("rtn", "awq", "smoothquant")  # methods that round to nearest after any scaling
+METHODS = ("veq-ma", "gptq", "rtn", "awq", "smoothquant", "smoothquant-gptq", "veq-me", "veq")
+# method -> scale search before quantizing (veq = VEQ-ME scales then VEQ-MA GPTQ: an extension, not in the paper)
+SCALED = {"awq": "awq", "smoothquant": "smoothquant", "smoothquant-gptq": "smoothquant", "veq-me": "veq-me",
+          "veq": "veq-me"}
+RTN_SOLVER = ("rtn", "awq", "smoothquant", "veq-me")  # methods that round to nearest after any scaling
+MA_WEIGHTS = ("veq-ma", "veq")  # methods whose Hessians use VEQ-MA token weights
 _EXPERT = re.compile(r"^mlp\.experts\.(\d+)\.")
 
 
@@ -344,7 +347,9 @@ class QuantArgs:
     percdamp: float = 0.01
     min_expert_tokens: int = 1  # experts with fewer routed tokens are quantized from the pooled MoE Hessian
     lam: float = 1.0  # VEQ-MA: exponent λ on the router probability p
-    gamma: float | None = None  # VEQ-MA: text weight α; None -> calib/'s gamma
+    gamma: float | None = None  # VEQ: text weight γ (VEQ-MA's α on text tokens); None -> calib/'s gamma
+    use_gamma: bool = True  # VEQ-ME ablation: γ = 1 in S_e
+    use_beta: bool = True  # VEQ-ME ablation: β = 1 in S_e
     affinity: bool = True  # VEQ-MA: use p^λ (False: p = 1)
     modality: bool = True  # VEQ-MA: use α (False: α = 1)
     plain_dense: bool = False  # VEQ-MA: attention / shared / dense layers unweighted (default: weighted by α)
@@ -365,7 +370,7 @@ def token_weights(q: QuantArgs, gamma: float, is_vis, p=None):
     VEQ-MA (arXiv 2602.01037, eq. 7): c_j = p_j^λ · α_j on an expert's routed tokens, with p_j the router
     weight of that expert for token j and α_j = γ for text, 1 for image tokens; non-expert linears get α_j
     alone (or nothing with plain_dense). Returns (n,) or None."""
-    if q.method != "veq-ma":
+    if q.method not in MA_WEIGHTS:
         return None
     alpha = torch.where(is_vis, 1.0, gamma if q.modality else 1.0).double()
     if p is None:  # attention, shared expert, dense MLP
@@ -517,7 +522,23 @@ def group_consumers(layer, consumers: list[str], topk, ecs) -> list:
     return out
 
 
-def search_and_fold(layer, groups, acts, q: QuantArgs) -> dict:
+def expert_importance(consumers: list[str], counts, gamma: float, beta: float, q: QuantArgs) -> list[float]:
+    """VEQ-ME's S_e = γ·N_e^text + β·N_e^vis (arXiv 2602.01037, eq. 5) per reader of the MoE input, in the order
+    group_consumers lists them; a shared expert reads every token (N = T). counts: calib's (n_text (E,),
+    n_vis (E,), T_text, T_vis) of this layer. γ, β set to 1 by the ablation flags."""
+    n_text, n_vis, T_text, T_vis = counts
+    g, b = (gamma if q.use_gamma else 1.0), (beta if q.use_beta else 1.0)
+    out = []
+    for c in consumers:
+        if c.endswith("up_proj") and c[:-len("up_proj")] + "gate_proj" in consumers:
+            continue
+        m = _EXPERT.match(c)
+        nt, nv = (float(n_text[int(m.group(1))]), float(n_vis[int(m.group(1))])) if m else (T_text, T_vis)
+        out.append(g * nt + b * nv)
+    return out
+
+
+def search_and_fold(layer, groups, acts, q: QuantArgs, importance=None) -> dict:
     """AWQ / SmoothQuant (ecs.py) on each scaling group of the layer: capture the group's float input X (the
     router's input for the MoE block), search the per-channel scale s, then fold 1/s into the producer and
     s into every consumer and the router (kept float, so routing is unchanged). Returns per-group reports."""
@@ -539,8 +560,10 @@ def search_and_fold(layer, groups, acts, q: QuantArgs) -> dict:
             continue
         X = torch.cat(cap.X[source[producer]]).float()
         readers = group_consumers(layer, consumers, topk if router else None, ecs)
-        if SCALED[q.method] == "awq":
-            r = ecs.awq_scale(X, readers, bits=q.bits, group_size=q.group_size, sym=q.sym, abits=q.abits)
+        if SCALED[q.method] in ("awq", "veq-me"):
+            S = importance(consumers) if SCALED[q.method] == "veq-me" and router else None  # VEQ-ME: S_e
+            r = ecs.awq_scale(X, readers, bits=q.bits, group_size=q.group_size, sym=q.sym, abits=q.abits,
+                              consumer_weights=S)
             s, report[producer] = r.s, {"alpha": r.alpha, "rel_error": r.rel_error,
                                         "rel_error_no_scale": r.rel_error_no_scale}
         else:
@@ -706,6 +729,16 @@ def print_layer(i: int, n_layers: int, rep: dict, t0: float, t_layer: float):
           f"{t_layer:.1f}s, elapsed {time.time() - t0:.0f}s, ETA {eta:.0f}s", flush=True)
 
 
+def layer_importance(cal: dict, i: int, gamma: float | None, q: QuantArgs):
+    """consumers -> S_e for decoder layer i from the calibration statistics (None outside MoE layers)."""
+    if i not in cal["moe_layers"]:
+        return None
+    j = cal["moe_layers"].index(i)
+    beta = cal["T_text"] / max(1, cal["T_vis"])  # β = T_text / T_vis
+    counts = (cal["n_text"][j], cal["n_vis"][j], cal["T_text"], cal["T_vis"])
+    return lambda consumers: expert_importance(consumers, counts, gamma or 1.0, beta, q)
+
+
 def quantize_model(model: str, calib: str = "calib", out: str = "quantized", q: QuantArgs | None = None,
                    resume: bool = False, device: str = "cpu", command: str | None = None) -> dict:
     """The sequential loop. Returns the run report (also written to out/report.json)."""
@@ -717,7 +750,7 @@ def quantize_model(model: str, calib: str = "calib", out: str = "quantized", q: 
     if os.path.abspath(cal["model"]) != os.path.abspath(model):
         print(f"note: {calib}/ was made with --model {cal['model']}, quantizing {model}", file=sys.stderr)
     gamma = q.gamma if q.gamma is not None else cal.get("gamma")
-    if q.method == "veq-ma" and q.modality and gamma is None:
+    if q.method in ("veq-ma", "veq-me", "veq") and gamma is None and (q.modality and q.use_gamma):
         raise ValueError(f"{calib}/calib.json has no gamma (calibrate.py --no-gamma?); pass --gamma or --no-modality")
     m = model_lib.load_model(model, dtype=torch.float32, device=device, lazy_layers=True)
     proc = data.load_processor(model)
@@ -740,7 +773,8 @@ def quantize_model(model: str, calib: str = "calib", out: str = "quantized", q: 
             print(f"layer {i:3d}/{n}: restored from {path}")
         else:
             layer = m.load_layer(i)
-            scales = search_and_fold(layer, m.scaling_groups(i), acts, q) if q.method in SCALED else {}
+            scales = search_and_fold(layer, m.scaling_groups(i), acts, q,
+                                     importance=layer_importance(cal, i, gamma, q)) if q.method in SCALED else {}
             cap = LayerCapture(layer, q, gamma or 1.0)
             try:
                 with torch.no_grad():
@@ -788,6 +822,8 @@ def main(argv=None):
                    help="experts with fewer routed calibration tokens use the layer's pooled MoE Hessian")
     p.add_argument("--lam", type=float, default=1.0, help="VEQ-MA: exponent on the router probability")
     p.add_argument("--gamma", type=float, default=None, help="VEQ-MA: text-token weight (default: calib/'s gamma)")
+    p.add_argument("--no-gamma", action="store_true", help="VEQ-ME ablation: gamma = 1 in S_e")
+    p.add_argument("--no-beta", action="store_true", help="VEQ-ME ablation: beta = 1 in S_e")
     p.add_argument("--no-affinity", action="store_true", help="VEQ-MA ablation: p = 1")
     p.add_argument("--no-modality", action="store_true", help="VEQ-MA ablation: alpha = 1")
     p.add_argument("--plain-dense", action="store_true", help="VEQ-MA: no modality weights outside the experts")
@@ -801,7 +837,8 @@ def main(argv=None):
     q = QuantArgs(method=a.method, bits=a.bits, group_size=a.group_size, sym=a.sym, abits=a.abits,
                   act_order=a.act_order, static_groups=a.static_groups, percdamp=a.percdamp,
                   min_expert_tokens=a.min_expert_tokens, lam=a.lam, gamma=a.gamma, affinity=not a.no_affinity,
-                  modality=not a.no_modality, plain_dense=a.plain_dense)
+                  modality=not a.no_modality, plain_dense=a.plain_dense, use_gamma=not a.no_gamma,
+                  use_beta=not a.no_beta)
     command = "python gptq.py " + " ".join(argv if argv is not None else sys.argv[1:])
     report = quantize_model(a.model, a.calib, a.out, q, resume=a.resume, device=a.device, command=command)
     if a.fake_quant:

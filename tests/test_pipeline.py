@@ -124,3 +124,29 @@ def test_scale_folding_leaves_the_float_layer_unchanged(tiny_qwen, calib, method
     after = gptq.run_layer(m, 0, acts)
     for a, b in zip(before, after):
         assert (a.x - b.x).abs().max() <= 1e-4 * a.x.abs().max()
+
+
+def test_veq_me_with_equal_importance_is_exactly_awq(tiny_qwen, calib):
+    results = []
+    equal = lambda consumers: [7.0] * len(gptq.expert_importance(consumers, (torch.ones(99), torch.ones(99), 1, 1),
+                                                                 1.0, 1.0, gptq.QuantArgs()))  # noqa: E731
+    for method, importance in (("awq", None), ("veq-me", equal)):
+        m = model.load_model(tiny_qwen)
+        acts = gptq.embed_samples(m, data.load_processor(tiny_qwen),
+                                  calibrate.calibration_samples(calibrate.load(calib)), "cpu")
+        q = gptq.QuantArgs(method=method, bits=3, group_size=16)
+        rep = gptq.search_and_fold(m.layers[0], m.scaling_groups(0), acts, q, importance=importance)
+        results.append((rep, {k: v.clone() for k, v in m.layers[0].state_dict().items()}))
+    (rep_a, sd_a), (rep_v, sd_v) = results
+    assert rep_a == rep_v
+    assert all(torch.equal(sd_a[k], sd_v[k]) for k in sd_a)
+
+
+def test_veq_me_importance_is_gamma_n_text_plus_beta_n_vis():
+    q = gptq.QuantArgs(method="veq-me")
+    counts = (torch.tensor([3.0, 0.0]), torch.tensor([1.0, 5.0]), 10, 20)
+    consumers = ["mlp.experts.0.gate_proj", "mlp.experts.0.up_proj", "mlp.experts.1.gate_proj",
+                 "mlp.experts.1.up_proj", "mlp.shared_experts.gate_proj", "mlp.shared_experts.up_proj"]
+    assert gptq.expert_importance(consumers, counts, 2.0, 0.5, q) == [2 * 3 + 0.5 * 1, 0.5 * 5, 2 * 10 + 0.5 * 20]
+    q_ablate = gptq.QuantArgs(method="veq-me", use_gamma=False, use_beta=False)
+    assert gptq.expert_importance(consumers, counts, 2.0, 0.5, q_ablate) == [4.0, 5.0, 30.0]
