@@ -115,10 +115,19 @@ def perplexity(m, proc, path: str, window: int = 512, device="cpu") -> float:
     return math.exp(nll / count)
 
 
+def reference_outputs(reference: str, proc, samples, max_new_tokens: int = 16, device="cpu", dtype=torch.float32):
+    """(greedy answers, answer log-probs) of the reference model: computed once when many quantized models are
+    compared with the same float model (bench/methods.py)."""
+    ref = modeling.load_model(reference, dtype=dtype, device=device)
+    return (greedy_answers(ref, proc, samples, max_new_tokens, device),
+            answer_logprobs(ref, proc, samples, device=device))
+
+
 def evaluate(model: str, reference: str | None = None, data_spec: str = "shapes", n: int = 500, seed: int = 0,
              ppl: str | None = None, device: str = "cpu", dtype=torch.float32, max_new_tokens: int = 16,
-             command: str | None = None) -> dict:
-    """Everything eval.py reports, as a dict (the JSON written by --json)."""
+             command: str | None = None, ref_outputs=None) -> dict:
+    """Everything eval.py reports, as a dict (the JSON written by --json). ref_outputs: a precomputed
+    reference_outputs(...) for the same samples, instead of running the reference again."""
     t0 = time.time()
     samples = data.load_samples(data_spec, n=n, seed=seed, split="test")
     proc = data.load_processor(model)
@@ -128,12 +137,12 @@ def evaluate(model: str, reference: str | None = None, data_spec: str = "shapes"
               "command": command or " ".join(sys.argv),
               "accuracy": group_mean([float(is_correct(a, s)) for a, s in zip(answers, samples)], samples)}
     if reference:
-        ref = modeling.load_model(reference, dtype=dtype, device=device)
-        ref_answers = greedy_answers(ref, proc, samples, max_new_tokens, device)
+        ref_answers, ref_logprobs = ref_outputs or reference_outputs(reference, proc, samples, max_new_tokens,
+                                                                     device, dtype)
         result["reference_accuracy"] = group_mean([float(is_correct(a, s)) for a, s in zip(ref_answers, samples)],
                                                   samples)
-        result.update(compare(answer_logprobs(m, proc, samples, device=device),
-                              answer_logprobs(ref, proc, samples, device=device), gold_ids(proc, samples), samples))
+        result.update(compare(answer_logprobs(m, proc, samples, device=device), ref_logprobs,
+                              gold_ids(proc, samples), samples))
         result["flips"] = group_mean([float(normalize_answer(a) != normalize_answer(b))
                                       for a, b in zip(answers, ref_answers)], samples)
     if ppl:
