@@ -124,6 +124,37 @@ def _content_items(content):
     return content
 
 
+class ChatProcessor:
+    """What both families' processors share: one placeholder token per image in the chat text, expanded to
+    the image's token count. Subclasses set `placeholder`, `grid_key`, `image_token_id` and define
+    `chat_text`, `preprocess_image` and `num_image_tokens`."""
+
+    placeholder = ""
+    grid_key = ""
+
+    def encode(self, messages, images=(), add_generation_prompt: bool = True) -> dict:
+        return self.encode_text(self.chat_text(messages, add_generation_prompt), images)
+
+    def encode_text(self, text: str, images=()) -> dict:
+        """Tokenize a prompt that has one placeholder per image; expand each to its image's token count.
+        -> input_ids (1, T), attention_mask, is_vis (1, T) and, with images, pixel_values and the grids."""
+        pads = text.count(self.placeholder)
+        if pads != len(images):
+            raise DataError(f"the prompt has {pads} image placeholders ({self.placeholder}) but {len(images)} "
+                            "images were given")
+        pv, grids = zip(*[self.preprocess_image(im) for im in images]) if images else ((), ())
+        parts = text.split(self.placeholder)
+        ids = self.tokenizer.encode(parts[0])
+        for grid, part in zip(grids, parts[1:]):
+            ids += [self.image_token_id] * self.num_image_tokens(grid) + self.tokenizer.encode(part)
+        out = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
+        if images:
+            out["pixel_values"] = torch.cat(pv)
+            out[self.grid_key] = torch.tensor(grids)
+        out["is_vis"] = out["input_ids"] == self.image_token_id
+        return out
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Qwen3-VL
 
@@ -151,11 +182,12 @@ class QwenImageConfig:
         )
 
 
-class QwenProcessor:
+class QwenProcessor(ChatProcessor):
     """Qwen ChatML with `<|vision_start|><|image_pad|>*N<|vision_end|>` per image, and Qwen2-VL image
     preprocessing (smart_resize, PIL bicubic, normalization, merge-block patch order, temporal duplication)."""
 
     family = "qwen3_vl_moe"
+    placeholder, grid_key = "<|image_pad|>", "image_grid_thw"
 
     def __init__(self, checkpoint_dir: str):
         self.tokenizer = Tokenizer(os.path.join(checkpoint_dir, "tokenizer.json"))
@@ -194,26 +226,6 @@ class QwenProcessor:
             out.append("<|im_start|>assistant\n")
         return "".join(out)
 
-    def encode(self, messages, images=(), add_generation_prompt: bool = True) -> dict:
-        text = self.chat_text(messages, add_generation_prompt)
-        return self.encode_text(text, images)
-
-    def encode_text(self, text: str, images=()) -> dict:
-        """Tokenize a prompt that already has one `<|image_pad|>` per image; expand each to its token count."""
-        pads = text.count("<|image_pad|>")
-        if pads != len(images):
-            raise DataError(f"the prompt has {pads} image placeholders but {len(images)} images were given")
-        pv, grids = zip(*[self.preprocess_image(im) for im in images]) if images else ((), ())
-        parts = text.split("<|image_pad|>")
-        ids = self.tokenizer.encode(parts[0])
-        for grid, part in zip(grids, parts[1:]):
-            ids += [self.image_token_id] * self.num_image_tokens(grid) + self.tokenizer.encode(part)
-        out = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
-        if images:
-            out["pixel_values"] = torch.cat(pv)
-            out["image_grid_thw"] = torch.tensor(grids)
-        out["is_vis"] = out["input_ids"] == self.image_token_id
-        return out
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -244,13 +256,14 @@ class KimiImageConfig:
                    image_mean=tuple(d.get("image_mean") or CLIP_MEAN), image_std=tuple(d.get("image_std") or CLIP_STD))
 
 
-class KimiProcessor:
+class KimiProcessor(ChatProcessor):
     """Kimi chat format (`<|im_user|>user<|im_middle|>...<|im_end|>`, no newlines between turns) with
     `<|media_start|>image<|media_content|><|media_pad|><|media_end|>` per image, and MoonViT preprocessing:
     shrink to at most in_token_limit patches (PIL bicubic), pad right/bottom with black to multiples of
     patch*merge, normalize, raster-order patches (L, 3, P, P)."""
 
     family = "kimi_vl"
+    placeholder, grid_key = "<|media_pad|>", "image_grid_hws"
     media = "<|media_start|>image<|media_content|><|media_pad|><|media_end|>"
     roles = {"system": "<|im_system|>", "user": "<|im_user|>", "assistant": "<|im_assistant|>"}
     default_system = "You are a helpful assistant"
@@ -263,7 +276,7 @@ class KimiProcessor:
         self.tokenizer = Tokenizer(tok_path)
         self.image_cfg = KimiImageConfig.from_file(os.path.join(checkpoint_dir, "preprocessor_config.json"))
         cfg = _read_json(os.path.join(checkpoint_dir, "config.json"), "model config")
-        self.media_token_id = cfg.get("media_placeholder_token_id", self.tokenizer.token_id("<|media_pad|>"))
+        self.image_token_id = cfg.get("media_placeholder_token_id", self.tokenizer.token_id("<|media_pad|>"))
         self.stop_ids = [self.tokenizer.token_id("<|im_end|>"), self.tokenizer.token_id("[EOS]")]
 
     # -- images ------------------------------------------------------------------------------------------
@@ -311,25 +324,6 @@ class KimiProcessor:
             out.append("<|im_assistant|>assistant<|im_middle|>")
         return "".join(out)
 
-    def encode(self, messages, images=(), add_generation_prompt: bool = True) -> dict:
-        return self.encode_text(self.chat_text(messages, add_generation_prompt), images)
-
-    def encode_text(self, text: str, images=()) -> dict:
-        """Tokenize a prompt with one `<|media_pad|>` per image; expand each to (H/28)*(W/28) copies."""
-        pads = text.count("<|media_pad|>")
-        if pads != len(images):
-            raise DataError(f"the prompt has {pads} <|media_pad|> placeholders but {len(images)} images were given")
-        pv, grids = zip(*[self.preprocess_image(im) for im in images]) if images else ((), ())
-        parts = text.split("<|media_pad|>")
-        ids = self.tokenizer.encode(parts[0])
-        for grid, part in zip(grids, parts[1:]):
-            ids += [self.media_token_id] * self.num_image_tokens(grid) + self.tokenizer.encode(part)
-        out = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
-        if images:
-            out["pixel_values"] = torch.cat(pv)
-            out["image_grid_hws"] = torch.tensor(grids)
-        out["is_vis"] = out["input_ids"] == self.media_token_id
-        return out
 
 
 PROCESSORS = {"qwen3_vl_moe": QwenProcessor, "kimi_vl": KimiProcessor}

@@ -273,6 +273,31 @@ class SwiGLU(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+class DecoderLayer(nn.Module):
+    """The pre-norm residual block of both families: x += attn(RMS(x)); x += mlp(RMS(x)). The attention
+    (GQA or MLA) and the MLP (MoE or dense SwiGLU) are the family's; names follow the checkpoints."""
+
+    def __init__(self, hidden: int, eps: float, self_attn: nn.Module, mlp: nn.Module):
+        super().__init__()
+        self.input_layernorm = RMSNorm(hidden, eps)
+        self.post_attention_layernorm = RMSNorm(hidden, eps)
+        self.self_attn, self.mlp = self_attn, mlp
+
+    def forward(self, x, ctx: "DecoderInputs"):
+        x = x + self.self_attn(self.input_layernorm(x), ctx)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class TextModel(nn.Module):
+    """embed_tokens -> layers -> norm (the head and the layer loop live in the model class)."""
+
+    def __init__(self, vocab: int, hidden: int, eps: float, layers: list[nn.Module]):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(vocab, hidden)
+        self.layers = nn.ModuleList(layers)
+        self.norm = RMSNorm(hidden, eps)
+
+
 def swiglu_groups(layer: nn.Module) -> list[tuple[str, list[str], None]]:
     """(up_proj -> down_proj) scaling groups of every SwiGLU in a layer: a per-channel scale folded into
     up_proj's output rows is undone exactly by down_proj's input columns (silu(g) * u/s * s = silu(g) * u)."""
@@ -607,25 +632,11 @@ class QwenMoE(nn.Module):
         return run_experts(self.experts, x, topk_idx, topk_w).view(shape)
 
 
-class QwenDecoderLayer(nn.Module):
-    def __init__(self, cfg: QwenTextConfig, layer: int):
-        super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = QwenAttention(cfg, layer)
-        self.mlp = QwenMoE(cfg) if cfg.is_moe(layer) else SwiGLU(cfg.hidden_size, cfg.intermediate_size)
-
-    def forward(self, x, ctx: DecoderInputs):
-        x = x + self.self_attn(self.input_layernorm(x), ctx)
-        return x + self.mlp(self.post_attention_layernorm(x))
-
-
-class QwenTextModel(nn.Module):
-    def __init__(self, cfg: QwenTextConfig):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(QwenDecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+def qwen_text_model(cfg: QwenTextConfig) -> "TextModel":
+    return TextModel(cfg.vocab_size, cfg.hidden_size, cfg.rms_norm_eps, [
+        DecoderLayer(cfg.hidden_size, cfg.rms_norm_eps, QwenAttention(cfg, i),
+                     QwenMoE(cfg) if cfg.is_moe(i) else SwiGLU(cfg.hidden_size, cfg.intermediate_size))
+        for i in range(cfg.num_hidden_layers)])
 
 
 class _QwenInner(nn.Module):
@@ -634,7 +645,7 @@ class _QwenInner(nn.Module):
     def __init__(self, cfg: Qwen3VLMoeConfig):
         super().__init__()
         self.visual = QwenVisionModel(cfg.vision)
-        self.language_model = QwenTextModel(cfg.text)
+        self.language_model = qwen_text_model(cfg.text)
 
 
 def mrope_position_ids(input_ids, image_grid_thw, attention_mask, image_token_id: int, merge: int):
@@ -1128,25 +1139,11 @@ class KimiMoE(nn.Module):
         return y.view(shape)
 
 
-class KimiDecoderLayer(nn.Module):
-    def __init__(self, cfg: KimiTextConfig, layer: int):
-        super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = MLAttention(cfg, layer)
-        self.mlp = KimiMoE(cfg) if cfg.is_moe(layer) else SwiGLU(cfg.hidden_size, cfg.intermediate_size)
-
-    def forward(self, x, ctx: DecoderInputs):
-        x = x + self.self_attn(self.input_layernorm(x), ctx)
-        return x + self.mlp(self.post_attention_layernorm(x))
-
-
-class KimiTextModel(nn.Module):
-    def __init__(self, cfg: KimiTextConfig):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(KimiDecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+def kimi_text_model(cfg: KimiTextConfig) -> "TextModel":
+    return TextModel(cfg.vocab_size, cfg.hidden_size, cfg.rms_norm_eps, [
+        DecoderLayer(cfg.hidden_size, cfg.rms_norm_eps, MLAttention(cfg, i),
+                     KimiMoE(cfg) if cfg.is_moe(i) else SwiGLU(cfg.hidden_size, cfg.intermediate_size))
+        for i in range(cfg.num_hidden_layers)])
 
 
 class KimiLanguageModel(nn.Module):
@@ -1154,7 +1151,7 @@ class KimiLanguageModel(nn.Module):
 
     def __init__(self, cfg: KimiTextConfig):
         super().__init__()
-        self.model = KimiTextModel(cfg)
+        self.model = kimi_text_model(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
 

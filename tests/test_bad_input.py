@@ -116,7 +116,7 @@ def test_missing_image_file(ckpt, tmp_path):
 
 def test_image_count_mismatch(ckpt):
     proc = data.load_processor(str(ckpt))
-    with pytest.raises(data.DataError, match="1 image placeholders but 0 images"):
+    with pytest.raises(data.DataError, match=r"1 image placeholders \(<\|image_pad\|>\) but 0 images"):
         proc.encode([{"role": "user", "content": [{"type": "image"}]}], [])
 
 
