@@ -110,7 +110,9 @@ def collect(m, proc, samples, gamma: bool = True) -> dict:
     per_sample = [r for r in ratios if r is not None]
     return {"moe_layers": layers, "n_text": n_text, "n_vis": n_vis,
             "mean_prob": (prob_sum / max(1, T_text + T_vis)).float(), "T_text": T_text, "T_vis": T_vis,
-            "gamma": sum(per_sample) / len(per_sample) if per_sample else None, "gamma_per_sample": ratios}
+            "gamma": sum(per_sample) / len(per_sample) if per_sample else None,
+            "gamma_median": float(torch.tensor(per_sample).median()) if per_sample else None,
+            "gamma_per_sample": ratios}
 
 
 def save(out: str, stats: dict, meta: dict):
@@ -153,7 +155,8 @@ def summary(stats: dict, hidden: int) -> str:
     lines = [f"tokens: text {stats['T_text']}, image {stats['T_vis']} "
              f"(beta = T_text / T_vis = {stats['T_text'] / max(1, stats['T_vis']):.3f})",
              f"gamma (text/vision gradient ratio): "
-             + (f"{stats['gamma']:.3f} over {sum(r is not None for r in stats['gamma_per_sample'])} image samples"
+             + (f"{stats['gamma']:.3f} (mean; median {stats['gamma_median']:.3f}) over "
+                f"{sum(r is not None for r in stats['gamma_per_sample'])} image samples"
                 if stats["gamma"] is not None else "not computed"),
              f"experts with fewer than 2 x {hidden} (input width) routed tokens: {int(low.sum())} of {low.numel()}"]
     for j, i in enumerate(stats["moe_layers"]):
