@@ -84,7 +84,7 @@ def collect(m, proc, samples, gamma: bool = True) -> dict:
     n_text, n_vis = torch.zeros(len(layers), E), torch.zeros(len(layers), E)
     prob_sum = torch.zeros(len(layers), E, dtype=torch.float64)
     T_text = T_vis = 0
-    ratios = []
+    ratios, ratios_gxi = [], []
     rec = RoutingRecorder(m)
     try:
         for s in samples:
@@ -104,7 +104,9 @@ def collect(m, proc, samples, gamma: bool = True) -> dict:
                 n_text[j] += torch.bincount(topk_idx[~vis].flatten(), minlength=E).float()
                 prob_sum[j] += (scores / scores.sum(-1, keepdim=True)).sum(0).double()
             if gamma:
-                ratios.append(gradient_ratio(input_gradient(m, x, ctx, b["labels"]), vis))
+                g = input_gradient(m, x, ctx, b["labels"])
+                ratios.append(gradient_ratio(g, vis))
+                ratios_gxi.append(gradient_ratio(g * x[0], vis))  # scale-free variant: |x ⊙ dL/dx|
     finally:
         rec.remove()
     per_sample = [r for r in ratios if r is not None]
@@ -112,7 +114,14 @@ def collect(m, proc, samples, gamma: bool = True) -> dict:
             "mean_prob": (prob_sum / max(1, T_text + T_vis)).float(), "T_text": T_text, "T_vis": T_vis,
             "gamma": sum(per_sample) / len(per_sample) if per_sample else None,
             "gamma_median": float(torch.tensor(per_sample).median()) if per_sample else None,
-            "gamma_per_sample": ratios}
+            "gamma_per_sample": ratios,
+            # |x ⊙ dL/dx| instead of |dL/dx|: the decoder's first op is an RMSNorm, so dL/dx scales as 1/||x||
+            # and the plain ratio partly measures how much larger image embeddings are than text ones.
+            "gamma_grad_x_input": _mean([r for r in ratios_gxi if r is not None])}
+
+
+def _mean(values):
+    return sum(values) / len(values) if values else None
 
 
 def save(out: str, stats: dict, meta: dict):
@@ -156,7 +165,8 @@ def summary(stats: dict, hidden: int) -> str:
              f"(beta = T_text / T_vis = {stats['T_text'] / max(1, stats['T_vis']):.3f})",
              f"gamma (text/vision gradient ratio): "
              + (f"{stats['gamma']:.3f} (mean; median {stats['gamma_median']:.3f}) over "
-                f"{sum(r is not None for r in stats['gamma_per_sample'])} image samples"
+                f"{sum(r is not None for r in stats['gamma_per_sample'])} image samples; with |x * grad| instead "
+                f"of |grad|: {stats['gamma_grad_x_input']:.3f}"
                 if stats["gamma"] is not None else "not computed"),
              f"experts with fewer than 2 x {hidden} (input width) routed tokens: {int(low.sum())} of {low.numel()}"]
     for j, i in enumerate(stats["moe_layers"]):

@@ -348,6 +348,7 @@ class QuantArgs:
     min_expert_tokens: int = 1  # experts with fewer routed tokens are quantized from the pooled MoE Hessian
     lam: float = 1.0  # VEQ-MA: exponent λ on the router probability p
     gamma: float | None = None  # VEQ: text weight γ (VEQ-MA's α on text tokens); None -> calib/'s gamma
+    gamma_source: str = "grad"  # which calib/ gamma: "grad" (the paper's |dL/dx| ratio) or "grad_x_input"
     use_gamma: bool = True  # VEQ-ME ablation: γ = 1 in S_e
     use_beta: bool = True  # VEQ-ME ablation: β = 1 in S_e
     affinity: bool = True  # VEQ-MA: use p^λ (False: p = 1)
@@ -749,7 +750,8 @@ def quantize_model(model: str, calib: str = "calib", out: str = "quantized", q: 
     cal = calibrate.load(calib)
     if os.path.abspath(cal["model"]) != os.path.abspath(model):
         print(f"note: {calib}/ was made with --model {cal['model']}, quantizing {model}", file=sys.stderr)
-    gamma = q.gamma if q.gamma is not None else cal.get("gamma")
+    gamma = q.gamma if q.gamma is not None else cal.get({"grad": "gamma", "grad_x_input": "gamma_grad_x_input"}
+                                                         [q.gamma_source])
     if q.method in ("veq-ma", "veq-me", "veq") and gamma is None and (q.modality and q.use_gamma):
         raise ValueError(f"{calib}/calib.json has no gamma (calibrate.py --no-gamma?); pass --gamma or --no-modality")
     m = model_lib.load_model(model, dtype=torch.float32, device=device, lazy_layers=True)
@@ -822,6 +824,8 @@ def main(argv=None):
                    help="experts with fewer routed calibration tokens use the layer's pooled MoE Hessian")
     p.add_argument("--lam", type=float, default=1.0, help="VEQ-MA: exponent on the router probability")
     p.add_argument("--gamma", type=float, default=None, help="VEQ-MA: text-token weight (default: calib/'s gamma)")
+    p.add_argument("--gamma-source", default="grad", choices=("grad", "grad_x_input"),
+                   help="calib/'s gamma: the paper's mean |dL/dx| ratio, or the scale-free |x * dL/dx| ratio")
     p.add_argument("--no-gamma", action="store_true", help="VEQ-ME ablation: gamma = 1 in S_e")
     p.add_argument("--no-beta", action="store_true", help="VEQ-ME ablation: beta = 1 in S_e")
     p.add_argument("--no-affinity", action="store_true", help="VEQ-MA ablation: p = 1")
@@ -838,7 +842,7 @@ def main(argv=None):
                   act_order=a.act_order, static_groups=a.static_groups, percdamp=a.percdamp,
                   min_expert_tokens=a.min_expert_tokens, lam=a.lam, gamma=a.gamma, affinity=not a.no_affinity,
                   modality=not a.no_modality, plain_dense=a.plain_dense, use_gamma=not a.no_gamma,
-                  use_beta=not a.no_beta)
+                  use_beta=not a.no_beta, gamma_source=a.gamma_source)
     command = "python gptq.py " + " ".join(argv if argv is not None else sys.argv[1:])
     report = quantize_model(a.model, a.calib, a.out, q, resume=a.resume, device=a.device, command=command)
     if a.fake_quant:
