@@ -35,7 +35,8 @@ CONFIGS = [  # (label, setting, QuantArgs fields)
         ("rtn", "rtn", {}), ("awq", "awq", {}), ("gptq", "gptq", {}), ("veq-me", "veq-me", {}),
         ("veq-ma", "veq-ma", {}), ("veq (ME+MA, extension)", "veq", {}),
         ("veq-me w/o gamma", "veq-me", dict(use_gamma=False)), ("veq-me w/o beta", "veq-me", dict(use_beta=False)),
-        ("veq-ma w/o p", "veq-ma", dict(affinity=False)), ("veq-ma w/o alpha", "veq-ma", dict(modality=False)))],
+        ("veq-ma w/o p", "veq-ma", dict(affinity=False)), ("veq-ma w/o alpha", "veq-ma", dict(modality=False)),
+        ("veq-ma, scale-free gamma", "veq-ma", dict(gamma_source="grad_x_input")))],
     ("smoothquant+rtn", "W4A8", dict(method="smoothquant", bits=4, abits=8)),
     ("smoothquant+gptq", "W4A8", dict(method="smoothquant-gptq", bits=4, abits=8)),
 ]
