@@ -732,6 +732,9 @@ class Qwen3VLMoeModel(MoEVLM):
         x = lm.embed_tokens(input_ids)
         B, T = input_ids.shape
         is_img = input_ids == self.cfg.image_token_id
+        if (input_ids == self.cfg.video_token_id).any():
+            raise ValueError(f"the prompt contains video tokens (id {self.cfg.video_token_id}); video inputs are "
+                             "not supported by this implementation")
         past = cache.length if cache is not None else 0
         ctx_extra = {}
         if pixel_values is not None:

@@ -125,3 +125,9 @@ def test_image_tokens_without_pixels(ckpt):
     ids = torch.tensor([[1, 2, m.cfg.image_token_id, 3]])
     with pytest.raises(ValueError, match="image tokens but no pixel_values"):
         m(ids)
+
+
+def test_video_tokens_are_refused(ckpt):
+    m = model.load_model(str(ckpt))
+    with pytest.raises(ValueError, match="video inputs are not supported"):
+        m(torch.tensor([[1, m.cfg.video_token_id, 2]]))
