@@ -223,6 +223,7 @@ def save_checkpoint(m, cfg_dict, tok, files: dict, out: str):
     parent = os.path.dirname(os.path.abspath(out))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; a checkpoint folder is meant to be shared
     sd = {k: v.detach().to(torch.bfloat16).contiguous() for k, v in model.checkpoint_state_dict(m).items()}
     save_file(sd, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
     tok.save(os.path.join(tmp, "tokenizer.json"))
