@@ -28,7 +28,11 @@ Deliberate differences from the reference code, each for correctness or honest r
     contiguous in the original column order.
 Does not: capture activations or build Hessians (hessian.py), search scales (ecs.py), search clipping ranges.
 
-Run the tests:  python -m pytest -q tests/test_gptq.py
+gptq_batched / gptq_batched_shared: the same GPTQ for all experts of an MoE layer at once (one batched problem,
+as many torch ops as one expert; less work than gptq(): see the comment above it). gptq() stays the reference.
+
+Run the tests:  python -m pytest -q tests/test_gptq.py tests/test_gptq_batched.py
+Solver speed:   OMP_NUM_THREADS=1 python bench/gptq_solver.py --experts 16 --reference-experts 2
 """
 
 from __future__ import annotations
@@ -74,11 +78,12 @@ def _check_grid(bits: int, group_size: int, name: str):
 
 
 def quant_params(W: torch.Tensor, *, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """scale, zero (out,) for one group of columns W (out, g). zero is integer-valued (float tensor)."""
+    """scale, zero (out,) for one group of columns W (out, g) (or (..., g) -> (...)). zero is integer-valued
+    (float tensor)."""
     maxq = 2**bits - 1
-    zeros = torch.zeros(W.shape[0], dtype=W.dtype, device=W.device)
-    xmin = torch.minimum(W.min(dim=1).values, zeros)  # the range always contains 0, so zero lands in [0, maxq]
-    xmax = torch.maximum(W.max(dim=1).values, zeros)
+    zeros = torch.zeros(W.shape[:-1], dtype=W.dtype, device=W.device)
+    xmin = torch.minimum(W.amin(dim=-1), zeros)  # the range always contains 0, so zero lands in [0, maxq]
+    xmax = torch.maximum(W.amax(dim=-1), zeros)
     if sym:
         xmax = torch.maximum(-xmin, xmax)
         xmin = -xmax
@@ -210,12 +215,11 @@ def _quantize_blocks(W, Hinv, scale, zero, col_group, *, bits: int, block_size: 
             w, s, z = W1[:, i], scale[:, col_group[j]], zero[:, col_group[j]]  # (out,) each
             c = torch.clamp(torch.round(w / s) + z, 0, maxq)  # this column's codes
             q = (c - z) * s
-            codes[:, j] = c.to(torch.uint8)
-            d = Hinv1[i, i]
-            row_loss += (w - q) ** 2 / d**2 / 2
-            err = (w - q) / d  # (out,)
+            codes[:, j] = c  # (cast to uint8 by the copy)
+            d, dw = Hinv1[i, i], w - q
+            row_loss += dw**2 / d**2 / 2
+            err = torch.div(dw, d, out=Err1[:, i])  # (out,)
             W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]  # compensate in the block's remaining columns
-            Err1[:, i] = err
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # lazy batch update: (out, B) @ (B, in - i2)
     return codes, row_loss
 
@@ -274,13 +278,267 @@ def gptq_shared(Ws: Sequence[torch.Tensor], H: torch.Tensor, **kwargs) -> list[G
     """GPTQ of several matrices that read the same inputs (an expert's gate_proj and up_proj), sharing one
     Hessian, one damping and one Cholesky. GPTQ treats rows independently, so this equals quantizing each
     matrix on its own. kwargs as for gptq()."""
-    sizes = [W.shape[0] for W in Ws]
-    r = gptq(torch.cat(list(Ws), dim=0), H, **kwargs)
+    return _split_rows(gptq(torch.cat(list(Ws), dim=0), H, **kwargs), [W.shape[0] for W in Ws])
+
+
+def _split_rows(r: GPTQResult, sizes: Sequence[int]) -> list[GPTQResult]:
+    """One GPTQResult of row-concatenated matrices -> one result per matrix (`sizes` rows each)."""
     zeros = r.zero.split(sizes) if r.zero is not None else [None] * len(sizes)
     return [GPTQResult(codes=c, scale=s, zero=z, W_hat=w, damp=r.damp, retries=r.retries, row_loss=l,
                        n_dead=r.n_dead)
             for c, s, z, w, l in zip(r.codes.split(sizes), r.scale.split(sizes), zeros, r.W_hat.split(sizes),
                                      r.row_loss.split(sizes))]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# GPTQ for all experts of a layer at once (batched)
+#
+# The experts of an MoE layer share their shapes but not their Hessians. gptq_batched solves E of them as one
+# problem: every torch op below works on all experts, so a layer costs as many ops (GPU kernel launches) as one
+# expert. gptq() above stays the readable reference; the two are tested equal (tests/test_gptq_batched.py).
+# The batched path also does less work and fewer passes over memory, which is what makes it faster on a CPU:
+#
+#  * Factorization, in³/3 flops instead of gptq()'s 4·in³/3 (Cholesky, cholesky_inverse, Cholesky): a Cholesky
+#    run backwards, H = R Rᵀ with R upper triangular (reverse_cholesky; it equals J chol(J H J) J, J the index
+#    reversal). Then H⁻¹ = R⁻ᵀ R⁻¹ and Hinv = R⁻¹: upper triangular with a positive diagonal, so it is the upper
+#    Cholesky factor of H⁻¹ that gptq() uses. Hinv itself is never formed; the sweep needs only
+#  * its diagonal blocks Hinv_bb = R_bb⁻¹ (B x B), and
+#  * the pending updates of each block b = [i1, i2). gptq() pushes Err[:, :i1] Hinv[:i1, b] into the later
+#    columns after every block ("right-looking"). With D = W - Q (the original weights minus the quantized ones)
+#    one has D = Err Hinv (column j: w_j - q_j = Σ_{i<=j} Err_i Hinv_ij), so Err = D R; and R Hinv = I at block
+#    row :i1, block column b reads R[:i1, :i1] Hinv[:i1, b] = -R[:i1, b] Hinv_bb. Hence
+#        W_b - Err[:, :i1] Hinv[:i1, b] = W_b + D[:, :i1] G_b,    G_b = R[:i1, b] Hinv_bb  (i1, B),
+#    one matmul with inner dimension i1 when block b starts ("left-looking").
+#  * Inside a block, sub-blocks of SUB_BLOCK columns are transposed to (E, SUB_BLOCK, out), so a column of W is
+#    a contiguous row, and swept column by column as in gptq(); column i reads the sub-block's earlier errors in
+#    one small bmm (left-looking again) and the rest of the block gets them in one bmm per sub-block.
+# The result does not depend on these choices in exact arithmetic; in floats they reorder sums, which can flip a
+# rounding tie (rare, and then the rest of that row follows another, equally good, path: see the tests).
+# Not supported: act_order (each expert would need its own column permutation; use gptq() per expert).
+
+SUB_BLOCK = 16  # columns updated one by one inside a block of the batched sweep; the rest of the block: a bmm
+CHOL_BLOCK = 128  # block columns of reverse_cholesky (its bmm does nearly all of the work)
+
+
+def _check_batched_args(W, H, bits, group_size, block_size, percdamp, act_order, names):
+    _check_grid(bits, group_size, "gptq_batched")
+    if act_order:
+        raise ValueError("gptq_batched: act_order is not supported (each expert would need its own column "
+                         "permutation); quantize with gptq() per expert instead")
+    if W.dim() != 3 or tuple(H.shape) != (W.shape[0], W.shape[2], W.shape[2]):
+        raise ValueError(f"gptq_batched: W {tuple(W.shape)} must be (E, out, in) and H {tuple(H.shape)} "
+                         "(E, in, in)")
+    if block_size <= 0 or percdamp < 0:
+        raise ValueError(f"gptq_batched: block_size={block_size} must be > 0 and percdamp={percdamp} >= 0")
+    if names is not None and len(names) != W.shape[0]:
+        raise ValueError(f"gptq_batched: {len(names)} names for {W.shape[0]} matrices; give one per expert")
+    for t, what in ((W, "W"), (H, "H")):
+        t = t.flatten(1)  # (E, ·); max/min propagate NaN and show ±inf, without isfinite's temporaries
+        bad = ~(torch.isfinite(t.amax(1)) & torch.isfinite(t.amin(1)))  # (E,)
+        if bool(bad.any()):
+            which = [names[e] if names else f"expert {e}" for e in bad.nonzero().flatten().tolist()]
+            raise ValueError(f"gptq_batched: {what} has NaN/inf entries for {', '.join(which)}; fix the weights "
+                             "/ calibration inputs first")
+
+
+def reverse_cholesky(A: torch.Tensor, *, block: int = CHOL_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """R (E, n, n) upper triangular with A = R Rᵀ for symmetric A (E, n, n), computed in place in A (only its
+    upper triangle is read). This is J chol(J A J) J (J reverses the index order) without the flipped copies:
+    the blocked Cholesky run from the last block column to the first. Per block column b = [k1, k2), with the
+    columns right of it already factorized,
+        P = A[:k2, b] - R[:k2, k2:] R[b, k2:]ᵀ          (one bmm: nearly all of the n³/3 flops)
+        R_bb = J chol(J P[b] J) J                        (LAPACK on a block x block matrix)
+        R[:k1, b] = P[:k1] R_bb⁻ᵀ                        (a bmm with the block x block inverse: faster here than a
+                                                          triangular solve, whose operands torch copies)
+    Returns R (the storage of A) and ok (E,) bool: False where a diagonal block was not positive definite."""
+    E, n, _ = A.shape
+    ok = torch.ones(E, dtype=torch.bool, device=A.device)
+    for k2 in range(n, 0, -block):
+        k1 = max(0, k2 - block)
+        P = A[:, :k2, k1:k2]  # (E, k2, B) column block b, rows above and at the diagonal block
+        if k2 < n:
+            P.baddbmm_(A[:, :k2, k2:], A[:, k1:k2, k2:].transpose(1, 2), alpha=-1)
+        L, info = torch.linalg.cholesky_ex(P[:, k1:].flip((-2, -1)))  # (E, B, B)
+        ok &= (info == 0) & torch.isfinite(torch.diagonal(L, dim1=-2, dim2=-1)).all(1)
+        R_bb = L.flip((-2, -1))  # (E, B, B) upper
+        if k1 > 0:
+            R_bb_inv = torch.linalg.solve_triangular(R_bb, torch.eye(k2 - k1, dtype=A.dtype, device=A.device),
+                                                     upper=True)  # (E, B, B)
+            P[:, :k1] = P[:, :k1] @ R_bb_inv.transpose(1, 2)
+        P[:, k1:] = R_bb
+        A[:, k2:, k1:k2] = 0  # below the diagonal
+    return A, ok
+
+
+def damped_reverse_cholesky(H: torch.Tensor, *, percdamp: float = 0.01, max_retries: int = 3,
+                            names: Sequence[str] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """R (E, in, in) upper triangular with H_e + damp_e·I = R_e R_eᵀ (reverse_cholesky), in H's dtype; R⁻¹ is
+    gptq()'s Hinv (section comment above). damp_e = percdamp · mean(diag H_e) as in damped_inverse_cholesky; the
+    experts whose factorization fails are retried, alone, with 10x their damping, at most max_retries times.
+    Returns R, damp (E,) float64, retries (E,) int64; raises GPTQError naming the experts that failed at every
+    damping."""
+    E = H.shape[0]
+    damp0 = percdamp * torch.diagonal(H, dim1=-2, dim2=-1).mean(-1).double()  # (E,)
+    damp, retries = damp0.clone(), torch.zeros(E, dtype=torch.int64)
+    todo, R = torch.arange(E), None
+    for attempt in range(max_retries + 1):
+        damp[todo] = damp0[todo] * DAMP_ESCALATION**attempt
+        Hd = H.clone() if R is None else H[todo]  # (E or fewer, in, in) a copy, factorized in place
+        torch.diagonal(Hd, dim1=-2, dim2=-1).add_(damp[todo, None].to(H.dtype))
+        R_todo, ok = reverse_cholesky(Hd)
+        if R is None:
+            R = R_todo  # failed experts are overwritten by a retry below, or we raise
+        elif bool(ok.any()):
+            R[todo[ok]] = R_todo[ok]
+        todo = todo[~ok]
+        if len(todo) == 0:
+            return R, damp, retries
+        retries[todo] += 1
+    names = names or [f"expert {e}" for e in range(E)]
+    raise GPTQError(f"gptq_batched: Cholesky of the damped Hessian H {tuple(H.shape[1:])} failed for "
+                    f"{', '.join(names[e] for e in todo.tolist())} with damping up to "
+                    f"{DAMP_ESCALATION**max_retries:g}x percdamp={percdamp} times mean(diag H): H is not positive "
+                    "semi-definite; check its tokens/weights, accumulate in float64, or raise percdamp / max_retries")
+
+
+def _block_edges(in_f: int, block_size: int, g: int) -> list[tuple[int, int]]:
+    """[(i1, i2)] blocks of the batched sweep. With groups of g > 0 columns block_size is rounded to a multiple of
+    g, so a group never straddles two blocks (the result does not depend on the block size, only its rounding)."""
+    if g:
+        block_size = g * max(1, round(block_size / g))
+    return [(i1, min(i1 + block_size, in_f)) for i1 in range(0, in_f, block_size)]
+
+
+def _sub_edges(B: int, g: int) -> list[tuple[int, int]]:
+    """[(s1, s2)] sub-blocks of a block of B columns that starts at a multiple of g (group length): cut every
+    SUB_BLOCK columns and at every group start, so a sub-block lies in one group."""
+    cuts = sorted(set(range(0, B, SUB_BLOCK)) | set(range(0, B, g)) | {B})
+    return list(zip(cuts[:-1], cuts[1:]))
+
+
+def _sweep_columns(Ws, Hinv_s, s, lo, hi) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The column-by-column part of GPTQ for one sub-block of n columns of all experts, as in gptq()'s
+    _quantize_blocks: Ws (E, n, out) holds one column of W per row, Hinv_s (E, n, n) its block of Hinv; s (E, out)
+    the group's scale, lo = -zero and hi = maxq - zero its code range shifted by the zero point
+    (clamp(round(w/s) + zero, 0, maxq) - zero = clamp(round(w/s), lo, hi) exactly: small integers in floats).
+    Column i gets the sub-block's earlier updates when it is reached ("left-looking"): one small bmm reads the
+    earlier errors, instead of a rank-1 write into every later column. Returns codes - zero, Q and Err, each
+    (E, n, out)."""
+    K, Q, Err = torch.empty_like(Ws), torch.empty_like(Ws), torch.empty_like(Ws)
+    for i in range(Ws.shape[1]):
+        w = Ws[:, i]  # (E, out), contiguous
+        if i:  # w_i - Σ_{l<i} Err_l Hinv_li: (E, 1, i) @ (E, i, out)
+            w = torch.baddbmm(Ws[:, i:i + 1], Hinv_s[:, :i, i:i + 1].transpose(1, 2), Err[:, :i], alpha=-1)[:, 0]
+        k = torch.div(w, s, out=K[:, i]).round_().clamp_(lo, hi)  # code - zero
+        q = torch.mul(k, s, out=Q[:, i])
+        torch.sub(w, q, out=Err[:, i]).div_(Hinv_s[:, i, i, None])  # (E, out)
+    return K, Q, Err
+
+
+def _sweep_block(W1, Hinv1, codes1, Q1, scale, zero, sq_err, *, i1: int, g: int, dynamic: bool, bits: int,
+                 sym: bool):
+    """GPTQ's sweep over one block of B columns of all experts. W1 (E, out, B): the block with every earlier
+    block's updates (modified); Hinv1 (E, B, B) = Hinv_bb. Writes the block's codes and Q into codes1, Q1
+    (E, out, B) and group params into scale, zero (E, out, n_groups) at group starts; adds Σ Err² to sq_err
+    (E, out)."""
+    B, maxq = W1.shape[2], 2**bits - 1
+    for s1, s2 in _sub_edges(B, g):
+        grp = (i1 + s1) // g
+        if dynamic and (i1 + s1) % g == 0:  # W1[..., s1:s1 + g] is current: every earlier sub-block is applied
+            scale[..., grp], zero[..., grp] = quant_params(W1[..., s1:s1 + g], bits=bits, sym=sym)
+        s, z = scale[..., grp].contiguous(), zero[..., grp].contiguous()  # (E, out)
+        Ws = W1[..., s1:s2].transpose(1, 2).contiguous()  # (E, s, out): a small transpose, in cache
+        K, Qs, Err = _sweep_columns(Ws, Hinv1[:, s1:s2, s1:s2], s, -z, maxq - z)
+        sq_err += torch.linalg.vecdot(Err, Err, dim=1)  # Σ over the sub-block's columns
+        if s2 < B:  # the rest of the block, once per sub-block: (E, out, s) @ (E, s, B - s2)
+            W1[..., s2:].baddbmm_(Err.transpose(1, 2), Hinv1[:, s1:s2, s2:], alpha=-1)
+        codes1[..., s1:s2] = K.add_(z[:, None]).transpose(1, 2)  # code = (code - zero) + zero
+        Q1[..., s1:s2] = Qs.transpose(1, 2)
+
+
+def _sweep_batched(Wd, R, scale, zero, *, bits: int, sym: bool, block_size: int, g: int,
+                   dynamic: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The GPTQ sweep of all experts: Wd (E, out, in) the weights, R (E, in, in) from damped_reverse_cholesky,
+    scale, zero (E, out, n_groups) (filled at group starts if dynamic). During the sweep the finished columns
+    of Wd hold D = W - Q; on return Wd holds Q = dequantize(codes) (the same float ops). Returns codes
+    (E, out, in) uint8 and row_loss (E, out) = Σ_j Err_j² / 2, as gptq()'s."""
+    E, out_f, in_f = Wd.shape
+    codes = torch.empty(E, out_f, in_f, dtype=torch.uint8, device=Wd.device)
+    sq_err = torch.zeros(E, out_f, dtype=Wd.dtype, device=Wd.device)
+    edges = _block_edges(in_f, block_size, g if g < in_f else 0)  # blocks hold whole groups
+    B = max(i2 - i1 for i1, i2 in edges)  # block buffers, allocated once (fresh memory is slow to touch)
+    W1_, Q1_, codes1_ = Wd.new_empty(E * out_f * B), Wd.new_empty(E * out_f * B), codes.new_empty(E * out_f * B)
+    G_ = R.new_empty(E * in_f * B)
+    for i1, i2 in edges:
+        W1, Q1, codes1 = (_view(t, E, out_f, i2 - i1) for t in (W1_, Q1_, codes1_))  # (E, out, B)
+        R_bb = R[:, i1:i2, i1:i2]  # (E, B, B)
+        eye = torch.eye(i2 - i1, dtype=R.dtype, device=R.device)
+        Hinv1 = torch.linalg.solve_triangular(R_bb, eye, upper=True)  # (E, B, B) Hinv_bb = R_bb⁻¹
+        if i1 == 0:
+            W1.copy_(Wd[..., :i2])
+        else:  # every earlier block's updates at once: W_b + D[:, :i1] G_b (section comment)
+            G = torch.bmm(R[:, :i1, i1:i2], Hinv1, out=_view(G_, E, i1, i2 - i1))  # (E, i1, B) R[:i1, b] R_bb⁻¹
+            torch.baddbmm(Wd[..., i1:i2], Wd[..., :i1], G.to(Wd.dtype), out=W1)  # (E, out, i1) @ (E, i1, B)
+        _sweep_block(W1, Hinv1.to(Wd.dtype), codes1, Q1, scale, zero, sq_err, i1=i1, g=g, dynamic=dynamic,
+                     bits=bits, sym=sym)
+        codes[..., i1:i2] = codes1
+        Wd[..., i1:i2] -= Q1  # from now on these columns of Wd are D = W - Q
+    for a in range(0, in_f, g):  # D -> Q, in place, group by group: (code - zero) · scale, as in the sweep
+        torch.mul(codes[..., a:a + g] - zero[..., a // g, None], scale[..., a // g, None], out=Wd[..., a:a + g])
+    return codes, sq_err / 2
+
+
+def _view(flat: torch.Tensor, *shape: int) -> torch.Tensor:
+    """The first prod(shape) elements of a flat buffer as a contiguous tensor of that shape."""
+    return flat[:math.prod(shape)].view(shape)
+
+
+@torch.no_grad()
+def gptq_batched(W: torch.Tensor | Sequence[torch.Tensor], H: torch.Tensor, *, bits: int, group_size: int = 128,
+                 sym: bool = False, block_size: int = 128, percdamp: float = 0.01, act_order: bool = False,
+                 static_groups: bool = False, max_retries: int = 3,
+                 names: Sequence[str] | None = None) -> list[GPTQResult]:
+    """GPTQ of E matrices of one shape at once, each with its own Hessian: W (E, out, in), H (E, in, in), e.g.
+    one projection of every expert of an MoE layer (W may also be a list of such stacks that share H, solved as
+    their row concatenation: see gptq_batched_shared). Same arguments and results as [gptq(W[e], H[e]) for e]
+    (equal codes up to float rounding: tests/test_gptq_batched.py) except act_order, which raises ValueError.
+    Damping escalates per expert. names: one per expert, for error messages."""
+    Ws = [W] if isinstance(W, torch.Tensor) else list(W)
+    dtype = _compute_dtype(Ws[0])
+    Wd = torch.cat([w.detach().to(dtype) for w in Ws], 1) if len(Ws) > 1 else W.detach().to(dtype, copy=True)
+    _check_batched_args(Wd, H, bits, group_size, block_size, percdamp, act_order, names)  # Wd (E, out, in): ours
+    E, out_f, in_f = Wd.shape
+    dead = torch.diagonal(H, dim1=-2, dim2=-1) == 0  # (E, in) channels no token reached
+    if bool(dead.any()):
+        H = H.clone()
+        torch.diagonal(H, dim1=-2, dim2=-1)[dead] = 1
+        Wd.masked_fill_(dead[:, None, :], 0)
+    R, damp, retries = damped_reverse_cholesky(H.detach(), percdamp=percdamp, max_retries=max_retries,
+                                               names=names)
+    g, dynamic = _group_len(in_f, group_size), group_size != -1 and not static_groups
+    if dynamic:  # filled group by group during the sweep
+        scale = torch.empty(E, out_f, n_groups(in_f, group_size), dtype=dtype, device=Wd.device)
+        zero = torch.empty_like(scale)
+    else:  # per channel, or static groups: from W before any update
+        scale, zero = (t.view(E, out_f, -1) for t in group_params(Wd.view(E * out_f, in_f), bits=bits,
+                                                                     group_size=group_size, sym=sym))
+    codes, row_loss = _sweep_batched(Wd, R, scale, zero, bits=bits, sym=sym, block_size=block_size, g=g,
+                                     dynamic=dynamic)  # Wd now holds Ŵ
+    zero = None if sym else zero.to(torch.uint8)
+    damp, retries, n_dead = damp.tolist(), retries.tolist(), dead.sum(1).tolist()
+    return [GPTQResult(codes=codes[e], scale=scale[e], zero=None if zero is None else zero[e], W_hat=Wd[e],
+                       damp=damp[e], retries=retries[e], row_loss=row_loss[e], n_dead=n_dead[e])
+            for e in range(E)]
+
+
+@torch.no_grad()
+def gptq_batched_shared(Ws: Sequence[torch.Tensor], H: torch.Tensor, **kwargs) -> list[list[GPTQResult]]:
+    """gptq_batched of several stacks of matrices that read the same inputs, e.g. Ws = [gate (E, I, in),
+    up (E, I, in)] of every expert, with one Hessian per expert H (E, in, in) (as gptq_shared for one expert).
+    Returns one list per matrix of Ws, with one result per expert. kwargs as for gptq_batched()."""
+    sizes = [W.shape[1] for W in Ws]
+    per_expert = [_split_rows(r, sizes) for r in gptq_batched(list(Ws), H, **kwargs)]
+    return [list(rs) for rs in zip(*per_expert)]
 
 
 @torch.no_grad()
