@@ -505,7 +505,7 @@ def gptq_batched(W: torch.Tensor | Sequence[torch.Tensor], H: torch.Tensor, *, b
     Damping escalates per expert. names: one per expert, for error messages."""
     Ws = [W] if isinstance(W, torch.Tensor) else list(W)
     dtype = _compute_dtype(Ws[0])
-    Wd = torch.cat([w.detach().to(dtype) for w in Ws], 1) if len(Ws) > 1 else W.detach().to(dtype, copy=True)
+    Wd = torch.cat([w.detach().to(dtype) for w in Ws], 1) if len(Ws) > 1 else Ws[0].detach().to(dtype, copy=True)
     _check_batched_args(Wd, H, bits, group_size, block_size, percdamp, act_order, names)  # Wd (E, out, in): ours
     E, out_f, in_f = Wd.shape
     dead = torch.diagonal(H, dim1=-2, dim2=-1) == 0  # (E, in) channels no token reached
@@ -604,6 +604,7 @@ class QuantArgs:
     block_size: int = 128
     percdamp: float = 0.01
     min_expert_tokens: int = 1  # experts with fewer routed tokens are quantized from the pooled MoE Hessian
+    batched_experts: bool = False  # solve all experts of a layer as one batched GPTQ problem
     lam: float = 1.0  # VEQ-MA: exponent λ on the router probability p
     gamma: float | None = None  # VEQ: text weight γ (VEQ-MA's α on text tokens); None -> calib/'s gamma
     gamma_source: str = "grad"  # which calib/ gamma: "grad" (the paper's |dL/dx| ratio) or "grad_x_input"
@@ -706,39 +707,69 @@ def pooled_hessian(layer, name: str, cap: LayerCapture) -> torch.Tensor:
     return cap.pool.finalize()
 
 
-def quantize_linears(layer, cap: LayerCapture, q: QuantArgs, prefix: str) -> dict:
-    """Quantize every linear of the layer from its captured Hessian (GPTQ) or directly (RTN), swap each for a
-    packed QuantLinear, and return the per-linear report."""
+def input_groups(layer, cap: LayerCapture, prefix: str) -> dict[str, list[str]]:
+    """Hessian key -> the linears reading that input. An expert no token reached reads the same (absent) input
+    with its gate and up, so they stay one group, as for every other expert."""
     by_key: dict[str, list[str]] = {}
     for name, mod in layer.named_modules():
         if isinstance(mod, nn.Linear):
             if name not in cap.key_of and not _EXPERT.match(name):
                 raise RuntimeError(f"{prefix}{name}: no calibration token reached this linear")
-            by_key.setdefault(cap.key_of.get(name, name), []).append(name)  # an expert nobody routed to: alone
+            key = cap.key_of.get(name) or (name[:-len("up_proj")] + "gate_proj" if name.endswith("up_proj") else name)
+            by_key.setdefault(key, []).append(name)
+    return by_key
+
+
+def solve_batched(layer, keys: list[str], by_key, H: dict, q: QuantArgs, prefix: str) -> dict:
+    """All experts' gate/up (one Hessian each) in one gptq_batched_shared call, all down_proj in one
+    gptq_batched call: same results as the per-expert loop up to float rounding ties (tests/test_gptq_batched)."""
+    out = {}
+    for role in ("gate_proj", "down_proj"):
+        ks = [k for k in keys if k.endswith(role)]
+        if not ks:
+            continue
+        stacks = [torch.stack([layer.get_submodule(by_key[k][j]).weight.float() for k in ks])
+                  for j in range(len(by_key[ks[0]]))]  # per reader of the input: (E, out, in)
+        res = gptq_batched_shared(stacks, torch.stack([H[k].float() for k in ks]), bits=q.bits,
+                                  group_size=q.group_size, sym=q.sym, block_size=q.block_size,
+                                  percdamp=q.percdamp, names=[prefix + k for k in ks])
+        for e, k in enumerate(ks):
+            out[k] = [res[j][e] for j in range(len(stacks))]
+    return out
+
+
+def quantize_linears(layer, cap: LayerCapture, q: QuantArgs, prefix: str) -> dict:
+    """Quantize every linear of the layer from its captured Hessian (GPTQ) or directly (RTN), swap each for a
+    packed QuantLinear, and return the per-linear report."""
+    by_key = input_groups(layer, cap, prefix)
+    starved = {k: _EXPERT.match(k) is not None and (cap.H[k].n_tokens if k in cap.H else 0) < q.min_expert_tokens
+               for k in by_key}
+    H = {k: pooled_hessian(layer, k, cap) if starved[k] else cap.H[k].finalize() for k in by_key}
+    results = {}
+    if q.batched_experts and q.method not in RTN_SOLVER:
+        results = solve_batched(layer, [k for k in by_key if _EXPERT.match(k)], by_key, H, q, prefix)
+    for key, names in by_key.items():
+        W = [layer.get_submodule(n).weight.float() for n in names]
+        if key in results:
+            continue
+        if q.method in RTN_SOLVER:
+            results[key] = [rtn(w, bits=q.bits, group_size=q.group_size, sym=q.sym) for w in W]
+        else:
+            results[key] = gptq_shared(W, H[key].float(), bits=q.bits, group_size=q.group_size, sym=q.sym,
+                                       block_size=q.block_size, percdamp=q.percdamp, act_order=q.act_order,
+                                       static_groups=q.static_groups, name=prefix + key)
     report = {}
     for key, names in by_key.items():
-        linears = [layer.get_submodule(n) for n in names]
-        seen = cap.H[key].n_tokens if key in cap.H else 0
-        starved = _EXPERT.match(key) is not None and seen < q.min_expert_tokens
-        H = pooled_hessian(layer, key, cap) if starved else cap.H[key].finalize()
-        W = [lin.weight.float() for lin in linears]
-        if q.method in RTN_SOLVER:
-            results = [rtn(w, bits=q.bits, group_size=q.group_size, sym=q.sym) for w in W]
-            damp, retries = None, 0
-        else:
-            results = gptq_shared(W, H.float(), bits=q.bits, group_size=q.group_size, sym=q.sym,
-                                  block_size=q.block_size, percdamp=q.percdamp, act_order=q.act_order,
-                                  static_groups=q.static_groups, name=prefix + key)
-            damp, retries = results[0].damp, results[0].retries
         n_text, n_vis = cap.tokens.get(key, (0, 0))
-        for name, lin, w, r in zip(names, linears, W, results):
+        for name, r in zip(names, results[key]):
+            lin = layer.get_submodule(name)
             ql = model_lib.QuantLinear.from_codes(r.codes, r.scale, r.zero, bits=q.bits, group_size=q.group_size,
                                                   sym=q.sym, abits=q.abits if q.abits < 16 else None)
+            report[name] = {"tokens_text": n_text, "tokens_vis": n_vis, "pooled_hessian": starved[key],
+                            "damp": getattr(r, "damp", None), "cholesky_retries": getattr(r, "retries", 0),
+                            "rel_error": relative_output_error(lin.weight.float(), r.W_hat, H[key])}
             parent, _, attr = name.rpartition(".")
             setattr(layer.get_submodule(parent) if parent else layer, attr, ql.to(lin.weight.device))
-            report[name] = {"tokens_text": n_text, "tokens_vis": n_vis, "pooled_hessian": starved,
-                            "damp": damp, "cholesky_retries": retries,
-                            "rel_error": relative_output_error(w, r.W_hat, H)}
     return report
 
 
@@ -1080,6 +1111,8 @@ def main(argv=None):
     p.add_argument("--percdamp", type=float, default=0.01, help="GPTQ damping, fraction of mean(diag H)")
     p.add_argument("--min-expert-tokens", type=int, default=1,
                    help="experts with fewer routed calibration tokens use the layer's pooled MoE Hessian")
+    p.add_argument("--batched-experts", action="store_true",
+                   help="GPTQ all experts of a layer as one batched problem (same result up to rounding ties)")
     p.add_argument("--lam", type=float, default=1.0, help="VEQ-MA: exponent on the router probability")
     p.add_argument("--gamma", type=float, default=None, help="VEQ-MA: text-token weight (default: calib/'s gamma)")
     p.add_argument("--gamma-source", default="grad", choices=("grad", "grad_x_input"),
@@ -1100,7 +1133,7 @@ def main(argv=None):
                   act_order=a.act_order, static_groups=a.static_groups, percdamp=a.percdamp,
                   min_expert_tokens=a.min_expert_tokens, lam=a.lam, gamma=a.gamma, affinity=not a.no_affinity,
                   modality=not a.no_modality, plain_dense=a.plain_dense, use_gamma=not a.no_gamma,
-                  use_beta=not a.no_beta, gamma_source=a.gamma_source)
+                  use_beta=not a.no_beta, gamma_source=a.gamma_source, batched_experts=a.batched_experts)
     command = "python gptq.py " + " ".join(argv if argv is not None else sys.argv[1:])
     report = quantize_model(a.model, a.calib, a.out, q, resume=a.resume, device=a.device, command=command)
     if a.fake_quant:

@@ -150,3 +150,32 @@ def test_veq_me_importance_is_gamma_n_text_plus_beta_n_vis():
     assert gptq.expert_importance(consumers, counts, 2.0, 0.5, q) == [2 * 3 + 0.5 * 1, 0.5 * 5, 2 * 10 + 0.5 * 20]
     q_ablate = gptq.QuantArgs(method="veq-me", use_gamma=False, use_beta=False)
     assert gptq.expert_importance(consumers, counts, 2.0, 0.5, q_ablate) == [4.0, 5.0, 30.0]
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_batched_experts_match_the_per_expert_loop_on_the_bundled_model(bits, tmp_path):
+    """The all-experts batched solver against the per-expert reference loop, end to end. Not bitwise: float32
+    summation order flips a few rounding ties, and a flip in layer l changes the inputs (and routing) of
+    layer l+1 (measured: W4 269, W3 8025 of 2.16M codes differ; in layer 0, 8 and 40 of 541k). So: on layer 0, whose inputs are identical in both runs,
+    >= 99.5% of the codes of every tensor equal and the same relative output error within 1%; over the whole
+    model >= 99% of the codes equal."""
+    from safetensors.torch import load_file
+
+    qwen = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "tiny-qwen3-vl-moe")
+    calibrate.calibrate(qwen, n=6, seed=0, out=str(tmp_path / "c"), command="test")
+    outs, reps = [], []
+    for batched in (False, True):
+        q = gptq.QuantArgs(method="veq-ma", bits=bits, group_size=32, batched_experts=batched)
+        reps.append(gptq.quantize_model(qwen, str(tmp_path / "c"), str(tmp_path / f"q{batched}"), q, command="t"))
+        outs.append(load_file(str(tmp_path / f"q{batched}" / "model.safetensors")))
+    equal = total = 0
+    for k in [k for k in outs[0] if k.endswith("weight_packed")]:
+        shape = outs[0][k.replace("weight_packed", "weight_shape")].tolist()
+        a, b = (model.unpack_int32(o[k], bits, shape) for o in outs)
+        if ".layers.0." in k:
+            assert (a == b).float().mean() >= 0.995, k
+        equal, total = equal + int((a == b).sum()), total + a.numel()
+    assert equal / total >= 0.99, equal / total
+    for name, r in reps[0]["layers"]["0"]["linears"].items():
+        other = reps[1]["layers"]["0"]["linears"][name]["rel_error"]
+        assert abs(other - r["rel_error"]) <= 0.01 * r["rel_error"] + 1e-9, name
