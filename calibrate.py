@@ -163,7 +163,7 @@ def summary(stats: dict, hidden: int) -> str:
     low = (stats["n_text"] + stats["n_vis"]) < 2 * hidden
     lines = [f"tokens: text {stats['T_text']}, image {stats['T_vis']} "
              f"(beta = T_text / T_vis = {stats['T_text'] / max(1, stats['T_vis']):.3f})",
-             f"gamma (text/vision gradient ratio): "
+             "gamma (text/vision gradient ratio): "
              + (f"{stats['gamma']:.3f} (mean; median {stats['gamma_median']:.3f}) over "
                 f"{sum(r is not None for r in stats['gamma_per_sample'])} image samples; with |x * grad| instead "
                 f"of |grad|: {stats['gamma_grad_x_input']:.3f}"

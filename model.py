@@ -30,7 +30,7 @@ import math
 import os
 import re
 import sys
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -296,6 +296,15 @@ class TextModel(nn.Module):
         self.embed_tokens = nn.Embedding(vocab, hidden)
         self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(hidden, eps)
+
+
+def text_model(cfg, attention: type, moe: type) -> TextModel:
+    """The decoder of either family: layer i gets the family's attention, and its MoE block where
+    cfg.is_moe(i), else a dense SwiGLU of cfg.intermediate_size."""
+    return TextModel(cfg.vocab_size, cfg.hidden_size, cfg.rms_norm_eps, [
+        DecoderLayer(cfg.hidden_size, cfg.rms_norm_eps, attention(cfg, i),
+                     moe(cfg) if cfg.is_moe(i) else SwiGLU(cfg.hidden_size, cfg.intermediate_size))
+        for i in range(cfg.num_hidden_layers)])
 
 
 def swiglu_groups(layer: nn.Module) -> list[tuple[str, list[str], None]]:
@@ -632,20 +641,13 @@ class QwenMoE(nn.Module):
         return run_experts(self.experts, x, topk_idx, topk_w).view(shape)
 
 
-def qwen_text_model(cfg: QwenTextConfig) -> "TextModel":
-    return TextModel(cfg.vocab_size, cfg.hidden_size, cfg.rms_norm_eps, [
-        DecoderLayer(cfg.hidden_size, cfg.rms_norm_eps, QwenAttention(cfg, i),
-                     QwenMoE(cfg) if cfg.is_moe(i) else SwiGLU(cfg.hidden_size, cfg.intermediate_size))
-        for i in range(cfg.num_hidden_layers)])
-
-
 class _QwenInner(nn.Module):
     """Holds `visual` and `language_model` so parameter names equal the checkpoint's `model.*` keys."""
 
     def __init__(self, cfg: Qwen3VLMoeConfig):
         super().__init__()
         self.visual = QwenVisionModel(cfg.vision)
-        self.language_model = qwen_text_model(cfg.text)
+        self.language_model = text_model(cfg.text, QwenAttention, QwenMoE)
 
 
 def mrope_position_ids(input_ids, image_grid_thw, attention_mask, image_token_id: int, merge: int):
@@ -1142,19 +1144,12 @@ class KimiMoE(nn.Module):
         return y.view(shape)
 
 
-def kimi_text_model(cfg: KimiTextConfig) -> "TextModel":
-    return TextModel(cfg.vocab_size, cfg.hidden_size, cfg.rms_norm_eps, [
-        DecoderLayer(cfg.hidden_size, cfg.rms_norm_eps, MLAttention(cfg, i),
-                     KimiMoE(cfg) if cfg.is_moe(i) else SwiGLU(cfg.hidden_size, cfg.intermediate_size))
-        for i in range(cfg.num_hidden_layers)])
-
-
 class KimiLanguageModel(nn.Module):
     """`language_model.model.*` and `language_model.lm_head`, as in the checkpoint."""
 
     def __init__(self, cfg: KimiTextConfig):
         super().__init__()
-        self.model = kimi_text_model(cfg)
+        self.model = text_model(cfg, MLAttention, KimiMoE)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
 

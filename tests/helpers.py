@@ -30,6 +30,20 @@ QWEN_CHAT_TEMPLATE = (
 )
 
 
+def random_image(h, w, seed):
+    """An RGB noise image (h x w) from a seed."""
+    import numpy as np
+    from PIL import Image
+
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+def user(*items):
+    """A one-turn chat: None stands for an image, a string for text, in order."""
+    content = [{"type": "image"} if it is None else {"type": "text", "text": it} for it in items]
+    return [{"role": "user", "content": content}]
+
+
 def build_tokenizer(special_tokens, vocab_size=300):
     """A small byte-level BPE (the Qwen/Kimi kind) trained on a fixed corpus, with the family's special tokens."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

@@ -16,7 +16,7 @@ def test_routing_counts_and_round_trip(tiny_qwen, tmp_path):
     assert torch.equal(r["n_vis"].sum(1), torch.full((len(r["moe_layers"]),), float(k * r["T_vis"])))
     assert torch.allclose(r["mean_prob"].sum(1), torch.ones(len(r["moe_layers"])), atol=1e-5)
     # the token totals are the samples' prompt + answer lengths
-    m, proc = model.load_model(tiny_qwen), data.load_processor(tiny_qwen)
+    proc = data.load_processor(tiny_qwen)
     samples = calibrate.calibration_samples(r)
     encs = [data.encode_qa_batch(proc, [s]) for s in samples]
     assert r["T_vis"] == sum(int(e["is_vis"].sum()) for e in encs)

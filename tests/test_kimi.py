@@ -22,14 +22,7 @@ TOL = 1e-4
 QLORA = dict(q_lora_rank=24, n_group=2, topk_group=1, num_experts_per_tok=3)
 
 
-def image(h, w, seed):
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
-
-
-def user(*items):
-    content = [{"type": "image"} if it is None else {"type": "text", "text": it} for it in items]
-    return [{"role": "user", "content": content}]
+from helpers import random_image as image, user  # noqa: E402
 
 
 def max_diff(a, b, keep=None):

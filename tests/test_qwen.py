@@ -4,10 +4,8 @@ import json
 import os
 import shutil
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import data
 import model
@@ -15,14 +13,7 @@ import model
 TOL = 1e-4
 
 
-def image(h, w, seed):
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
-
-
-def user(*items):
-    content = [{"type": "image"} if it is None else {"type": "text", "text": it} for it in items]
-    return [{"role": "user", "content": content}]
+from helpers import random_image as image, user  # noqa: E402
 
 
 def hf_logits(hf, enc):
