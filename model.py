@@ -1329,6 +1329,24 @@ def _expand_groups(t: torch.Tensor, in_features: int, group_size: int) -> torch.
     return t.repeat_interleave(in_features if group_size == -1 else group_size, dim=1)[:, :in_features]
 
 
+def quant_linear_forward(ql: "QuantLinear", x):
+    """What a QuantLinear computes: optional per-token activation fake-quant, dequantize, F.linear."""
+    if ql.abits is not None:
+        x = fake_quant_act(x, bits=ql.abits)
+    return F.linear(x, ql.dequantize().to(x.dtype), None if ql.bias is None else ql.bias.to(x.dtype))
+
+
+# The function every QuantLinear calls. `use_compiled_quant_linear()` swaps in a torch.compile'd version at the
+# call site (the CLI's --compile); nothing compiled is stored in the modules or the checkpoint.
+QUANT_LINEAR_FN = {"fn": quant_linear_forward}
+
+
+def use_compiled_quant_linear(enabled: bool = True):
+    """Route every QuantLinear through torch.compile(quant_linear_forward) (dynamic shapes: one graph family
+    for all linears), or back to the eager function."""
+    QUANT_LINEAR_FN["fn"] = torch.compile(quant_linear_forward, dynamic=True) if enabled else quant_linear_forward
+
+
 class QuantLinear(nn.Module):
     """A bias-optional linear layer whose weight is stored packed and dequantized on every forward (plain torch
     ops, then F.linear). Tensors under compressed-tensors' names:
@@ -1390,9 +1408,7 @@ class QuantLinear(nn.Module):
         return (codes.to(scale.dtype) - zero) * scale
 
     def forward(self, x):
-        if self.abits is not None:
-            x = fake_quant_act(x, bits=self.abits)
-        return F.linear(x, self.dequantize().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        return QUANT_LINEAR_FN["fn"](self, x)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
@@ -1599,7 +1615,11 @@ def main(argv=None):
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="weight/activation dtype (default: float32 on CPU, bfloat16 on GPU)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    p.add_argument("--compile", action="store_true",
+                   help="run packed (quantized) linears through torch.compile (first call compiles)")
     args = p.parse_args(argv)
+    if args.compile:
+        use_compiled_quant_linear(True)
 
     from data import load_processor  # data.py never imports model.py, so no loop
 

@@ -179,3 +179,18 @@ def test_batched_experts_match_the_per_expert_loop_on_the_bundled_model(bits, tm
     for name, r in reps[0]["layers"]["0"]["linears"].items():
         other = reps[1]["layers"]["0"]["linears"][name]["rel_error"]
         assert abs(other - r["rel_error"]) <= 0.01 * r["rel_error"] + 1e-9, name
+
+
+def test_compiled_quant_linear_path_equals_eager(tiny_qwen, calib, tmp_path):
+    run(tiny_qwen, calib, tmp_path / "q", method="gptq", bits=4, abits=8)
+    m, proc = model.load_model(str(tmp_path / "q")), data.load_processor(str(tmp_path / "q"))
+    s = next(s for s in data.shapes_benchmark(5) if s.image is not None)
+    e = data.encode_sample(proc, s)
+    vision = data.vision_inputs(e)
+    eager = m(e["input_ids"], **vision)
+    model.use_compiled_quant_linear(True)
+    try:
+        compiled = m(e["input_ids"], **vision)
+    finally:
+        model.use_compiled_quant_linear(False)
+    assert (compiled - eager).abs().max() <= 1e-4 * eager.abs().max()
