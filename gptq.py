@@ -605,6 +605,7 @@ class QuantArgs:
     percdamp: float = 0.01
     min_expert_tokens: int = 1  # experts with fewer routed tokens are quantized from the pooled MoE Hessian
     batched_experts: bool = False  # solve all experts of a layer as one batched GPTQ problem
+    quantize_vision: bool = False  # also quantize the vision tower's / projector's linears
     lam: float = 1.0  # VEQ-MA: exponent λ on the router probability p
     gamma: float | None = None  # VEQ: text weight γ (VEQ-MA's α on text tokens); None -> calib/'s gamma
     gamma_source: str = "grad"  # which calib/ gamma: "grad" (the paper's |dL/dx| ratio) or "grad_x_input"
@@ -883,6 +884,38 @@ def run_layer(m, i: int, samples: list) -> list:
         return [Sample_(m.after_layer(i, layer(s.x, s.ctx), s.ctx), s.ctx, s.is_vis) for s in samples]
 
 
+def quantize_vision_tower(m, proc, samples, q: QuantArgs, device) -> dict:
+    """--quantize-vision: GPTQ (RTN for the RTN methods) every nn.Linear of the vision tower and projector from
+    the Hessians of their inputs on the calibration images (unweighted, all patches), before the decoder
+    loop, so the decoder is calibrated on the quantized tower's features. The patch embedding stays float."""
+    linears = {f"v{j}.{n}": mod for j, root in enumerate(m.vision_modules())
+               for n, mod in root.named_modules() if isinstance(mod, nn.Linear)}
+    H = {k: Hessian(mod.in_features, dtype=torch.float64) for k, mod in linears.items()}
+    handles = [mod.register_forward_pre_hook(lambda mod_, a, k=k: H[k].add(a[0])) for k, mod in linears.items()]
+    try:
+        with torch.no_grad():
+            for s in samples:
+                if s.image is not None:
+                    e = data.encode_sample(proc, s)
+                    m.embed(e["input_ids"].to(device), **{k: v.to(device) for k, v in data.vision_inputs(e).items()})
+    finally:
+        for h in handles:
+            h.remove()
+    report = {}
+    for k, lin in linears.items():
+        Hk, W = H[k].finalize(), lin.weight.float()
+        r = rtn(W, bits=q.bits, group_size=q.group_size, sym=q.sym) if q.method in RTN_SOLVER else \
+            gptq(W, Hk.float(), bits=q.bits, group_size=q.group_size, sym=q.sym, block_size=q.block_size,
+                 percdamp=q.percdamp, name=k)
+        ql = model_lib.QuantLinear.from_codes(r.codes, r.scale, r.zero, bits=q.bits, group_size=q.group_size,
+                                              sym=q.sym, bias=None if lin.bias is None else lin.bias.float())
+        root = m.vision_modules()[int(k[1:k.index(".")])]
+        parent, _, attr = k[k.index(".") + 1:].rpartition(".")
+        setattr(root.get_submodule(parent) if parent else root, attr, ql.to(lin.weight.device))
+        report[k] = {"tokens": H[k].n_tokens, "rel_error": relative_output_error(W, r.W_hat, Hk)}
+    return report
+
+
 def embed_samples(m, proc, samples, device) -> list:
     """Decoder inputs of every calibration sample (prompt + gold answer, teacher forced, batch 1)."""
     out = []
@@ -952,8 +985,8 @@ def write_output(m, model_dir: str, out: str, q: QuantArgs, partial: str, report
     tmp = out.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    layer_keys = {k for i in range(len(m.layers)) for k in m.layer_keys(i)}
-    tensors = {k: t for k, t in model_lib.checkpoint_state_dict(m, keys=[k for k in m.sources if k not in layer_keys]).items()}
+    prefixes = tuple(m.layer_prefix(i) for i in range(len(m.layers)))
+    tensors = model_lib.checkpoint_state_dict(m, keys=[k for k in m.state_dict() if not k.startswith(prefixes)])
     for i in range(len(m.layers)):
         tensors.update(load_file(os.path.join(partial, f"layer_{i:04d}.safetensors")))
     save_atomic(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
@@ -981,7 +1014,7 @@ def export_fake_quant(quantized: str, dst: str):
     from safetensors.torch import save_file
 
     m = model_lib.load_model(quantized, dtype=torch.float32)
-    for layer in m.layers:
+    for layer in list(m.layers) + m.vision_modules():
         for name, ql in [(n, mod) for n, mod in layer.named_modules() if isinstance(mod, model_lib.QuantLinear)]:
             lin = nn.Linear(ql.in_features, ql.out_features, bias=ql.bias is not None)
             lin.weight = nn.Parameter(ql.dequantize().float(), requires_grad=False)
@@ -1045,14 +1078,16 @@ def quantize_model(model: str, calib: str = "calib", out: str = "quantized", q: 
         raise ValueError(f"{calib}/calib.json has no gamma (calibrate.py --no-gamma?); pass --gamma or --no-modality")
     m = model_lib.load_model(model, dtype=torch.float32, device=device, lazy_layers=True)
     proc = data.load_processor(model)
-    acts = embed_samples(m, proc, calibrate.calibration_samples(cal), device)
+    samples = calibrate.calibration_samples(cal)
+    vision_report = quantize_vision_tower(m, proc, samples, q, device) if q.quantize_vision else None
+    acts = embed_samples(m, proc, samples, device)
     partial = out.rstrip("/") + ".partial"
     if not resume:
         shutil.rmtree(partial, ignore_errors=True)
     os.makedirs(partial, exist_ok=True)
     report = {"method": q.method, "bits": q.bits, "group_size": q.group_size, "abits": q.abits, "sym": q.sym,
               "model": model, "calib": calib, "gamma": gamma, "n_samples": len(acts), "seed": cal["seed"],
-              "command": command or " ".join(sys.argv), "args": asdict(q), "layers": {}}
+              "command": command or " ".join(sys.argv), "args": asdict(q), "vision": vision_report, "layers": {}}
     n = len(m.layers)
     for i in range(n):
         t_layer = time.time()
@@ -1111,6 +1146,8 @@ def main(argv=None):
     p.add_argument("--percdamp", type=float, default=0.01, help="GPTQ damping, fraction of mean(diag H)")
     p.add_argument("--min-expert-tokens", type=int, default=1,
                    help="experts with fewer routed calibration tokens use the layer's pooled MoE Hessian")
+    p.add_argument("--quantize-vision", action="store_true",
+                   help="also quantize the vision tower's and projector's linears (patch embedding stays float)")
     p.add_argument("--batched-experts", action="store_true",
                    help="GPTQ all experts of a layer as one batched problem (same result up to rounding ties)")
     p.add_argument("--lam", type=float, default=1.0, help="VEQ-MA: exponent on the router probability")
@@ -1133,7 +1170,8 @@ def main(argv=None):
                   act_order=a.act_order, static_groups=a.static_groups, percdamp=a.percdamp,
                   min_expert_tokens=a.min_expert_tokens, lam=a.lam, gamma=a.gamma, affinity=not a.no_affinity,
                   modality=not a.no_modality, plain_dense=a.plain_dense, use_gamma=not a.no_gamma,
-                  use_beta=not a.no_beta, gamma_source=a.gamma_source, batched_experts=a.batched_experts)
+                  use_beta=not a.no_beta, gamma_source=a.gamma_source, batched_experts=a.batched_experts,
+                  quantize_vision=a.quantize_vision)
     command = "python gptq.py " + " ".join(argv if argv is not None else sys.argv[1:])
     report = quantize_model(a.model, a.calib, a.out, q, resume=a.resume, device=a.device, command=command)
     if a.fake_quant:

@@ -703,6 +703,10 @@ class Qwen3VLMoeModel(MoEVLM):
     def vision_blocks(self) -> nn.ModuleList:
         return self.model.visual.blocks
 
+    def vision_modules(self) -> list[nn.Module]:
+        """Everything that turns pixels into decoder inputs (what --quantize-vision quantizes)."""
+        return [self.model.visual]
+
     def scaling_groups(self, i: int) -> list[tuple[str, list[str], str | None]]:
         """(producer, consumer linears, router or None) of decoder layer i, names relative to the layer: where a
         per-channel scale can be folded into the producer (a norm or a linear's output rows) exactly."""
@@ -1189,6 +1193,10 @@ class KimiVLModel(MoEVLM):
     def vision_blocks(self) -> nn.ModuleList:
         return self.vision_tower.encoder.blocks
 
+    def vision_modules(self) -> list[nn.Module]:
+        """Everything that turns pixels into decoder inputs (what --quantize-vision quantizes)."""
+        return [self.vision_tower, self.multi_modal_projector]
+
     def scaling_groups(self, i: int) -> list[tuple[str, list[str], str | None]]:
         """(producer, consumer linears, router or None) of decoder layer i, names relative to the layer."""
         layer = self.layers[i]
@@ -1558,7 +1566,8 @@ def quantization_settings(checkpoint_dir: str) -> dict | None:
     w, a = groups[0]["weights"], groups[0].get("input_activations")
     group_size = -1 if w.get("strategy") == "channel" else int(w["group_size"])
     return dict(bits=int(w["num_bits"]), group_size=group_size, sym=bool(w["symmetric"]),
-                abits=None if a is None else int(a["num_bits"]))
+                abits=None if a is None else int(a["num_bits"]),
+                vision=bool(qc.get("moe_vlm_quant", {}).get("quantize_vision", False)))
 
 
 def to_quant_shells(layer: nn.Module, *, bits: int, group_size: int, sym: bool, abits: int | None):
@@ -1583,8 +1592,9 @@ def load_model(checkpoint_dir: str, dtype=torch.float32, device="cpu", lazy_laye
     with torch.device("meta"):
         model = MODELS[cfg.model_type](cfg)
         if quant is not None:
-            for i in range(len(model.layers)):
-                to_quant_shells(model.layers[i], **quant)
+            vision = quant.pop("vision")
+            for mod in list(model.layers) + (model.vision_modules() if vision else []):
+                to_quant_shells(mod, **quant)
     model.eval().requires_grad_(False)
     model.bind(ckpt, dtype, device)
     used = {src for src, _ in model.sources.values()}

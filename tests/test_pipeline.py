@@ -194,3 +194,27 @@ def test_compiled_quant_linear_path_equals_eager(tiny_qwen, calib, tmp_path):
     finally:
         model.use_compiled_quant_linear(False)
     assert (compiled - eager).abs().max() <= 1e-4 * eager.abs().max()
+
+
+def test_quantize_vision_packs_the_tower_and_exports_exactly(tiny_qwen, calib, tmp_path):
+    from transformers import Qwen3VLMoeForConditionalGeneration
+
+    rep = run(tiny_qwen, calib, tmp_path / "q", method="gptq", bits=4, sym=True, quantize_vision=True)
+    assert rep["vision"] and all(r["tokens"] > 0 for r in rep["vision"].values())
+    m = model.load_model(str(tmp_path / "q"))
+    assert isinstance(m.model.visual.blocks[0].attn.qkv, model.QuantLinear)
+    assert isinstance(m.model.visual.merger.linear_fc2, model.QuantLinear)
+    assert m.model.visual.blocks[0].attn.qkv.bias is not None  # vision biases kept
+    gptq.export_fake_quant(str(tmp_path / "q"), str(tmp_path / "fq"))
+    hf = Qwen3VLMoeForConditionalGeneration.from_pretrained(str(tmp_path / "fq"), dtype=torch.float32).eval()
+    proc = data.load_processor(str(tmp_path / "q"))
+    s = next(s for s in data.shapes_benchmark(5) if s.image is not None)
+    e = data.encode_sample(proc, s)
+    with torch.no_grad():
+        ours = m(e["input_ids"], pixel_values=e["pixel_values"], image_grid_thw=e["image_grid_thw"])
+        ref = hf(input_ids=e["input_ids"], pixel_values=e["pixel_values"], image_grid_thw=e["image_grid_thw"],
+                 mm_token_type_ids=e["is_vis"].int()).logits
+        unquantized_vision = model.load_model(tiny_qwen)(e["input_ids"], pixel_values=e["pixel_values"],
+                                                         image_grid_thw=e["image_grid_thw"])
+    assert (ours - ref).abs().max() <= 1e-4
+    assert (ours - unquantized_vision).abs().max() > 1e-4  # the tower really changed
