@@ -617,7 +617,7 @@ class QuantArgs:
 
 
 @dataclass
-class Sample_:
+class LayerInput:
     """One calibration sample flowing through the decoder: hidden states (1, T, D), the per-forward inputs,
     and which positions are image tokens (T,)."""
 
@@ -881,7 +881,7 @@ def run_layer(m, i: int, samples: list) -> list:
     """The layer's outputs (+ DeepStack injection) for every sample."""
     layer = m.layers[i]
     with torch.no_grad():
-        return [Sample_(m.after_layer(i, layer(s.x, s.ctx), s.ctx), s.ctx, s.is_vis) for s in samples]
+        return [LayerInput(m.after_layer(i, layer(s.x, s.ctx), s.ctx), s.ctx, s.is_vis) for s in samples]
 
 
 def quantize_vision_tower(m, proc, samples, q: QuantArgs, device) -> dict:
@@ -924,7 +924,7 @@ def embed_samples(m, proc, samples, device) -> list:
             b = data.encode_qa_batch(proc, [s])
             vision = {k: v.to(device) for k, v in data.vision_inputs(b).items()}
             x, ctx = m.embed(b["input_ids"].to(device), **vision)
-            out.append(Sample_(x, ctx, b["is_vis"][0].to(device)))
+            out.append(LayerInput(x, ctx, b["is_vis"][0].to(device)))
     return out
 
 

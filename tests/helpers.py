@@ -30,6 +30,21 @@ QWEN_CHAT_TEMPLATE = (
 )
 
 
+PARITY_TOL = 1e-4  # fp32 max |dlogit| accepted against the transformers oracle
+
+
+def assert_parity(a, b, keep=None, tol=PARITY_TOL):
+    """max |a - b| <= tol and equal argmax (over the positions in `keep`, if given); returns the max diff."""
+    import torch
+
+    if keep is not None:
+        a, b = a[keep], b[keep]
+    diff = (a - b).abs().max().item()
+    assert diff <= tol, f"max |dlogit| = {diff:.3g} > {tol}"
+    assert torch.equal(a.argmax(-1), b.argmax(-1)), "argmax differs"
+    return diff
+
+
 def random_image(h, w, seed):
     """An RGB noise image (h x w) from a seed."""
     import numpy as np

@@ -22,16 +22,9 @@ TOL = 1e-4
 QLORA = dict(q_lora_rank=24, n_group=2, topk_group=1, num_experts_per_tok=3)
 
 
-from helpers import random_image as image, user  # noqa: E402
+from helpers import assert_parity as max_diff, random_image as image, user  # noqa: E402
 
 
-def max_diff(a, b, keep=None):
-    if keep is not None:
-        a, b = a[keep], b[keep]
-    diff = (a - b).abs().max().item()
-    assert diff <= TOL, f"max |dlogit| = {diff:.3g} > {TOL}"
-    assert torch.equal(a.argmax(-1), b.argmax(-1)), "argmax differs"
-    return diff
 
 
 def ours(m, enc):

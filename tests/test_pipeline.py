@@ -77,20 +77,26 @@ def test_packed_output_format_and_report(tiny_qwen, calib, tmp_path):
     assert one["tokens_text"] + one["tokens_vis"] > 0 and one["rel_error"] < 0.1 and one["damp"] > 0
 
 
-def test_fake_quant_export_loads_in_transformers_with_equal_logits(tiny_qwen, calib, tmp_path):
+def packed_vs_transformers_fake_quant(tmp_path):
+    """Logits of model.py on the packed tmp_path/q and of transformers on its fake-quant export, one image
+    prompt; also returns the encoded prompt."""
     from transformers import Qwen3VLMoeForConditionalGeneration
 
-    run(tiny_qwen, calib, tmp_path / "q", method="gptq", bits=4, sym=True)
     gptq.export_fake_quant(str(tmp_path / "q"), str(tmp_path / "fq"))
     packed = model.load_model(str(tmp_path / "q"))
     hf = Qwen3VLMoeForConditionalGeneration.from_pretrained(str(tmp_path / "fq"), dtype=torch.float32).eval()
     proc = data.load_processor(str(tmp_path / "q"))
-    s = next(s for s in data.shapes_benchmark(5) if s.image is not None)
-    e = data.encode_sample(proc, s)
+    e = data.encode_sample(proc, next(s for s in data.shapes_benchmark(5) if s.image is not None))
     with torch.no_grad():
         ours = packed(e["input_ids"], pixel_values=e["pixel_values"], image_grid_thw=e["image_grid_thw"])
         ref = hf(input_ids=e["input_ids"], pixel_values=e["pixel_values"], image_grid_thw=e["image_grid_thw"],
                  mm_token_type_ids=e["is_vis"].int()).logits
+    return ours, ref, e
+
+
+def test_fake_quant_export_loads_in_transformers_with_equal_logits(tiny_qwen, calib, tmp_path):
+    run(tiny_qwen, calib, tmp_path / "q", method="gptq", bits=4, sym=True)
+    ours, ref, _ = packed_vs_transformers_fake_quant(tmp_path)
     assert (ours - ref).abs().max() <= 1e-4
 
 
@@ -197,23 +203,14 @@ def test_compiled_quant_linear_path_equals_eager(tiny_qwen, calib, tmp_path):
 
 
 def test_quantize_vision_packs_the_tower_and_exports_exactly(tiny_qwen, calib, tmp_path):
-    from transformers import Qwen3VLMoeForConditionalGeneration
-
     rep = run(tiny_qwen, calib, tmp_path / "q", method="gptq", bits=4, sym=True, quantize_vision=True)
     assert rep["vision"] and all(r["tokens"] > 0 for r in rep["vision"].values())
     m = model.load_model(str(tmp_path / "q"))
     assert isinstance(m.model.visual.blocks[0].attn.qkv, model.QuantLinear)
     assert isinstance(m.model.visual.merger.linear_fc2, model.QuantLinear)
     assert m.model.visual.blocks[0].attn.qkv.bias is not None  # vision biases kept
-    gptq.export_fake_quant(str(tmp_path / "q"), str(tmp_path / "fq"))
-    hf = Qwen3VLMoeForConditionalGeneration.from_pretrained(str(tmp_path / "fq"), dtype=torch.float32).eval()
-    proc = data.load_processor(str(tmp_path / "q"))
-    s = next(s for s in data.shapes_benchmark(5) if s.image is not None)
-    e = data.encode_sample(proc, s)
+    ours, ref, e = packed_vs_transformers_fake_quant(tmp_path)
     with torch.no_grad():
-        ours = m(e["input_ids"], pixel_values=e["pixel_values"], image_grid_thw=e["image_grid_thw"])
-        ref = hf(input_ids=e["input_ids"], pixel_values=e["pixel_values"], image_grid_thw=e["image_grid_thw"],
-                 mm_token_type_ids=e["is_vis"].int()).logits
         unquantized_vision = model.load_model(tiny_qwen)(e["input_ids"], pixel_values=e["pixel_values"],
                                                          image_grid_thw=e["image_grid_thw"])
     assert (ours - ref).abs().max() <= 1e-4

@@ -13,7 +13,7 @@ import model
 TOL = 1e-4
 
 
-from helpers import random_image as image, user  # noqa: E402
+from helpers import assert_parity, random_image as image, user  # noqa: E402
 
 
 def hf_logits(hf, enc):
@@ -28,15 +28,6 @@ def hf_logits(hf, enc):
 def ours(m, enc):
     vision = {k: enc[k] for k in ("pixel_values", "image_grid_thw") if k in enc}
     return m(enc["input_ids"], attention_mask=enc.get("attention_mask"), **vision)
-
-
-def assert_parity(a, b, keep=None):
-    if keep is not None:
-        a, b = a[keep], b[keep]
-    diff = (a - b).abs().max().item()
-    assert diff <= TOL, f"max |dlogit| = {diff:.3g} > {TOL}"
-    assert torch.equal(a.argmax(-1), b.argmax(-1)), "argmax differs"
-    return diff
 
 
 @pytest.fixture(scope="module")
@@ -192,3 +183,18 @@ def test_generation_cli(tiny_qwen, tmp_path, capsys):
     image(50, 70, 8).save(path)
     model.main(["--model", tiny_qwen, "--image", str(path), "--prompt", "what color", "--max-new-tokens", "4"])
     assert capsys.readouterr().out.endswith("\n")
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_fused_attention_equals_the_written_out_reference(padded):
+    """model.attention (SDPA, GQA, kernel causal path) against model.attention_reference (softmax written out)."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, h, 7, 16, generator=g) for h in (4, 2, 2))
+    am = torch.tensor([[0, 0, 1, 1, 1, 1, 1], [1] * 7]) if padded else None
+    mask = model.causal_mask(am, 7, 0, torch.float32, "cpu")
+    full = mask if mask is not None else model.causal_mask(torch.ones(2, 7, dtype=torch.long), 7, 0, torch.float32, "cpu")
+    got = model.attention(q, k, v, scale=0.25, mask=mask, causal=True)
+    want, probs = model.attention_reference(q, k, v, scale=0.25, mask=full)
+    assert torch.allclose(got, want, atol=1e-5) and torch.allclose(probs.sum(-1), torch.ones(2, 4, 7))
+    bidir, _ = model.attention_reference(q, k, v, scale=0.25)
+    assert torch.allclose(model.attention(q, k, v, scale=0.25), bidir, atol=1e-5)
