@@ -107,7 +107,7 @@ class Tokenizer:
         return i
 
 
-def _read_json(path: str, what: str) -> dict:
+def _read_json(path: str, what: str) -> dict | list:
     if not os.path.isfile(path):
         raise DataError(f"{path}: not found ({what})")
     try:
@@ -614,7 +614,9 @@ def read_llava(path: str, image_root: str | None = None) -> list[Sample]:
     """LLaVA / ShareGPT JSON: a list of {"image": path?, "conversations": [{"from": "human", "value":
     "<image>\\nquestion"}, {"from": "gpt", "value": answer}, ...]}; the first human/gpt turn becomes a sample."""
     root = image_root or os.path.dirname(os.path.abspath(path))
-    items = _read_json_list(path)
+    items = _read_json(path, "LLaVA / ShareGPT samples")
+    if not isinstance(items, list):
+        raise DataError(f"{path}: expected a JSON list of samples")
     out = []
     for n, d in enumerate(items):
         where = f"{path}: item {n}"
@@ -643,19 +645,6 @@ def read_coco_captions(path: str, image_root: str | None = None,
     return [Sample(prompt, first[im["id"]], "caption",
                    image=_resolve_image(im["file_name"], root, f"{path}: image id {im['id']}"))
             for im in d["images"] if im["id"] in first]
-
-
-def _read_json_list(path: str) -> list:
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: not found")
-    try:
-        with open(path) as f:
-            items = json.load(f)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(items, list):
-        raise DataError(f"{path}: expected a JSON list of samples")
-    return items
 
 
 def load_samples(spec: str = "shapes", n: int | None = None, seed: int = 0, split: str = "test",

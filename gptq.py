@@ -750,9 +750,9 @@ def quantize_linears(layer, cap: LayerCapture, q: QuantArgs, prefix: str) -> dic
     if q.batched_experts and q.method not in RTN_SOLVER:
         results = solve_batched(layer, [k for k in by_key if _EXPERT.match(k)], by_key, H, q, prefix)
     for key, names in by_key.items():
-        W = [layer.get_submodule(n).weight.float() for n in names]
-        if key in results:
+        if key in results:  # solved by the batched path
             continue
+        W = [layer.get_submodule(n).weight.float() for n in names]
         if q.method in RTN_SOLVER:
             results[key] = [rtn(w, bits=q.bits, group_size=q.group_size, sym=q.sym) for w in W]
         else:
