@@ -50,6 +50,7 @@ Run the tests:  python -m pytest -q tests/test_ecs.py
 from __future__ import annotations
 
 from dataclasses import dataclass
+import math
 from typing import Callable, NamedTuple, Sequence
 
 import torch
@@ -126,10 +127,44 @@ def _check_2d(t: torch.Tensor, d: int | None, name: str):
 # The objective L(s)
 
 
-def squared_error(err: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """ρ for the AWQ objective: Σ_j c_j ||err_j||². err (n_e, out_e), c (n_e,). ECS swaps in a robust ρ with
-    the same signature."""
+def squared_error(err: torch.Tensor, c: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    """ρ for the AWQ objective: Σ_j c_j ||err_j||². err (n_e, out_e) the output error of one consumer, c (n_e,)
+    the token weights, y (n_e, out_e) its float output (unused here; a robust ρ may scale by it). ECS swaps in
+    trimmed_squared_error or huber, which have the same signature."""
     return (c * err.square().sum(dim=1)).sum()
+
+
+def trimmed_squared_error(trim: float = 0.01) -> Callable:
+    """ρ that drops the ⌊trim · n_e⌋ tokens with the largest ||err_j||² (one consumer at a time), then sums
+    c_j ||err_j||² over the rest: a few outlier tokens cannot decide the scale. trim = 0 is squared_error."""
+    if not 0 <= trim < 1:
+        raise ValueError(f"trim={trim}: the trimmed share of tokens must be in [0, 1)")
+
+    def rho(err, c, y=None):
+        e = err.square().sum(dim=1)  # (n_e,)
+        n_drop = int(trim * e.shape[0])
+        if n_drop == 0:
+            return (c * e).sum()
+        keep = e.argsort()[: e.shape[0] - n_drop]  # ascending: the largest errors are cut
+        return (c[keep] * e[keep]).sum()
+    return rho
+
+
+def huber(delta: float = 0.1) -> Callable:
+    """ρ = Σ_j c_j h(u_j), Huber on each token's RMS output error u_j = ||err_j|| / sqrt(out_e):
+    h(u) = u² for u <= δ_e, 2 δ_e u − δ_e² above, with δ_e = delta · RMS(y) of that consumer's float output
+    (so the threshold is relative: 0.1 = errors above 10% of a typical output value grow linearly). Multiplied by
+    out_e so that it equals squared_error where every u_j <= δ_e."""
+    if delta <= 0:
+        raise ValueError(f"delta={delta}: the Huber threshold (relative to the output RMS) must be > 0")
+
+    def rho(err, c, y):
+        out = err.shape[1]
+        u = err.square().sum(dim=1).div(out).sqrt()  # (n_e,)
+        d = delta * float(y.square().mean().sqrt())
+        h = torch.where(u <= d, u.square(), 2 * d * u - d * d)
+        return (c * h).sum() * out
+    return rho
 
 
 @dataclass
@@ -198,7 +233,7 @@ def _loss(terms: list[_Term], s, *, bits, group_size, sym, abits, rho, denom) ->
     for t in terms:
         Xq = fake_quant_act(t.X / s, bits=abits)  # (n_e, d)
         W_hat = rtn(t.W * s, bits=bits, group_size=group_size, sym=sym).W_hat  # (out_e, d)
-        total += t.w * float(rho(t.Y - Xq @ W_hat.T, t.c))
+        total += t.w * float(rho(t.Y - Xq @ W_hat.T, t.c, t.Y))
     return total / denom
 
 
@@ -246,7 +281,7 @@ def search_scale(X, consumers, candidates: Sequence[tuple[float, torch.Tensor]],
                  rho: Callable = squared_error) -> ScaleResult:
     """Evaluate L (module docstring) at each candidate (α, s (d,)) and keep the lowest (the first, on ties).
     X (n, d) float; consumers: Consumer entries or (out_e, d) tensors; consumer_weights (E,) w_e; token_weights
-    (n,) c_j for the shared X; rho(err (n_e, out_e), c (n_e,)) -> scalar. Computes in float32 (float64 if X is)."""
+    (n,) c_j for the shared X; rho(err (n_e, out_e), c (n_e,), y (n_e, out_e)) -> scalar. Computes in float32 (float64 if X is)."""
     if abits not in ABITS:
         raise ValueError(f"abits={abits} is not supported; use one of {ABITS} (16: activations in float)")
     if len(candidates) == 0:
@@ -378,6 +413,67 @@ def smoothquant_scale(X_absmax: torch.Tensor, weights: Sequence[torch.Tensor], a
     zero = (a_max == 0) | (w_max == 0)
     s = a_max.pow(alpha) / w_max.pow(1 - alpha)
     return SmoothScale(torch.where(zero, torch.ones_like(s), s), int(zero.sum()))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# ECS: expert-consensus smoothing (ECMFQ, reconstructed from its abstract; ../shared/ALGORITHMS.md)
+
+
+def robust_absmax(X: torch.Tensor, percentile: float = 99.9) -> torch.Tensor:
+    """m_X (d,): the given percentile of |X_j| over the rows of X (n, d), a per-channel activation range that a
+    handful of outlier tokens cannot set (100: the plain max, as SmoothQuant). Nearest-rank: the
+    ⌈percentile/100 · n⌉-th smallest value."""
+    if not 0 < percentile <= 100:
+        raise ValueError(f"percentile={percentile}: must be in (0, 100]")
+    k = max(1, min(X.shape[0], math.ceil(percentile / 100 * X.shape[0])))
+    return X.abs().kthvalue(k, dim=0).values
+
+
+def consensus_weight_max(weights: Sequence[torch.Tensor], omega) -> torch.Tensor:
+    """m_W (d,) = Σ_e ω_e max_o |W_e[o, j]| / Σ_e ω_e: the experts' per-channel weight ranges, averaged with
+    their importance ω_e (a consumer with ω_e = 0, e.g. an expert no calibration token reached, does not count).
+    SmoothQuant takes the max over consumers instead; one rarely used expert with a large column would then
+    set the scale for all of them."""
+    dtype = _compute_dtype(weights[0])
+    w = _weights(omega, len(weights), "omega", dtype, weights[0].device)
+    col_max = torch.stack([W.to(dtype).abs().amax(dim=0) for W in weights])  # (E, d)
+    return (w[:, None] * col_max).sum(dim=0) / w.sum()
+
+
+def ecs_candidates(m_X: torch.Tensor, m_W: torch.Tensor, n_grid: int = 21) -> list[tuple[float, torch.Tensor]]:
+    """(α, s(α) = m_X^α / m_W^(1−α)) for α = i / (n_grid − 1), i = 0 .. n_grid − 1 (both ends included).
+    Channels with m_X = 0 or m_W = 0 (nothing to migrate) get s = 1, as in smoothquant_scale."""
+    if n_grid < 2:
+        raise ValueError(f"n_grid={n_grid}; use at least 2 (alpha = 0 and 1)")
+    zero = (m_X == 0) | (m_W == 0)
+    out = []
+    for i in range(n_grid):
+        alpha = i / (n_grid - 1)
+        s = m_X.pow(alpha) / m_W.pow(1 - alpha)
+        out.append((alpha, torch.where(zero, torch.ones_like(s), s)))
+    return out
+
+
+@torch.no_grad()
+def ecs_scale(X, consumers, *, bits: int, group_size: int, sym: bool, abits: int = 8, omega=None,
+              token_weights=None, percentile: float = 99.9, n_grid: int = 21,
+              rho: Callable | None = None) -> ScaleResult:
+    """ECS for one scaling group: one scale s for the producer of X (n, d) shared by all consumers (the router,
+    every routed expert with tokens, the shared experts), chosen on the α grid of ecs_candidates with
+    m_X = robust_absmax(X, percentile) and m_W = consensus_weight_max(consumers' W, ω), minimizing
+        Σ_e ω_e ρ( X_e W_eᵀ − Q_A(X_e / s) Q_W(W_e · s)ᵀ )       (token weights c_j inside ρ: FAQ's w_j)
+    with activations fake-quantized as deployed (abits). ρ defaults to trimmed_squared_error(0.01).
+    With one consumer, ρ = squared_error and percentile = 100 this is SmoothQuant's formula searched over α
+    (tests/test_ecs.py)."""
+    consumers = _as_consumers(consumers)
+    _check_2d(X, None, "X")
+    m_X = robust_absmax(X.to(_compute_dtype(X)), percentile)  # (d,)
+    m_W = consensus_weight_max([c.W for c in consumers], omega)
+    r = search_scale(X, consumers, ecs_candidates(m_X, m_W, n_grid), bits=bits, group_size=group_size, sym=sym,
+                     abits=abits, consumer_weights=omega, token_weights=token_weights,
+                     rho=trimmed_squared_error(0.01) if rho is None else rho)
+    r.n_zero_channels = int(((m_X == 0) | (m_W == 0)).sum())
+    return r
 
 
 # ----------------------------------------------------------------------------------------------------------

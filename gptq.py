@@ -556,7 +556,8 @@ def relative_output_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor)
 #
 # For each decoder layer l (inputs produced by the already-quantized layers < l):
 #   1. load layer l from the checkpoint (one layer in memory at a time);
-#   2. [awq | smoothquant] search per-channel scales on the layer's float inputs and fold them in (ecs.py);
+#   2. [awq | smoothquant | veq-me | ecs] search per-channel scales on the layer's float inputs and fold them in
+#      (ecs.py); [ecs-faq | ecmfq] first read the layer's attention for FAQ's token weights (hessian.py);
 #   3. run the layer on every calibration sample with hooks on every nn.Linear: accumulate one Hessian per
 #      distinct input (q/k/v share one, an expert's gate/up share one), experts seeing only their routed
 #      tokens, each token weighted as the method says (token_weights below);
@@ -581,12 +582,15 @@ import data  # noqa: E402
 import model as model_lib  # noqa: E402
 from hessian import Hessian  # noqa: E402
 
-METHODS = ("veq-ma", "gptq", "rtn", "awq", "smoothquant", "smoothquant-gptq", "veq-me", "veq")
+METHODS = ("veq-ma", "gptq", "rtn", "awq", "smoothquant", "smoothquant-gptq", "veq-me", "veq", "ecs", "ecs-faq",
+           "ecmfq")
 # method -> scale search before quantizing (veq = VEQ-ME scales then VEQ-MA GPTQ: an extension, not in the paper)
 SCALED = {"awq": "awq", "smoothquant": "smoothquant", "smoothquant-gptq": "smoothquant", "veq-me": "veq-me",
-          "veq": "veq-me"}
+          "veq": "veq-me", "ecs": "ecs", "ecs-faq": "ecs", "ecmfq": "ecs"}
 RTN_SOLVER = ("rtn", "awq", "smoothquant", "veq-me")  # methods that round to nearest after any scaling
 MA_WEIGHTS = ("veq-ma", "veq")  # methods whose Hessians use VEQ-MA token weights
+FAQ_WEIGHTS = ("ecs-faq", "ecmfq")  # methods whose Hessians and ECS loss use FAQ's fusion weights
+# ECMFQ = ECS scales + FAQ-weighted GPTQ on a MACS-selected calibration set (calibrate.py --select macs)
 _EXPERT = re.compile(r"^mlp\.experts\.(\d+)\.")
 
 
@@ -614,6 +618,11 @@ class QuantArgs:
     affinity: bool = True  # VEQ-MA: use p^λ (False: p = 1)
     modality: bool = True  # VEQ-MA: use α (False: α = 1)
     plain_dense: bool = False  # VEQ-MA: attention / shared / dense layers unweighted (default: weighted by α)
+    eta: float = 0.5  # FAQ: w_j = (1 − η) + η φ_j / mean(φ)
+    ecs_loss: str = "trimmed"  # ECS's ρ: "trimmed" (top 1% token errors dropped), "huber" or "mse"
+    ecs_omega: str = "freq"  # ECS's ω_e: "freq" (routing frequency), "prob" (mean router prob), "veq" (S_e)
+    ecs_percentile: float = 99.9  # ECS's m_X: this percentile of |X| per channel
+    ecs_grid: int = 21  # ECS: α = 0, 1/(n−1), ..., 1
 
 
 @dataclass
@@ -626,11 +635,14 @@ class LayerInput:
     is_vis: torch.Tensor
 
 
-def token_weights(q: QuantArgs, gamma: float, is_vis, p=None):
+def token_weights(q: QuantArgs, gamma: float, is_vis, p=None, fusion=None):
     """Per-token Hessian weights c_j for the tokens of one linear's input (None = all 1, plain GPTQ).
     VEQ-MA (arXiv 2602.01037, eq. 7): c_j = p_j^λ · α_j on an expert's routed tokens, with p_j the router
     weight of that expert for token j and α_j = γ for text, 1 for image tokens; non-expert linears get α_j
-    alone (or nothing with plain_dense). Returns (n,) or None."""
+    alone (or nothing with plain_dense). FAQ: c_j = w_j · p_j on experts, w_j elsewhere, with w_j the fusion
+    weight (hessian.fusion_weights) of those tokens. Returns (n,) or None."""
+    if q.method in FAQ_WEIGHTS:
+        return fusion.double() if p is None else fusion.double() * p.double()
     if q.method not in MA_WEIGHTS:
         return None
     alpha = torch.where(is_vis, 1.0, gamma if q.modality else 1.0).double()
@@ -652,15 +664,16 @@ class LayerCapture:
         self.tokens: dict[str, list[int]] = {}  # input key -> [n_text, n_vis]
         self.pool: Hessian | None = None  # all tokens entering the MoE block (for starved experts)
         self.moe_inputs: list[torch.Tensor] = []
-        self.is_vis, self.routing, self._seen = None, None, {}
+        self.is_vis, self.fusion, self.routing, self._seen = None, None, None, {}
         self.handles = [mod.register_forward_pre_hook(self._linear_hook(name))
                         for name, mod in layer.named_modules() if isinstance(mod, nn.Linear)]
         gate = getattr(getattr(layer, "mlp", None), "gate", None)
         if gate is not None and not isinstance(gate, nn.Linear):  # a router (kept float)
             self.handles.append(gate.register_forward_hook(self._router_hook))
 
-    def start_sample(self, is_vis):
-        self.is_vis, self.routing, self._seen = is_vis, None, {}
+    def start_sample(self, is_vis, fusion=None):
+        """is_vis (T,) of the next sample; fusion (T,) its FAQ weights (FAQ methods only)."""
+        self.is_vis, self.fusion, self.routing, self._seen = is_vis, fusion, None, {}
 
     def _router_hook(self, module, args, out):
         x = args[0].reshape(-1, args[0].shape[-1])
@@ -679,14 +692,16 @@ class LayerCapture:
             if key != name:  # already accumulated for this forward by the first reader
                 return
             m = _EXPERT.match(name)
+            tok = slice(None)
             if m:
                 tok, slot = torch.where(self.routing[0] == int(m.group(1)))
-                is_vis, p = self.is_vis[tok], self.routing[1][tok, slot]
+                p = self.routing[1][tok, slot]
             else:
-                is_vis, p = self.is_vis, None
+                p = None
+            is_vis, fusion = self.is_vis[tok], None if self.fusion is None else self.fusion[tok]
             if key not in self.H:
                 self.H[key], self.tokens[key] = Hessian(x.shape[-1], dtype=torch.float64), [0, 0]
-            self.H[key].add(x, token_weights(self.q, self.gamma, is_vis, p))
+            self.H[key].add(x, token_weights(self.q, self.gamma, is_vis, p, fusion))
             self.tokens[key][0] += int((~is_vis).sum())
             self.tokens[key][1] += int(is_vis.sum())
         return hook
@@ -829,10 +844,53 @@ def expert_importance(consumers: list[str], counts, gamma: float, beta: float, q
     return out
 
 
-def search_and_fold(layer, groups, acts, q: QuantArgs, importance=None) -> dict:
-    """AWQ / SmoothQuant (ecs.py) on each scaling group of the layer: capture the group's float input X (the
-    router's input for the MoE block), search the per-channel scale s, then fold 1/s into the producer and
-    s into every consumer and the router (kept float, so routing is unchanged). Returns per-group reports."""
+def ecs_omega(readers, consumers: list[str], topk, q: QuantArgs, importance=None, mean_prob=None) -> list[float]:
+    """ECS's ω_e per reader of the MoE input (group_consumers order): routing frequency n_e / N (default),
+    the layer's mean router probability of e (calib/), or VEQ-ME's S_e; a shared expert reads every token
+    (frequency 1, probability 1)."""
+    if q.ecs_omega == "veq":
+        return importance(consumers)
+    out = []
+    for r in readers:
+        m = _EXPERT.match(r.name)
+        if m is None:
+            out.append(1.0)
+        elif q.ecs_omega == "freq":
+            out.append(len(r.rows) / topk.shape[0])
+        else:
+            out.append(float(mean_prob[int(m.group(1))]))
+    return out
+
+
+def ecs_loss(q: QuantArgs):
+    import ecs
+
+    return {"trimmed": ecs.trimmed_squared_error(0.01), "huber": ecs.huber(0.1), "mse": ecs.squared_error}[q.ecs_loss]
+
+
+def layer_fusion_weights(layer, acts, eta: float) -> list[torch.Tensor]:
+    """FAQ: one float forward of the layer per sample with its attention probabilities handed to
+    hessian.fusion_scores (model.decoder_attention's probs_hook), then hessian.fusion_weights over the set.
+    Returns one (T,) weight tensor per sample."""
+    from hessian import fusion_scores, fusion_weights
+
+    scores = []
+    try:
+        with torch.no_grad():
+            for smp in acts:
+                layer.self_attn.probs_hook = lambda p, v=smp.is_vis: scores.append(fusion_scores(p[0], v))
+                layer(smp.x, smp.ctx)
+    finally:
+        del layer.self_attn.probs_hook
+    return fusion_weights(scores, [smp.is_vis for smp in acts], eta)
+
+
+def search_and_fold(layer, groups, acts, q: QuantArgs, importance=None, fusion=None, mean_prob=None) -> dict:
+    """AWQ / SmoothQuant / VEQ-ME / ECS (ecs.py) on each scaling group of the layer: capture the group's float
+    input X (the router's input for the MoE block), search the per-channel scale s, then fold 1/s into the
+    producer and s into every consumer and the router (kept float, so routing is unchanged). ECS: SmoothQuant
+    on attention inputs, ecs_scale on MLP groups (the MoE block: all experts; up -> down: one expert) with
+    FAQ's weights (fusion, per sample) as token weights. Returns per-group reports."""
     import ecs
 
     source = {p: (r if r else cons[0]) for p, cons, r in groups}  # a module whose input is the group's X
@@ -851,7 +909,20 @@ def search_and_fold(layer, groups, acts, q: QuantArgs, importance=None) -> dict:
             continue
         X = torch.cat(cap.X[source[producer]]).float()
         readers = group_consumers(layer, consumers, topk if router else None, ecs)
-        if SCALED[q.method] in ("awq", "veq-me"):
+        attention_group = all(c.startswith("self_attn.") for c in consumers)
+        if SCALED[q.method] == "ecs" and not attention_group:
+            c = torch.cat(fusion) if fusion is not None else None  # (N,) every token of the layer
+            expert = _EXPERT.match(producer)
+            if c is not None and expert is not None:  # an expert's down_proj: its routed tokens, in order
+                c = c[torch.where((topk == int(expert.group(1))).any(-1))[0]]
+            omega = ecs_omega(readers, consumers, topk, q, importance, mean_prob) if router else None
+            r = ecs.ecs_scale(X, readers, bits=q.bits, group_size=q.group_size, sym=q.sym, abits=q.abits,
+                              omega=omega, token_weights=c, percentile=q.ecs_percentile, n_grid=q.ecs_grid,
+                              rho=ecs_loss(q))
+            s, report[producer] = r.s, {"alpha": r.alpha, "rel_error": r.rel_error,
+                                        "rel_error_no_scale": r.rel_error_no_scale,
+                                        "zero_channels": r.n_zero_channels}
+        elif SCALED[q.method] in ("awq", "veq-me"):
             S = importance(consumers) if SCALED[q.method] == "veq-me" and router else None  # VEQ-ME: S_e
             r = ecs.awq_scale(X, readers, bits=q.bits, group_size=q.group_size, sym=q.sym, abits=q.abits,
                               consumer_weights=S)
@@ -1052,6 +1123,15 @@ def print_layer(i: int, n_layers: int, rep: dict, t0: float, t_layer: float):
           f"{t_layer:.1f}s, elapsed {time.time() - t0:.0f}s, ETA {eta:.0f}s", flush=True)
 
 
+def check_ecs_args(q: QuantArgs):
+    if q.ecs_loss not in ("trimmed", "huber", "mse") or q.ecs_omega not in ("freq", "prob", "veq"):
+        raise ValueError(f"--ecs-loss {q.ecs_loss!r} / --ecs-omega {q.ecs_omega!r}: expected trimmed|huber|mse and "
+                         f"freq|prob|veq")
+    if not 0 <= q.eta < 1 or not 0 < q.ecs_percentile <= 100 or q.ecs_grid < 2:
+        raise ValueError(f"--eta {q.eta} must be in [0, 1), --ecs-percentile {q.ecs_percentile} in (0, 100], "
+                         f"--ecs-grid {q.ecs_grid} >= 2")
+
+
 def layer_importance(cal: dict, i: int, gamma: float | None, q: QuantArgs):
     """consumers -> S_e for decoder layer i from the calibration statistics (None outside MoE layers)."""
     if i not in cal["moe_layers"]:
@@ -1076,6 +1156,11 @@ def quantize_model(model: str, calib: str = "calib", out: str = "quantized", q: 
                                                          [q.gamma_source])
     if q.method in ("veq-ma", "veq-me", "veq") and gamma is None and (q.modality and q.use_gamma):
         raise ValueError(f"{calib}/calib.json has no gamma (calibrate.py --no-gamma?); pass --gamma or --no-modality")
+    if q.method == "ecmfq" and cal.get("selection") != "macs":
+        raise ValueError(f"--method ecmfq quantizes on a MACS-selected calibration set, but {calib}/ was selected "
+                         f"by {cal.get('selection')!r}: run `python calibrate.py --select macs --out {calib}` first, "
+                         f"or use --method ecs-faq (the same quantizer on this calib/)")
+    check_ecs_args(q)
     m = model_lib.load_model(model, dtype=torch.float32, device=device, lazy_layers=True)
     proc = data.load_processor(model)
     samples = calibrate.calibration_samples(cal)
@@ -1099,13 +1184,15 @@ def quantize_model(model: str, calib: str = "calib", out: str = "quantized", q: 
             print(f"layer {i:3d}/{n}: restored from {path}")
         else:
             layer = m.load_layer(i)
-            scales = search_and_fold(layer, m.scaling_groups(i), acts, q,
-                                     importance=layer_importance(cal, i, gamma, q)) if q.method in SCALED else {}
+            fusion = layer_fusion_weights(layer, acts, q.eta) if q.method in FAQ_WEIGHTS else None
+            mean_prob = cal["mean_prob"][cal["moe_layers"].index(i)] if i in cal["moe_layers"] else None
+            scales = search_and_fold(layer, m.scaling_groups(i), acts, q, importance=layer_importance(cal, i, gamma, q),
+                                     fusion=fusion, mean_prob=mean_prob) if q.method in SCALED else {}
             cap = LayerCapture(layer, q, gamma or 1.0)
             try:
                 with torch.no_grad():
-                    for s in acts:
-                        cap.start_sample(s.is_vis)
+                    for j, s in enumerate(acts):
+                        cap.start_sample(s.is_vis, None if fusion is None else fusion[j])
                         layer(s.x, s.ctx)
             finally:
                 cap.remove()
@@ -1159,6 +1246,13 @@ def main(argv=None):
     p.add_argument("--no-affinity", action="store_true", help="VEQ-MA ablation: p = 1")
     p.add_argument("--no-modality", action="store_true", help="VEQ-MA ablation: alpha = 1")
     p.add_argument("--plain-dense", action="store_true", help="VEQ-MA: no modality weights outside the experts")
+    p.add_argument("--eta", type=float, default=0.5, help="FAQ: w = (1 - eta) + eta * phi / mean(phi)")
+    p.add_argument("--ecs-loss", default="trimmed", choices=("trimmed", "huber", "mse"),
+                   help="ECS loss: MSE with the top 1%% token errors dropped, Huber, or plain MSE")
+    p.add_argument("--ecs-omega", default="freq", choices=("freq", "prob", "veq"),
+                   help="ECS expert weights: routing frequency, mean router probability, or VEQ-ME's S_e")
+    p.add_argument("--ecs-percentile", type=float, default=99.9, help="ECS: percentile of |X| for m_X")
+    p.add_argument("--ecs-grid", type=int, default=21, help="ECS: number of alphas in [0, 1]")
     p.add_argument("--fake-quant", action="store_true",
                    help="also write OUT/fake-quant/: dequantized weights in the original float layout")
     p.add_argument("--resume", action="store_true", help="continue from the last finished layer in OUT.partial/")
@@ -1171,7 +1265,8 @@ def main(argv=None):
                   min_expert_tokens=a.min_expert_tokens, lam=a.lam, gamma=a.gamma, affinity=not a.no_affinity,
                   modality=not a.no_modality, plain_dense=a.plain_dense, use_gamma=not a.no_gamma,
                   use_beta=not a.no_beta, gamma_source=a.gamma_source, batched_experts=a.batched_experts,
-                  quantize_vision=a.quantize_vision)
+                  quantize_vision=a.quantize_vision, eta=a.eta, ecs_loss=a.ecs_loss, ecs_omega=a.ecs_omega,
+                  ecs_percentile=a.ecs_percentile, ecs_grid=a.ecs_grid)
     command = "python gptq.py " + " ".join(argv if argv is not None else sys.argv[1:])
     report = quantize_model(a.model, a.calib, a.out, q, resume=a.resume, device=a.device, command=command)
     if a.fake_quant:

@@ -18,8 +18,11 @@ Sum first, divide once: `add()` keeps the raw sum S = Σ w_j x_j x_jᵀ, the tok
 sum is simpler and, in float64, exact to rounding.) The factor 2/Σw does not change GPTQ's result (its damping
 is relative to mean(diag H) and the update rule is scale-invariant); it fixes the scale of reported losses.
 
-Does not: capture activations (the driver hooks the model), choose token weights, or fall back when an expert
-got no tokens (finalize() raises; the caller decides, and reports, what to do).
+FAQ's weights are computed here from attention probabilities (fusion_scores, fusion_weights); which tokens
+get them is the driver's choice (gptq.token_weights).
+
+Does not: capture activations or attention (the driver hooks the model), or fall back when an expert got no
+tokens (finalize() raises; the caller decides, and reports, what to do).
 Run the tests:  python -m pytest -q tests/test_hessian.py
 """
 
@@ -91,3 +94,42 @@ def dead_columns(H: torch.Tensor) -> torch.Tensor:
     """Boolean mask (d,) of input channels that were exactly zero for every weighted token (H_jj == 0).
     GPTQ sets H_jj = 1 and zeroes W[:, j] for them: the weights there never met any input."""
     return torch.diagonal(H) == 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# FAQ: fusion-aware token weights (ECMFQ, reconstructed from its abstract; ../shared/ALGORITHMS.md)
+
+
+@torch.no_grad()
+def fusion_scores(probs: torch.Tensor, is_vis: torch.Tensor) -> torch.Tensor:
+    """FAQ's raw score φ (T,) of each token of one sample, from the layer's attention probabilities
+    probs (nh, T, T) (causal, rows = queries), averaged over heads to A (T, T):
+      * vision token v:  φ_v = mean of A[t, v] over the text tokens t > v (the text that can read it);
+      * text token t:    φ_t = Σ_{v vision} A[t, v] (the attention mass it pays to the image).
+    A vision token no text token follows, and every text token of a text-only sample, scores 0."""
+    A = probs.float().mean(dim=0)  # (T, T)
+    T = A.shape[0]
+    vis = is_vis.to(A.device).bool()
+    text = ~vis
+    phi = (A[:, vis].sum(dim=1) * text).double()  # text rows: mass on vision columns
+    after = torch.arange(T, device=A.device)[:, None] > torch.arange(T, device=A.device)[None, :]  # [t, v]: t > v
+    readers = after & text[:, None]  # (T, T): text query t that can see key v
+    n_readers = readers.sum(dim=0)  # (T,)
+    vis_score = (A * readers).sum(dim=0) / n_readers.clamp(min=1)
+    return torch.where(vis, vis_score.double(), phi)
+
+
+def fusion_weights(scores: list[torch.Tensor], is_vis: list[torch.Tensor], eta: float = 0.5) -> list[torch.Tensor]:
+    """FAQ's token weights for a calibration set: w_j = (1 − η) + η · φ_j / mean(φ over the same modality, all
+    samples). Per modality the weights are finite, >= 1 − η > 0 and average exactly 1, so FAQ moves weight
+    between tokens of one modality, not between modalities. A modality whose scores are all 0 (e.g. no image in
+    the set) gets w = 1. scores, is_vis: one (T,) tensor per sample. Returns one (T,) float64 tensor per sample."""
+    if not 0 <= eta < 1:
+        raise ValueError(f"eta={eta}: FAQ's mixing weight must be in [0, 1) (1 would give zero-weight tokens)")
+    phi, vis = torch.cat([s.double() for s in scores]), torch.cat([v.bool().to(scores[0].device) for v in is_vis])
+    w = torch.ones_like(phi)
+    for mask in (vis, ~vis):
+        mean = phi[mask].mean() if bool(mask.any()) else phi.new_zeros(())
+        if float(mean) > 0:
+            w[mask] = (1 - eta) + eta * phi[mask] / mean
+    return list(w.split([len(s) for s in scores]))

@@ -256,6 +256,21 @@ def attention_reference(q, k, v, scale: float, mask=None):
     return torch.matmul(probs, v), probs
 
 
+def decoder_attention(module: nn.Module, q, k, v, scale: float, mask):
+    """The LLM's causal self-attention. A quantizer that reads attention probabilities (FAQ, macs.py) sets
+    `module.probs_hook` to a callable; the softmax is then written out (attention_reference, same result up to
+    float rounding) and the probabilities (B, nh, T, S) are handed to it. Otherwise the fused kernel runs."""
+    hook = getattr(module, "probs_hook", None)
+    if hook is None:
+        return attention(q, k, v, scale=scale, mask=mask, causal=True)
+    if mask is None:  # plain causal: build it, the written-out softmax has no causal path of its own
+        mask = causal_mask(torch.ones(q.shape[0], k.shape[2], device=q.device), q.shape[2], k.shape[2] - q.shape[2],
+                           q.dtype, q.device)
+    o, probs = attention_reference(q, k, v, scale=scale, mask=mask)
+    hook(probs)
+    return o
+
+
 def gelu_tanh(x):
     return F.gelu(x, approximate="tanh")
 
@@ -608,7 +623,7 @@ class QwenAttention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if ctx.cache is not None:
             k, v = ctx.cache.update(self.layer, k, v)
-        o = attention(q, k, v, scale=self.hd ** -0.5, mask=ctx.mask, causal=True)
+        o = decoder_attention(self, q, k, v, scale=self.hd ** -0.5, mask=ctx.mask)
         return self.o_proj(o.transpose(1, 2).reshape(B, T, self.nh * self.hd))
 
 
@@ -1094,7 +1109,7 @@ class MLAttention(nn.Module):
         k = torch.cat([k_nope, k_pe.expand(B, self.nh, T, c.qk_rope_head_dim)], dim=-1)
         if ctx.cache is not None:
             k, v = ctx.cache.update(self.layer, k, v)
-        o = attention(q, k, v, scale=c.qk_head_dim ** -0.5, mask=ctx.mask, causal=True)  # (B, nh, T, dv)
+        o = decoder_attention(self, q, k, v, scale=c.qk_head_dim ** -0.5, mask=ctx.mask)  # (B, nh, T, dv)
         return self.o_proj(o.transpose(1, 2).reshape(B, T, self.nh * c.v_head_dim))
 
 
