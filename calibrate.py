@@ -1,6 +1,7 @@
 """Choose calibration samples, run the float model once, and record what the quantizers need.
 
     python calibrate.py [--model DIR] [--data shapes|FILE] [--n 128] [--seed 0] [--out calib/]
+                        [--select random|macs] [--pool-factor 4] [--macs-penalty 1.0]
 
 Per MoE layer l and expert e (VEQ, arXiv 2602.01037, §3):
   n_text[l, e], n_vis[l, e]   tokens of each modality routed to e (top-k membership),
@@ -13,7 +14,11 @@ with x the decoder input embeddings and L the answer (or caption) cross-entropy 
 
 Writes `calib/stats.safetensors` (tensors) and `calib/calib.json` (everything else, including which samples
 were used, so gptq.py reads back exactly the same set); never pickle. The folder is written atomically.
-Does not: select samples by MACS yet (random selection only), handle video.
+Selection: `random` (the first n samples of the seeded stream / a seeded draw from a file), or `macs`
+(macs.py): a pool of pool-factor x n candidates from the same source, profiled with one float pass each and
+selected greedily; calib.json then records the pool size and the chosen indices, and the summary compares the
+experts left with zero / few tokens against a random draw of n from the same pool.
+Does not: handle video.
 """
 
 from __future__ import annotations
@@ -155,8 +160,40 @@ def load(calib_dir: str) -> dict:
 
 
 def calibration_samples(meta: dict) -> list:
-    """The exact samples a calib.json describes (data spec, split, n, seed)."""
+    """The exact samples a calib.json describes (data spec, split, n, seed; for MACS the pool and the indices)."""
+    if meta["selection"] == "macs":
+        pool = data.load_samples(meta["data"], n=meta["pool"], seed=meta["seed"], split=meta["split"])
+        return [pool[i] for i in meta["indices"]]
     return data.load_samples(meta["data"], n=meta["n"], seed=meta["seed"], split=meta["split"])
+
+
+def select_macs(m, proc, meta: dict, pool_factor: int, penalty: float) -> dict:
+    """MACS over a pool of pool_factor x n candidates: fills meta's pool / indices and returns the report
+    (coverage of MACS and of a random draw of the same size from the same pool)."""
+    import macs
+
+    pool = data.load_samples(meta["data"], n=pool_factor * meta["n"], seed=meta["seed"], split=meta["split"])
+    n = min(meta["n"], len(pool))
+    prof = macs.profile(m, proc, pool, moe_layers(m))
+    parts = macs.scores(prof)
+    chosen = macs.select(prof.usage, parts["score"], n, penalty)
+    baseline = macs.random_selection(len(pool), n, meta["seed"])
+    few = 2 * m.layers[0].input_layernorm.weight.shape[0]  # fewer tokens than 2 x input width: a thin Hessian
+    report = {"pool": len(pool), "penalty": penalty, "few": few,
+              "macs": macs.coverage(prof.usage, chosen, few), "random": macs.coverage(prof.usage, baseline, few),
+              "image_samples": {"macs": sum(pool[i].image is not None for i in chosen),
+                                "random": sum(pool[i].image is not None for i in baseline)}}
+    meta.update(pool=len(pool), indices=sorted(chosen), macs=report)
+    return report
+
+
+def macs_summary(r: dict) -> str:
+    a, b, few = r["random"], r["macs"], f"under_{r['few']}"
+    return (f"MACS on a pool of {r['pool']}: experts with 0 tokens: random {a['zero']}, MACS {b['zero']}; "
+            f"with < {r['few']} tokens: random {a[few]}, MACS {b[few]}; "
+            f"fewest tokens: random {a['min']}, MACS {b['min']}; imbalance (std/mean): random {a['imbalance']:.3f}, "
+            f"MACS {b['imbalance']:.3f}; image samples: random {r['image_samples']['random']}, "
+            f"MACS {r['image_samples']['macs']}")
 
 
 def summary(stats: dict, hidden: int) -> str:
@@ -177,18 +214,24 @@ def summary(stats: dict, hidden: int) -> str:
 
 
 def calibrate(model: str = DEFAULT_MODEL, data_spec: str = "shapes", n: int = 128, seed: int = 0,
-              out: str = "calib", gamma: bool = True, device: str = "cpu", command: str | None = None) -> dict:
+              out: str = "calib", gamma: bool = True, device: str = "cpu", command: str | None = None,
+              select: str = "random", pool_factor: int = 4, macs_penalty: float = 1.0) -> dict:
     t0 = time.time()
+    if select not in ("random", "macs") or pool_factor < 1:
+        raise ValueError(f"--select {select!r} / --pool-factor {pool_factor}: expected random|macs and >= 1")
     m = modeling.load_model(model, dtype=torch.float32, device=device)
     proc = data.load_processor(model)
-    meta = {"model": model, "data": data_spec, "n": n, "seed": seed, "split": "train", "selection": "random",
+    meta = {"model": model, "data": data_spec, "n": n, "seed": seed, "split": "train", "selection": select,
             "command": command or " ".join(sys.argv)}
+    report = select_macs(m, proc, meta, pool_factor, macs_penalty) if select == "macs" else None
     samples = calibration_samples(meta)
     stats = collect(m, proc, samples, gamma=gamma)
     meta["n"] = len(samples)
     meta["seconds"] = time.time() - t0
     save(out, stats, meta)
     print(summary(stats, m.layers[0].input_layernorm.weight.shape[0]))
+    if report is not None:
+        print(macs_summary(report))
     print(f"wrote {out}/ ({len(samples)} samples, {meta['seconds']:.1f}s)")
     return {**meta, **stats}
 
@@ -201,10 +244,14 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="sample selection seed")
     p.add_argument("--out", default="calib", help="output folder")
     p.add_argument("--no-gamma", action="store_true", help="skip the gradient pass (gamma is then not recorded)")
+    p.add_argument("--select", default="random", choices=("random", "macs"), help="how samples are chosen")
+    p.add_argument("--pool-factor", type=int, default=4, help="MACS: candidate pool = this x --n")
+    p.add_argument("--macs-penalty", type=float, default=1.0, help="MACS: weight of the expert-imbalance penalty")
     p.add_argument("--device", default="cpu", help="torch device")
     args = p.parse_args(argv)
     calibrate(args.model, args.data, args.n, args.seed, args.out, gamma=not args.no_gamma, device=args.device,
-              command="python calibrate.py " + " ".join(argv if argv is not None else sys.argv[1:]))
+              command="python calibrate.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+              select=args.select, pool_factor=args.pool_factor, macs_penalty=args.macs_penalty)
 
 
 if __name__ == "__main__":
