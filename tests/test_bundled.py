@@ -1,5 +1,5 @@
 """The bundled tiny models: they load through the contract, still answer the held-out benchmark, load in
-transformers (Qwen) with the same logits, and survive W8 RTN."""
+transformers (Qwen) with the same logits, survive W8 RTN, and every gptq.py preset runs on both of them."""
 
 import os
 
@@ -65,3 +65,38 @@ def test_w8_rtn_on_bundled_model_stays_close_to_float(tmp_path):
                         gptq.QuantArgs(method="rtn", bits=8, group_size=32), command="test")
     r = evaluation.evaluate(str(tmp_path / "q"), reference=QWEN, n=60, max_new_tokens=6)
     assert r["kl"]["all"] < 1e-4, r["kl"]
+
+
+@pytest.fixture(scope="module")
+def macs_calib(tmp_path_factory):
+    """A small MACS-selected calib/ per bundled model (gamma included, so every preset can run on it)."""
+    import calibrate
+
+    out = {}
+    for name, path in (("qwen", QWEN), ("kimi", KIMI)):
+        out[name] = str(tmp_path_factory.mktemp("calib") / name)
+        calibrate.calibrate(path, n=6, seed=0, out=out[name], command="test", select="macs", pool_factor=2)
+    return out
+
+
+PRESETS = [("rtn", 3, 16), ("gptq", 3, 16), ("awq", 3, 16), ("veq-me", 3, 16), ("veq-ma", 3, 16), ("veq", 3, 16),
+           ("smoothquant", 4, 8), ("smoothquant-gptq", 4, 8), ("ecs", 4, 8), ("ecs-faq", 4, 8), ("ecmfq", 4, 8)]
+
+
+def test_presets_cover_every_method():
+    import gptq
+
+    assert sorted(m for m, _, _ in PRESETS) == sorted(gptq.METHODS)
+
+
+@pytest.mark.parametrize("method, bits, abits", PRESETS, ids=[p[0] for p in PRESETS])
+@pytest.mark.parametrize("name", ["qwen", "kimi"])
+def test_every_preset_runs_on_the_bundled_models(name, method, bits, abits, macs_calib, tmp_path):
+    """End to end through the driver, then the packed checkpoint answers like the float model on a few samples."""
+    import gptq
+
+    path = {"qwen": QWEN, "kimi": KIMI}[name]
+    gptq.quantize_model(path, macs_calib[name], str(tmp_path / "q"),
+                        gptq.QuantArgs(method=method, bits=bits, abits=abits, group_size=32), command="test")
+    r = evaluation.evaluate(str(tmp_path / "q"), reference=path, n=6, seed=3, max_new_tokens=3)
+    assert r["top1"]["all"] >= 0.8 and r["kl"]["all"] < 0.1, (method, r["kl"], r["top1"])

@@ -1,12 +1,14 @@
-"""ecs.py: folding is exact (router included), AWQ against a float64 brute force of its objective, consumer and
-token weights, SmoothQuant against its formula, the clip search, bad input. Tiny tensors, CPU, seconds."""
+"""ecs.py: folding is exact (router included), AWQ and ECS against a float64 brute force of their objective, consumer
+and token weights, SmoothQuant against its formula, the robust losses, the clip search, bad input. Tiny tensors, CPU, seconds."""
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from ecs import (Consumer, awq_clip, awq_scale, fake_quant_act, fold_into_linear_rows, fold_into_norm,
-                 scale_consumer, scale_loss, smoothquant_scale)
+from ecs import (Consumer, awq_clip, awq_scale, consensus_weight_max, ecs_candidates, ecs_scale, fake_quant_act,
+                 fold_into_linear_rows, fold_into_norm, huber, robust_absmax, scale_consumer, scale_loss,
+                 smoothquant_scale, squared_error, trimmed_squared_error)
 from gptq import rtn
 
 GRID = dict(bits=3, group_size=32, sym=False)
@@ -264,3 +266,61 @@ def test_bad_input_names_the_argument():
         awq_scale(torch.full((2, 16), float("nan")), [W], **GRID)
     with pytest.raises(ValueError, match="alpha"):
         smoothquant_scale(X.abs().amax(0), [W], alpha=1.5)
+
+
+# ---- ECS (expert-consensus smoothing)
+
+
+def test_ecs_with_one_expert_and_mse_is_the_smoothquant_formula_searched_over_alpha():
+    """One consumer, plain MSE, m_X = max|X| (percentile 100): each candidate is exactly smoothquant_scale at
+    that α, and the choice is the α with the lowest brute-force float64 loss."""
+    X, W = outlier_inputs(n=128, d=64), randn(48, 64, seed=3)
+    r = ecs_scale(X, [W], rho=squared_error, percentile=100, n_grid=21, abits=16, **GRID)
+    assert r.alphas.tolist() == [i / 20 for i in range(21)]
+    brute = []
+    for a in r.alphas.tolist():
+        s = smoothquant_scale(X.abs().amax(0), [W], alpha=a).s
+        brute.append(brute_loss(X, [W], [None], s))
+        assert abs(scale_loss(X, [W], s, **GRID) - r.losses[len(brute) - 1]) <= 1e-6 * r.losses[len(brute) - 1]
+    assert r.alpha == r.alphas[min(range(21), key=brute.__getitem__)]
+    assert torch.allclose(r.s, smoothquant_scale(X.abs().amax(0), [W], alpha=r.alpha).s, rtol=1e-6, atol=0)
+    assert r.rel_error < r.rel_error_no_scale  # outlier channels: smoothing helps
+
+
+def test_ecs_consensus_and_robust_range_against_float64():
+    X, Ws, rows = moe_setup()
+    omega = [len(r) / X.shape[0] for r in rows]
+    m_W = consensus_weight_max(Ws, omega)
+    want = sum(w * W.double().abs().amax(0) for w, W in zip(omega, Ws)) / sum(omega)
+    assert torch.allclose(m_W.double(), want, rtol=1e-6, atol=0)
+    for p in (50.0, 99.0, 99.9, 100.0):  # nearest rank = numpy's inverted_cdf percentile
+        want = torch.from_numpy(np.percentile(X.abs().numpy(), p, axis=0, method="inverted_cdf"))
+        assert torch.equal(robust_absmax(X, p), want.float())
+    # a zero-frequency expert (no routed tokens) does not move the consensus, its weights may be anything
+    assert torch.equal(consensus_weight_max(Ws + [1e3 * Ws[0]], omega + [0.0]), m_W)
+
+
+def test_ecs_moe_loss_matches_brute_force_with_omega_and_a8():
+    X, Ws, rows = moe_setup()
+    omega = [len(r) / X.shape[0] for r in rows]
+    cons = [Consumer(W, rows=r) for W, r in zip(Ws, rows)]
+    r = ecs_scale(X, cons, omega=omega, rho=squared_error, abits=8, **GRID)
+    cands = ecs_candidates(robust_absmax(X, 99.9), consensus_weight_max(Ws, omega), 21)
+    brute = [brute_loss(X, Ws, rows, s, w=omega, abits=8) for _, s in cands]
+    assert r.alpha == cands[min(range(21), key=brute.__getitem__)][0]
+    assert abs(r.loss - min(brute)) <= 1e-5 * min(brute)
+
+
+def test_robust_losses_against_brute_force():
+    err, y, c = randn(200, 8, seed=1), randn(200, 8, seed=2), torch.rand(200, generator=torch.Generator().manual_seed(3))
+    err[7] *= 50  # one outlier token
+    e = err.double().pow(2).sum(1)
+    keep = [j for j in range(200) if j not in e.argsort()[-2:].tolist()]  # 1% of 200 = the 2 largest
+    assert torch.isclose(trimmed_squared_error(0.01)(err, c), (c.double()[keep] * e[keep]).sum().float(), rtol=1e-5)
+    assert torch.equal(trimmed_squared_error(0.0)(err, c), squared_error(err, c))
+    assert torch.isclose(huber(1e6)(err, c, y), squared_error(err, c), rtol=1e-5)  # nothing above the threshold
+    d = 0.1 * float(y.double().pow(2).mean().sqrt())
+    u = (e / 8).sqrt()
+    want = (c.double() * torch.where(u <= d, u * u, 2 * d * u - d * d)).sum() * 8
+    assert torch.isclose(huber(0.1)(err, c, y).double(), want, rtol=1e-5)
+    assert huber(0.1)(err, c, y) < squared_error(err, c)  # the outlier grows linearly

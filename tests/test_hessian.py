@@ -1,9 +1,9 @@
-"""hessian.Hessian against explicit float64 sums: weighting, chunking, normalization, pooling, bad input."""
+"""hessian.py against explicit float64 sums: weighting, chunking, normalization, pooling, bad input; FAQ weights."""
 
 import pytest
 import torch
 
-from hessian import Hessian, dead_columns
+from hessian import Hessian, dead_columns, fusion_scores, fusion_weights
 
 D = 12
 
@@ -103,3 +103,50 @@ def test_bad_input_raises():
     h.add(torch.full((1, D), float("nan")))
     with pytest.raises(ValueError, match="NaN/inf"):
         h.finalize()
+
+
+# ---- FAQ fusion weights
+
+
+def causal_probs(T, nh=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randn(nh, T, T, generator=g, dtype=torch.float64)
+    scores = scores.masked_fill(torch.ones(T, T).triu(1).bool(), float("-inf"))
+    return scores.softmax(-1)
+
+
+def test_fusion_scores_against_a_loop():
+    T = 14
+    is_vis = torch.zeros(T, dtype=torch.bool)
+    is_vis[3:9] = True  # system/user text, 6 image tokens, question + answer
+    probs = causal_probs(T)
+    A = probs.mean(0)
+    phi = fusion_scores(probs, is_vis)
+    for j in range(T):
+        if is_vis[j]:
+            readers = [t for t in range(j + 1, T) if not is_vis[t]]
+            want = sum(A[t, j] for t in readers) / len(readers)
+        else:
+            want = sum(A[j, v] for v in range(T) if is_vis[v])
+        assert abs(float(phi[j]) - float(want)) <= 1e-6
+    assert (phi[:3] == 0).all() and (phi[9:] > 0).all()  # text before the image cannot see it
+
+
+def test_fusion_weights_are_positive_and_mean_one_per_modality():
+    vis_a, vis_b = torch.zeros(14, dtype=torch.bool), torch.zeros(9, dtype=torch.bool)
+    vis_a[3:9] = True
+    vis_text_only = torch.zeros(6, dtype=torch.bool)
+    masks = [vis_a, vis_b, vis_text_only]
+    vis_b[2:5] = True
+    scores = [fusion_scores(causal_probs(len(v), seed=i), v) for i, v in enumerate(masks)]
+    w = fusion_weights(scores, masks, eta=0.5)
+    allw, allv = torch.cat(w), torch.cat(masks)
+    assert bool(torch.isfinite(allw).all()) and float(allw.min()) >= 0.5
+    for m in (allv, ~allv):
+        assert abs(float(allw[m].mean()) - 1.0) <= 1e-12
+    assert torch.equal(w[2], torch.full((6,), 0.5, dtype=torch.float64))  # no image to attend to: 1 − η
+    assert all(torch.equal(x, torch.ones_like(x)) for x in fusion_weights(scores, masks, eta=0.0))
+    no_images = fusion_weights([torch.zeros(5)], [torch.zeros(5, dtype=torch.bool)])
+    assert torch.equal(no_images[0], torch.ones(5, dtype=torch.float64))  # no fusion anywhere: plain weights
+    with pytest.raises(ValueError, match="eta"):
+        fusion_weights(scores, masks, eta=1.0)

@@ -118,14 +118,15 @@ def test_w8_rtn_stays_close_to_float(tiny_qwen, calib, tmp_path):
     assert r["kl"]["all"] < 1e-4, r["kl"]
 
 
-@pytest.mark.parametrize("method", ["awq", "smoothquant"])
+@pytest.mark.parametrize("method", ["awq", "smoothquant", "ecs", "ecs-faq"])
 def test_scale_folding_leaves_the_float_layer_unchanged(tiny_qwen, calib, method):
     m = model.load_model(tiny_qwen)
     acts = gptq.embed_samples(m, data.load_processor(tiny_qwen),
                               calibrate.calibration_samples(calibrate.load(calib)), "cpu")
     before = gptq.run_layer(m, 0, acts)
-    q = gptq.QuantArgs(method=method, bits=3, group_size=16)
-    rep = gptq.search_and_fold(m.layers[0], m.scaling_groups(0), acts, q)
+    q = gptq.QuantArgs(method=method, bits=3, group_size=16, abits=8 if method.startswith("ecs") else 16)
+    fusion = gptq.layer_fusion_weights(m.layers[0], acts, q.eta) if method == "ecs-faq" else None
+    rep = gptq.search_and_fold(m.layers[0], m.scaling_groups(0), acts, q, fusion=fusion)
     assert "post_attention_layernorm" in rep and "input_layernorm" in rep
     after = gptq.run_layer(m, 0, acts)
     for a, b in zip(before, after):
@@ -215,3 +216,27 @@ def test_quantize_vision_packs_the_tower_and_exports_exactly(tiny_qwen, calib, t
                                                          image_grid_thw=e["image_grid_thw"])
     assert (ours - ref).abs().max() <= 1e-4
     assert (ours - unquantized_vision).abs().max() > 1e-4  # the tower really changed
+
+
+def test_faq_weights_from_the_layer_attention(tiny_qwen, calib):
+    """The probs hook does not change the layer's output; FAQ weights are finite, >= 1 − η and mean 1 per
+    modality over the calibration set, and differ from 1 (the attention is not uniform)."""
+    m = model.load_model(tiny_qwen)
+    acts = gptq.embed_samples(m, data.load_processor(tiny_qwen),
+                              calibrate.calibration_samples(calibrate.load(calib)), "cpu")
+    before = gptq.run_layer(m, 1, acts)
+    w = gptq.layer_fusion_weights(m.layers[1], acts, eta=0.5)
+    assert not hasattr(m.layers[1].self_attn, "probs_hook")
+    m.layers[1].self_attn.probs_hook = lambda p: None
+    for a, b in zip(before, gptq.run_layer(m, 1, acts)):
+        assert (a.x - b.x).abs().max() <= 1e-5 * a.x.abs().max()
+    allw, vis = torch.cat(w), torch.cat([a.is_vis for a in acts])
+    assert [len(x) for x in w] == [a.x.shape[1] for a in acts]
+    assert bool(torch.isfinite(allw).all()) and float(allw.min()) >= 0.5 and float((allw - 1).abs().max()) > 0.05
+    for mask in (vis, ~vis):
+        assert abs(float(allw[mask].mean()) - 1) <= 1e-9
+
+
+def test_ecmfq_needs_a_macs_calibration_set(tiny_qwen, calib, tmp_path):
+    with pytest.raises(ValueError, match="calibrate.py --select macs"):
+        run(tiny_qwen, calib, tmp_path / "q", method="ecmfq", bits=4, abits=8)
