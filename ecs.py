@@ -9,6 +9,11 @@ the consumers' input columns by s changes nothing in float; it changes what the 
     scaled-and-quantized consumers have the lowest output MSE. Optional clip search (awq_clip).
   * SmoothQuant (Xiao et al., "SmoothQuant", arXiv 2211.10438): s_j = max|X_j|^α / max|W_j|^(1−α), α = 0.5,
     no search; it moves activation outliers into the weights so that 8-bit activations survive.
+  * ECS, ECMFQ's expert-consensus smoothing (OpenReview BUWB15t291; only its abstract is public, so this is the
+    reconstruction in ../shared/ALGORITHMS.md): SmoothQuant's form s(α) = m_X^α / m_W^(1−α) searched over 21 α in
+    [0, 1], with m_X a robust (99.9th percentile) activation range and m_W the ω-weighted consensus of the
+    experts' weight ranges, against the ω-weighted error of all experts with routed tokens under an outlier-robust
+    ρ (trimmed MSE or Huber), activations quantized as deployed (ecs_scale).
 Symbols as in the papers: X (n, d) the inputs, W_e (out_e, d) the weight of consumer e, s (d,) the scale,
 α the migration strength, x̄ (d,) the mean |X|; here also w_e the weight of consumer e in the loss (VEQ-ME's S_e,
 ECS's ω_e) and c_j the weight of token j (FAQ's fusion weight).
@@ -39,6 +44,9 @@ Choices, where the references leave room or this code differs from them:
     (llm-awq stops one step short of it).
 Does not: capture activations, decide which linears form a scaling group (model.py exposes that as data),
 quantize the final weights (gptq.py), or handle norms of the form (1 + w) · x̂ (none in Qwen3-VL / Kimi-VL).
+
+In ECS's loss, ρ replaces the squared error (trimmed_squared_error / huber), w_e = ω_e and c_j = FAQ's fusion
+weights (hessian.fusion_weights).
 
 Usage (one scaling group: an RMSNorm weight g feeding an MoE block):
     r = awq_scale(X, [Consumer(W_e, rows=idx_e) for ...], bits=4, group_size=128, sym=False)

@@ -3,9 +3,10 @@
     python bench/methods.py [--models tiny-qwen3-vl-moe,tiny-kimi-vl] [--seeds 0,1,2] [--n-calib 64]
                             [--n-eval 300] [--only W3] [--out results/]
 
-For each model and seed: calibrate.py on the shapes train split (n-calib samples, that seed), then every
-configuration below through gptq.py (no closing eval) and eval.py against the float model on the same
-held-out samples (the float model's answers are computed once). Writes results/methods.md (the table with
+For each model and seed: calibrate.py on the shapes train split (n-calib samples, that seed; for ECMFQ also a
+MACS-selected set from a 4x pool of the same stream), then every configuration below through gptq.py (no
+closing eval) and eval.py against the float model on the same held-out samples (the float model's answers are
+computed once). Writes results/methods.md (the table with
 the command) and results/methods.json (every run). Metrics: KL(P_float || P_quant) per answer token, top-1
 agreement, answer flips, accuracy and its share of float accuracy; image and text-only separately for KL.
 """
@@ -39,6 +40,9 @@ CONFIGS = [  # (label, setting, QuantArgs fields)
         ("veq-ma, scale-free gamma", "veq-ma", dict(gamma_source="grad_x_input")))],
     ("smoothquant+rtn", "W4A8", dict(method="smoothquant", bits=4, abits=8)),
     ("smoothquant+gptq", "W4A8", dict(method="smoothquant-gptq", bits=4, abits=8)),
+    ("ecs (+gptq)", "W4A8", dict(method="ecs", bits=4, abits=8)),
+    ("ecs+faq", "W4A8", dict(method="ecs-faq", bits=4, abits=8)),
+    ("ecmfq (ecs+macs+faq)", "W4A8", dict(method="ecmfq", bits=4, abits=8)),
 ]
 
 
@@ -54,12 +58,15 @@ def run_model(model_dir, seeds, n_calib, n_eval, only, work):
     for seed in seeds:
         calib = os.path.join(work, f"calib-{seed}")
         calibrate.calibrate(model_dir, n=n_calib, seed=seed, out=calib, command=f"calibrate seed {seed}")
-        for label, setting, kw in CONFIGS:
-            if only and setting != only:
-                continue
+        configs = [c for c in CONFIGS if not only or c[1] == only]
+        if any(kw["method"] == "ecmfq" for _, _, kw in configs):
+            calibrate.calibrate(model_dir, n=n_calib, seed=seed, out=calib + "-macs", select="macs",
+                                command=f"calibrate --select macs seed {seed}")
+        for label, setting, kw in configs:
             q = gptq.QuantArgs(group_size=G, **kw)
             out = os.path.join(work, "q")
-            rep = gptq.quantize_model(model_dir, calib, out, q, command=f"bench {label} {setting}")
+            rep = gptq.quantize_model(model_dir, calib + ("-macs" if q.method == "ecmfq" else ""), out, q,
+                                      command=f"bench {label} {setting}")
             r = evaluation.evaluate(out, reference=model_dir, n=n_eval, seed=0, max_new_tokens=8, ref_outputs=ref)
             runs.append(dict(model=os.path.basename(model_dir), label=label, setting=setting, seed=seed,
                              args=kw, seconds=rep["seconds"], gamma=rep["gamma"],
