@@ -1,0 +1,221 @@
+"""Layer streaming at real width: peak memory and time of the real driver, gptq.quantize_model, on random
+Qwen3-VL-30B-A3B-width checkpoints of N = 2 and N = 4 decoder layers (bench/synthetic_checkpoint.py: hidden 2048,
+128 experts of 768, top-8; 1.25 GB per layer in bf16, 2.5 GB in the driver's float32).
+
+For each N, in order:
+  1. the checkpoint (written under --root if absent);
+  2. a calibration folder in calibrate.py's format (calibrate.save, read back by calibrate.load): --samples
+     bundled shapes samples, routing counts by modality computed layer by layer (model.load_model(...,
+     lazy_layers=True), load_layer / unload_layer), since calibrate.calibrate holds every layer at once; no gamma
+     (plain GPTQ does not read it). Its own subprocess, not measured;
+  3. gptq.quantize_model(method gptq, --bits 4, --group-size 128, batched experts unless --per-expert) in a
+     fresh subprocess, so its peak memory is its own: VmHWM (the kernel's peak resident set, from os.wait4's
+     ru_maxrss) and the peak of RssAnon (anonymous memory: tensors), sampled every 0.1 s, over the whole run and
+     over its last phase (after the driver printed its last layer: the closing forward and write_output).
+     RSS also counts the pages of the checkpoint files the loader's memory maps have read (RssFile): clean page
+     cache, dropped under memory pressure, but it grows by one bf16 layer per layer read.
+     A guard kills the run if the machine's MemAvailable falls below --guard-gb (the machine is shared).
+Prints, per N, the wall time of quantize_model (its report's seconds), VmHWM, the RssAnon peaks and the output
+size; then seconds per layer = (T_4 - T_2) / 2 (the marginal cost of a layer: load, Hessians, solve, report
+errors, the quantized layer's forward) and the fixed cost T_2 - 2 s_per_layer, and the extrapolation to the
+real model's 48 layers. Last line:
+  streaming: peak_n2_gb=<VmHWM N=2> peak_n4_gb=<VmHWM N=4> ratio=<n4/n2> s_per_layer=<s>   (target ratio <= 1.15)
+
+    OMP_NUM_THREADS=1 python bench/streaming.py [--layers 2 4] [--root /tmp/h8] [--samples 16] [--per-expert]
+Disk: 2.5 GB + 5 GB of checkpoints under --root (kept for reruns), plus the quantized outputs.
+"""
+
+import argparse
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import calibrate  # noqa: E402
+import data  # noqa: E402
+import gptq  # noqa: E402
+import model  # noqa: E402
+from bench.synthetic_checkpoint import write_checkpoint  # noqa: E402
+
+REAL_LAYERS = 48  # Qwen3-VL-30B-A3B
+GB = 1e9
+
+
+def streamed_calibration(ckpt: str, out: str, n: int, seed: int, device: str):
+    """calibrate.collect's routing statistics without the gradient pass, one decoder layer in memory at a time:
+    every sample's hidden states advance through layer i before layer i + 1 is loaded."""
+    m = model.load_model(ckpt, dtype=torch.float32, device=device, lazy_layers=True)
+    proc = data.load_processor(ckpt)
+    meta = {"model": ckpt, "data": "shapes", "n": n, "seed": seed, "split": "train", "selection": "random",
+            "command": f"bench/streaming.py: streamed_calibration({ckpt!r}, n={n}, seed={seed})"}
+    samples = calibrate.calibration_samples(meta)
+    layers = calibrate.moe_layers(m)
+    E = m.cfg.text.num_experts
+    n_text, n_vis = torch.zeros(len(layers), E), torch.zeros(len(layers), E)
+    prob_sum = torch.zeros(len(layers), E, dtype=torch.float64)
+    rec = calibrate.RoutingRecorder(m)  # hooks on the (meta) routers survive load_layer
+    with torch.no_grad():
+        hs = []
+        for s in samples:
+            b = data.encode_qa_batch(proc, [s])
+            x, ctx = m.embed(b["input_ids"].to(device), **{k: v.to(device) for k, v in data.vision_inputs(b).items()})
+            hs.append((x, ctx, b["is_vis"].flatten().to(device)))
+        for i in range(len(m.layers)):
+            layer = m.load_layer(i)
+            for k, (x, ctx, vis) in enumerate(hs):
+                hs[k] = (m.after_layer(i, layer(x, ctx), ctx), ctx, vis)
+                if i in layers:
+                    j = layers.index(i)
+                    topk_idx, scores = rec.last[i]
+                    n_vis[j] += torch.bincount(topk_idx[vis].flatten(), minlength=E).float().cpu()
+                    n_text[j] += torch.bincount(topk_idx[~vis].flatten(), minlength=E).float().cpu()
+                    prob_sum[j] += (scores / scores.sum(-1, keepdim=True)).sum(0).double().cpu()
+            m.unload_layer(i)
+    rec.remove()
+    T_vis = sum(int(vis.sum()) for _, _, vis in hs)
+    T_text = sum(len(vis) for _, _, vis in hs) - T_vis
+    stats = {"moe_layers": layers, "n_text": n_text, "n_vis": n_vis,
+             "mean_prob": (prob_sum / (T_text + T_vis)).float(), "T_text": T_text, "T_vis": T_vis,
+             "gamma": None, "gamma_median": None, "gamma_per_sample": [], "gamma_grad_x_input": None}
+    calibrate.save(out, stats, meta)
+    print(calibrate.summary(stats, m.cfg.text.hidden_size).split("\n  layer")[0], flush=True)
+
+
+def quantize(ckpt: str, calib: str, out: str, bits: int, group_size: int, per_expert: bool, device: str):
+    q = gptq.QuantArgs(method="gptq", bits=bits, group_size=group_size, batched_experts=not per_expert)
+    report = gptq.quantize_model(ckpt, calib, out, q, device=device, command="bench/streaming.py")
+    print(json.dumps({"seconds": report["seconds"]}))
+
+
+def status_kb(pid: int) -> dict:
+    """VmRSS / RssAnon / RssFile of a live process, in kB ({} once it has exited)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return {k: int(v.split()[0]) for k, v in (line.split(":", 1) for line in f)
+                    if k in ("VmRSS", "RssAnon", "RssFile")}
+    except (FileNotFoundError, ProcessLookupError):
+        return {}
+
+
+def mem_available_gb() -> float:
+    with open("/proc/meminfo") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("MemAvailable")) * 1e3 / GB
+
+
+def run_child(args: list[str], n_layers: int, guard_gb: float) -> dict:
+    """Run `python streaming.py <args>` to completion, echoing its output. Returns its last JSON line plus
+    vmhwm (GB, from wait4), peak_anon and peak_anon_last_phase (GB, sampled), killed (bool)."""
+    p = subprocess.Popen([sys.executable, os.path.abspath(__file__), *args], stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
+    peak = {"all": 0, "last": 0, "in_last": False, "killed": False}
+
+    def sample():
+        while p.poll() is None:
+            anon = status_kb(p.pid).get("RssAnon", 0) * 1e3 / GB
+            peak["all"] = max(peak["all"], anon)
+            if peak["in_last"]:
+                peak["last"] = max(peak["last"], anon)
+            if mem_available_gb() < guard_gb:
+                print(f"guard: MemAvailable < {guard_gb} GB, killing the run (pid {p.pid})", flush=True)
+                peak["killed"] = True
+                os.kill(p.pid, signal.SIGKILL)
+            time.sleep(0.1)
+
+    watcher = threading.Thread(target=sample, daemon=True)
+    watcher.start()
+    result = {}
+    for line in p.stdout:
+        print("    " + line, end="", flush=True)
+        layer = re.match(r"layer\s+(\d+)/(\d+):", line)
+        if layer and int(layer.group(1)) + 1 == n_layers:
+            peak["in_last"] = True
+        if line.startswith("{"):
+            result = json.loads(line)
+    _, status, usage = os.wait4(p.pid, 0)  # this child's own rusage (RUSAGE_CHILDREN would mix the runs)
+    p.returncode = os.waitstatus_to_exitcode(status)
+    watcher.join()
+    if p.returncode != 0 and not peak["killed"]:
+        raise RuntimeError(f"child {args} exited with {p.returncode}")
+    return {**result, "vmhwm": usage.ru_maxrss * 1e3 / GB, "peak_anon": peak["all"],
+            "peak_anon_last_phase": peak["last"], "killed": peak["killed"]}
+
+
+def dir_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path) if f.endswith(".safetensors"))
+
+
+def measure(n: int, a) -> dict:
+    ckpt = os.path.join(a.root, f"qwen3-vl-30b-a3b-{n}l")
+    calib = os.path.join(a.root, f"calib-{n}l-{a.samples}")
+    out = os.path.join(a.root, f"quantized-{n}l-w{a.bits}g{a.group_size}-{'loop' if a.per_expert else 'batched'}")
+    common = ["--device", a.device, "--threads", str(a.threads)]
+    if not os.path.isdir(ckpt):
+        t0 = time.time()
+        write_checkpoint(n, ckpt, seed=a.seed, device=a.device)
+        print(f"N={n}: wrote {ckpt} in {time.time() - t0:.0f}s", flush=True)
+    if not os.path.isdir(calib):
+        run_child(["--stage", "calib", "--ckpt", ckpt, "--calib", calib, "--samples", str(a.samples),
+                   "--seed", str(a.seed), *common], n, a.guard_gb)
+    print(f"N={n}: quantize_model (gptq W{a.bits} g{a.group_size}, "
+          f"{'per-expert loop' if a.per_expert else 'batched experts'})", flush=True)
+    r = run_child(["--stage", "quantize", "--ckpt", ckpt, "--calib", calib, "--out", out, "--bits", str(a.bits),
+                   "--group-size", str(a.group_size), *common] + (["--per-expert"] if a.per_expert else []),
+                  n, a.guard_gb)
+    r["out_gb"] = 0.0 if r["killed"] else dir_bytes(out) / GB
+    print(f"N={n}: {r.get('seconds', float('nan')):.0f}s, VmHWM {r['vmhwm']:.2f} GB, peak RssAnon "
+          f"{r['peak_anon']:.2f} GB (after the last layer: {r['peak_anon_last_phase']:.2f} GB), output "
+          f"{r['out_gb']:.2f} GB" + (" [KILLED by the memory guard]" if r["killed"] else ""), flush=True)
+    return r
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layers", type=int, nargs=2, default=[2, 4], help="the two depths compared")
+    p.add_argument("--root", default="/tmp/h8", help="where checkpoints, calib and outputs are written")
+    p.add_argument("--samples", type=int, default=16, help="calibration samples (bundled shapes, train split)")
+    p.add_argument("--bits", type=int, default=4)
+    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--per-expert", action="store_true", help="the per-expert GPTQ loop instead of batched experts")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--guard-gb", type=float, default=1.0, help="kill a run when MemAvailable falls below this")
+    p.add_argument("--device", default="cpu", help="torch device of the driver")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--stage", choices=("calib", "quantize"), help=argparse.SUPPRESS)  # child processes
+    p.add_argument("--ckpt", help=argparse.SUPPRESS)
+    p.add_argument("--calib", help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    if a.stage == "calib":
+        return streamed_calibration(a.ckpt, a.calib, a.samples, a.seed, a.device)
+    if a.stage == "quantize":
+        return quantize(a.ckpt, a.calib, a.out, a.bits, a.group_size, a.per_expert, a.device)
+    (n2, n4), (r2, r4) = a.layers, [measure(n, a) for n in a.layers]
+    if r2["killed"] or r4["killed"]:
+        sys.exit("streaming: a run was killed by the memory guard, no figures (free memory, or raise --guard-gb)")
+    s_layer = (r4["seconds"] - r2["seconds"]) / (n4 - n2)
+    fixed = r2["seconds"] - n2 * s_layer
+    layer_out = (r4["out_gb"] - r2["out_gb"]) / (n4 - n2)
+    print(f"seconds per layer (marginal, (T_{n4} - T_{n2}) / {n4 - n2}): {s_layer:.1f}; fixed cost {fixed:.1f}s")
+    print(f"peak RssAnon N={n2} {r2['peak_anon']:.2f} GB, N={n4} {r4['peak_anon']:.2f} GB "
+          f"(ratio {r4['peak_anon'] / r2['peak_anon']:.3f}); VmHWM - RssAnon peak: {r2['vmhwm'] - r2['peak_anon']:.2f}"
+          f" and {r4['vmhwm'] - r4['peak_anon']:.2f} GB (file pages of the read checkpoint)")
+    print(f"extrapolation to {REAL_LAYERS} layers: time {REAL_LAYERS} x {s_layer:.1f} + {fixed:.0f} = "
+          f"{(REAL_LAYERS * s_layer + fixed) / 3600:.2f} h; per-layer RssAnon peak flat at about "
+          f"{r4['peak_anon']:.1f} GB while the output phase holds every packed layer ({layer_out:.2f} GB each: "
+          f"{REAL_LAYERS * layer_out:.1f} GB at {REAL_LAYERS}), and file pages add up to 1.25 GB per layer read")
+    print(f"streaming: peak_n{n2}_gb={r2['vmhwm']:.2f} peak_n{n4}_gb={r4['vmhwm']:.2f} "
+          f"ratio={r4['vmhwm'] / r2['vmhwm']:.3f} s_per_layer={s_layer:.1f}")
+
+
+if __name__ == "__main__":
+    main()
