@@ -719,8 +719,8 @@ def pooled_hessian(layer, name: str, cap: LayerCapture) -> torch.Tensor:
         H = Hessian(expert.down_proj.in_features, dtype=torch.float64)
         for x in cap.moe_inputs:
             H.add(F.silu(expert.gate_proj(x)) * expert.up_proj(x))
-        return H.finalize()
-    return cap.pool.finalize()
+        return H.finalize(release=True, dtype=torch.float32)
+    return cap.pool.finalize(dtype=torch.float32)
 
 
 def input_groups(layer, cap: LayerCapture, prefix: str) -> dict[str, list[str]]:
@@ -746,7 +746,11 @@ def solve_batched(layer, keys: list[str], by_key, H: dict, q: QuantArgs, prefix:
             continue
         stacks = [torch.stack([layer.get_submodule(by_key[k][j]).weight.float() for k in ks])
                   for j in range(len(by_key[ks[0]]))]  # per reader of the input: (E, out, in)
-        res = gptq_batched_shared(stacks, torch.stack([H[k].float() for k in ks]), bits=q.bits,
+        Hs = H[ks[0]].new_empty((len(ks),) + tuple(H[ks[0]].shape))  # (E, in, in)
+        for e, k in enumerate(ks):  # each expert's Hessian moves into the stack (no second copy of all of them)
+            Hs[e] = H.pop(k)
+            H[k] = Hs[e]
+        res = gptq_batched_shared(stacks, Hs, bits=q.bits,
                                   group_size=q.group_size, sym=q.sym, block_size=q.block_size,
                                   percdamp=q.percdamp, names=[prefix + k for k in ks])
         for e, k in enumerate(ks):
@@ -760,7 +764,8 @@ def quantize_linears(layer, cap: LayerCapture, q: QuantArgs, prefix: str) -> dic
     by_key = input_groups(layer, cap, prefix)
     starved = {k: _EXPERT.match(k) is not None and (cap.H[k].n_tokens if k in cap.H else 0) < q.min_expert_tokens
                for k in by_key}
-    H = {k: pooled_hessian(layer, k, cap) if starved[k] else cap.H[k].finalize() for k in by_key}
+    H = {k: pooled_hessian(layer, k, cap) if starved[k] else cap.H[k].finalize(release=True, dtype=torch.float32)
+         for k in by_key}  # float32, as the solvers take it; the float64 sums are released one by one
     results = {}
     if q.batched_experts and q.method not in RTN_SOLVER:
         results = solve_batched(layer, [k for k in by_key if _EXPERT.match(k)], by_key, H, q, prefix)
@@ -771,7 +776,7 @@ def quantize_linears(layer, cap: LayerCapture, q: QuantArgs, prefix: str) -> dic
         if q.method in RTN_SOLVER:
             results[key] = [rtn(w, bits=q.bits, group_size=q.group_size, sym=q.sym) for w in W]
         else:
-            results[key] = gptq_shared(W, H[key].float(), bits=q.bits, group_size=q.group_size, sym=q.sym,
+            results[key] = gptq_shared(W, H[key], bits=q.bits, group_size=q.group_size, sym=q.sym,
                                        block_size=q.block_size, percdamp=q.percdamp, act_order=q.act_order,
                                        static_groups=q.static_groups, name=prefix + key)
     report = {}
