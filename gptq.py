@@ -1053,19 +1053,21 @@ def ignored_modules(m) -> list[str]:
 
 
 def write_output(m, model_dir: str, out: str, q: QuantArgs, partial: str, report: dict):
-    """Assemble out/: config.json with quantization_config, model.safetensors (float non-layer tensors +
-    every finished layer), the tokenizer / preprocessor files, report.json. Written to a temporary folder
-    and renamed; the per-layer partial results are removed only after that."""
-    from safetensors.torch import load_file
-
+    """Assemble out/: config.json with quantization_config, the weights as shards (the float non-layer tensors,
+    then one shard per decoder layer: the finished per-layer files, hard-linked, so nothing is copied or held
+    in memory at any depth) with model.safetensors.index.json, the tokenizer / preprocessor files, report.json.
+    Written to a temporary folder and renamed; the per-layer partial results are removed only after that."""
     tmp = out.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    prefixes = tuple(m.layer_prefix(i) for i in range(len(m.layers)))
+    n = len(m.layers)
+    shards = [f"model-{j + 1:05d}-of-{n + 1:05d}.safetensors" for j in range(n + 1)]
+    prefixes = tuple(m.layer_prefix(i) for i in range(n))
     tensors = model_lib.checkpoint_state_dict(m, keys=[k for k in m.state_dict() if not k.startswith(prefixes)])
-    for i in range(len(m.layers)):
-        tensors.update(load_file(os.path.join(partial, f"layer_{i:04d}.safetensors")))
-    save_atomic(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+    save_atomic(tensors, os.path.join(tmp, shards[0]), metadata={"format": "pt"})
+    for i in range(n):
+        os.link(os.path.join(partial, f"layer_{i:04d}.safetensors"), os.path.join(tmp, shards[i + 1]))
+    write_index(tmp, shards)
     with open(os.path.join(model_dir, "config.json")) as f:
         cfg = json.load(f)
     cfg["quantization_config"] = quantization_config(q, ignored_modules(m))
@@ -1081,6 +1083,22 @@ def write_output(m, model_dir: str, out: str, q: QuantArgs, partial: str, report
         shutil.rmtree(out)
     os.rename(tmp, out)
     shutil.rmtree(partial)
+
+
+def write_index(folder: str, shards: list[str]):
+    """model.safetensors.index.json: every tensor name -> its shard, and the tensors' total bytes (each file's
+    size less its 8-byte length prefix and JSON header)."""
+    from safetensors import safe_open
+
+    weight_map, total = {}, 0
+    for name in shards:
+        path = os.path.join(folder, name)
+        with open(path, "rb") as f:
+            total += os.path.getsize(path) - 8 - int.from_bytes(f.read(8), "little")
+        with safe_open(path, framework="pt") as f:
+            weight_map.update({k: name for k in f.keys()})
+    with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
 
 
 def export_fake_quant(quantized: str, dst: str):
@@ -1202,7 +1220,7 @@ def quantize_model(model: str, calib: str = "calib", out: str = "quantized", q: 
             finally:
                 cap.remove()
             rep = {"linears": quantize_linears(layer, cap, q, m.layer_prefix(i)), "scales": scales}
-            save_atomic(layer_state(m, i), path)
+            save_atomic(layer_state(m, i), path, metadata={"format": "pt"})
             with open(path[:-len(".safetensors")] + ".json.tmp", "w") as f:
                 json.dump(rep, f)
             os.replace(path[:-len(".safetensors")] + ".json.tmp", path[:-len(".safetensors")] + ".json")
