@@ -960,7 +960,7 @@ def fold_group(layer, producer: str, consumers: list[str], router: str | None, s
 def run_layer(m, i: int, samples: list) -> list:
     """The layer's outputs (+ DeepStack injection) for every sample."""
     layer = m.layers[i]
-    with torch.no_grad():
+    with torch.no_grad(), model_lib.dequantize_once(layer):
         return [LayerInput(m.after_layer(i, layer(s.x, s.ctx), s.ctx), s.ctx, s.is_vis) for s in samples]
 
 

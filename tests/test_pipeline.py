@@ -249,3 +249,16 @@ def test_faq_weights_from_the_layer_attention(tiny_qwen, calib):
 def test_ecmfq_needs_a_macs_calibration_set(tiny_qwen, calib, tmp_path):
     with pytest.raises(ValueError, match="calibrate.py --select macs"):
         run(tiny_qwen, calib, tmp_path / "q", method="ecmfq", bits=4, abits=8)
+
+
+def test_dequantize_once_gives_the_same_outputs(tiny_qwen, calib, tmp_path):
+    run(tiny_qwen, calib, tmp_path / "q", method="rtn", bits=4, abits=8)
+    m = model.load_model(str(tmp_path / "q"))
+    acts = gptq.embed_samples(m, data.load_processor(tiny_qwen),
+                              calibrate.calibration_samples(calibrate.load(calib)), "cpu")
+    with torch.no_grad():
+        plain = [m.layers[1](a.x, a.ctx) for a in acts]
+        with model.dequantize_once(m.layers[1]):
+            once = [m.layers[1](a.x, a.ctx) for a in acts]
+    assert all(torch.equal(a, b) for a, b in zip(plain, once))
+    assert not any(hasattr(mod, "W_once") for mod in m.layers[1].modules())
