@@ -51,6 +51,8 @@ class Hessian:
     @torch.no_grad()
     def add(self, x: torch.Tensor, weight: torch.Tensor | None = None):
         """Add inputs x (..., d), flattened over all leading dims to n tokens, with optional weights (n,) >= 0."""
+        if self.S is None:
+            raise ValueError("Hessian.add: this accumulator was already released by finalize(release=True)")
         if x.shape[-1] != self.d:
             raise ValueError(f"Hessian.add: x has last dim {x.shape[-1]}, expected d={self.d} (wrong layer input?)")
         X = x.reshape(-1, self.d).to(self.S.dtype)  # (n, d)
@@ -78,16 +80,23 @@ class Hessian:
         self._n_tokens += other.n_tokens
 
     @torch.no_grad()
-    def finalize(self) -> torch.Tensor:
-        """H = 2/Σw · S (d, d), in the accumulation dtype. Raises if nothing (or only zero weight) was added,
-        or if the sum is not finite: never a silent identity."""
+    def finalize(self, *, release: bool = False, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """H = 2/Σw · S (d, d), in `dtype` (default: the accumulation dtype). Raises if nothing (or only zero
+        weight) was added, or if the sum is not finite: never a silent identity. release=True scales S in
+        place and hands it over (no (d, d) copy; the accumulator cannot be used afterwards): at real width the
+        Hessians of a 128-expert layer take 4.9 GB in float64, so a second copy matters."""
+        if self.S is None:
+            raise ValueError("Hessian.finalize: this accumulator was already released by finalize(release=True)")
         total = float(self.weight_sum)
         if self._n_tokens == 0 or total <= 0:
             raise ValueError(f"Hessian.finalize: no calibration tokens ({self._n_tokens} tokens, weight sum "
                              f"{total}); use a pooled Hessian and flag it, or skip this layer explicitly")
         if not bool(torch.isfinite(self.S).all()):
             raise ValueError("Hessian.finalize: the accumulated sum has NaN/inf (non-finite layer inputs?)")
-        return self.S * (2.0 / total)
+        if not release:
+            return (self.S * (2.0 / total)).to(dtype or self.S.dtype)
+        H, self.S = self.S.mul_(2.0 / total), None
+        return H.to(dtype or H.dtype)
 
 
 def dead_columns(H: torch.Tensor) -> torch.Tensor:

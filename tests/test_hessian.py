@@ -150,3 +150,16 @@ def test_fusion_weights_are_positive_and_mean_one_per_modality():
     assert torch.equal(no_images[0], torch.ones(5, dtype=torch.float64))  # no fusion anywhere: plain weights
     with pytest.raises(ValueError, match="eta"):
         fusion_weights(scores, masks, eta=1.0)
+
+
+def test_finalize_release_hands_over_the_storage_once():
+    X, w = data()
+    h = Hessian(D, dtype=torch.float64)
+    h.add(X, w)
+    want = h.finalize()
+    got = h.finalize(release=True, dtype=torch.float32)
+    assert got.dtype == torch.float32 and torch.equal(got, want.float())
+    with pytest.raises(ValueError, match="released"):
+        h.finalize()
+    with pytest.raises(ValueError, match="released"):
+        h.add(X)

@@ -27,7 +27,12 @@ def run(tiny_qwen, calib, out, **kw):
 
 
 def digest(path):
-    return hashlib.sha256(open(os.path.join(path, "model.safetensors"), "rb").read()).hexdigest()
+    """One hash over the index and every weight shard of an output folder."""
+    h = hashlib.sha256()
+    for name in sorted(os.listdir(path)):
+        if name.endswith(".safetensors") or name == "model.safetensors.index.json":
+            h.update(name.encode() + open(os.path.join(path, name), "rb").read())
+    return h.hexdigest()
 
 
 def test_veq_ma_with_gamma_1_and_lambda_0_is_exactly_gptq(tiny_qwen, calib, tmp_path):
@@ -59,13 +64,18 @@ def test_resume_equals_uninterrupted(tiny_qwen, calib, tmp_path, monkeypatch):
 
 def test_packed_output_format_and_report(tiny_qwen, calib, tmp_path):
     rep = run(tiny_qwen, calib, tmp_path / "q", method="gptq", bits=4, sym=True)
+    index = json.load(open(tmp_path / "q" / "model.safetensors.index.json"))  # the non-layer tensors + 1 per layer
+    n_layers = model.load_config(tiny_qwen).text.num_hidden_layers
+    shards = sorted(set(index["weight_map"].values()))
+    assert shards == [f"model-{j:05d}-of-{n_layers + 1:05d}.safetensors" for j in range(1, n_layers + 2)]
+    assert {v for k, v in index["weight_map"].items() if ".layers.1." in k} == {shards[2]}
+    ck = model.Checkpoint(str(tmp_path / "q"))
+    assert index["metadata"]["total_size"] == sum(ck.get(k).numel() * ck.get(k).element_size() for k in ck.keys())
     cfg = json.load(open(tmp_path / "q" / "config.json"))
     qc = cfg["quantization_config"]
     assert qc["format"] == "pack-quantized" and qc["config_groups"]["group_0"]["weights"]["num_bits"] == 4
     assert "lm_head" in qc["ignore"]
-    from safetensors import safe_open
-
-    keys = set(safe_open(str(tmp_path / "q" / "model.safetensors"), "pt").keys())
+    keys = set(ck.keys())
     assert "model.language_model.layers.0.mlp.experts.5.down_proj.weight_packed" in keys
     assert "model.language_model.layers.0.self_attn.q_proj.weight_scale" in keys
     assert not any(k.endswith("weight_zero_point") for k in keys)  # symmetric
@@ -166,15 +176,14 @@ def test_batched_experts_match_the_per_expert_loop_on_the_bundled_model(bits, tm
     layer l+1 (measured: W4 269, W3 8025 of 2.16M codes differ; in layer 0, 8 and 40 of 541k). So: on layer 0, whose inputs are identical in both runs,
     >= 99.5% of the codes of every tensor equal and the same relative output error within 1%; over the whole
     model >= 99% of the codes equal."""
-    from safetensors.torch import load_file
-
     qwen = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "tiny-qwen3-vl-moe")
     calibrate.calibrate(qwen, n=6, seed=0, out=str(tmp_path / "c"), command="test")
     outs, reps = [], []
     for batched in (False, True):
         q = gptq.QuantArgs(method="veq-ma", bits=bits, group_size=32, batched_experts=batched)
         reps.append(gptq.quantize_model(qwen, str(tmp_path / "c"), str(tmp_path / f"q{batched}"), q, command="t"))
-        outs.append(load_file(str(tmp_path / f"q{batched}" / "model.safetensors")))
+        ck = model.Checkpoint(str(tmp_path / f"q{batched}"))
+        outs.append({k: ck.get(k) for k in ck.keys()})
     equal = total = 0
     for k in [k for k in outs[0] if k.endswith("weight_packed")]:
         shape = outs[0][k.replace("weight_packed", "weight_shape")].tolist()
@@ -240,3 +249,16 @@ def test_faq_weights_from_the_layer_attention(tiny_qwen, calib):
 def test_ecmfq_needs_a_macs_calibration_set(tiny_qwen, calib, tmp_path):
     with pytest.raises(ValueError, match="calibrate.py --select macs"):
         run(tiny_qwen, calib, tmp_path / "q", method="ecmfq", bits=4, abits=8)
+
+
+def test_dequantize_once_gives_the_same_outputs(tiny_qwen, calib, tmp_path):
+    run(tiny_qwen, calib, tmp_path / "q", method="rtn", bits=4, abits=8)
+    m = model.load_model(str(tmp_path / "q"))
+    acts = gptq.embed_samples(m, data.load_processor(tiny_qwen),
+                              calibrate.calibration_samples(calibrate.load(calib)), "cpu")
+    with torch.no_grad():
+        plain = [m.layers[1](a.x, a.ctx) for a in acts]
+        with model.dequantize_once(m.layers[1]):
+            once = [m.layers[1](a.x, a.ctx) for a in acts]
+    assert all(torch.equal(a, b) for a, b in zip(plain, once))
+    assert not any(hasattr(mod, "W_once") for mod in m.layers[1].modules())
