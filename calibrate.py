@@ -81,48 +81,115 @@ def gradient_ratio(g, is_vis) -> float | None:
     return (per_pos[~is_vis].mean() / per_pos[is_vis].mean()).item()
 
 
+class Counts:
+    """Routing statistics of the MoE layers, added one (layer, sample) at a time."""
+
+    def __init__(self, layers: list[int], E: int):
+        self.layers = layers
+        self.n_text, self.n_vis = torch.zeros(len(layers), E), torch.zeros(len(layers), E)
+        self.prob_sum = torch.zeros(len(layers), E, dtype=torch.float64)
+        self.T_text = self.T_vis = 0
+
+    def add_sample(self, vis):
+        self.T_vis += int(vis.sum())
+        self.T_text += int((~vis).sum())
+
+    def add_routing(self, i: int, topk_idx, scores, vis):
+        j, E = self.layers.index(i), self.n_text.shape[1]
+        self.n_vis[j] += torch.bincount(topk_idx[vis].flatten(), minlength=E).float().cpu()
+        self.n_text[j] += torch.bincount(topk_idx[~vis].flatten(), minlength=E).float().cpu()
+        self.prob_sum[j] += (scores / scores.sum(-1, keepdim=True)).sum(0).double().cpu()
+
+    def stats(self, ratios: list, ratios_gxi: list) -> dict:
+        per_sample = [r for r in ratios if r is not None]
+        return {"moe_layers": self.layers, "n_text": self.n_text, "n_vis": self.n_vis,
+                "mean_prob": (self.prob_sum / max(1, self.T_text + self.T_vis)).float(), "T_text": self.T_text,
+                "T_vis": self.T_vis, "gamma": sum(per_sample) / len(per_sample) if per_sample else None,
+                "gamma_median": float(torch.tensor(per_sample).median()) if per_sample else None,
+                "gamma_per_sample": ratios,
+                # |x ⊙ dL/dx| instead of |dL/dx|: the decoder's first op is an RMSNorm, so dL/dx scales as
+                # 1/||x|| and the plain ratio partly measures how much larger image embeddings are than text ones.
+                "gamma_grad_x_input": _mean([r for r in ratios_gxi if r is not None])}
+
+
+def _counts(m) -> Counts:
+    layers = moe_layers(m)
+    return Counts(layers, len(m.layers[layers[0]].mlp.experts) if layers else 0)
+
+
 def collect(m, proc, samples, gamma: bool = True) -> dict:
     """One float forward per sample (teacher forced on the gold answer): routing counts by modality, mean
     router probabilities, token totals, and the per-sample gradient ratios."""
-    layers = moe_layers(m)
-    E = len(m.layers[layers[0]].mlp.experts) if layers else 0
-    n_text, n_vis = torch.zeros(len(layers), E), torch.zeros(len(layers), E)
-    prob_sum = torch.zeros(len(layers), E, dtype=torch.float64)
-    T_text = T_vis = 0
-    ratios, ratios_gxi = [], []
+    counts, ratios, ratios_gxi = _counts(m), [], []
     rec = RoutingRecorder(m)
     try:
         for s in samples:
             b = data.encode_qa_batch(proc, [s])
-            is_vis = b["is_vis"]
+            vis = b["is_vis"].flatten()
             with torch.no_grad():
                 x, ctx = m.embed(b["input_ids"], **data.vision_inputs(b))
                 h = x
                 for i, layer in enumerate(m.layers):
                     h = m.after_layer(i, layer(h, ctx), ctx)
-            vis = is_vis.flatten()
-            T_vis += int(vis.sum())
-            T_text += int((~vis).sum())
-            for j, i in enumerate(layers):
-                topk_idx, scores = rec.last[i]
-                n_vis[j] += torch.bincount(topk_idx[vis].flatten(), minlength=E).float()
-                n_text[j] += torch.bincount(topk_idx[~vis].flatten(), minlength=E).float()
-                prob_sum[j] += (scores / scores.sum(-1, keepdim=True)).sum(0).double()
+            counts.add_sample(vis)
+            for i in counts.layers:
+                counts.add_routing(i, *rec.last[i], vis)
             if gamma:
                 g = input_gradient(m, x, ctx, b["labels"])
                 ratios.append(gradient_ratio(g, vis))
                 ratios_gxi.append(gradient_ratio(g * x[0], vis))  # scale-free variant: |x ⊙ dL/dx|
     finally:
         rec.remove()
-    per_sample = [r for r in ratios if r is not None]
-    return {"moe_layers": layers, "n_text": n_text, "n_vis": n_vis,
-            "mean_prob": (prob_sum / max(1, T_text + T_vis)).float(), "T_text": T_text, "T_vis": T_vis,
-            "gamma": sum(per_sample) / len(per_sample) if per_sample else None,
-            "gamma_median": float(torch.tensor(per_sample).median()) if per_sample else None,
-            "gamma_per_sample": ratios,
-            # |x ⊙ dL/dx| instead of |dL/dx|: the decoder's first op is an RMSNorm, so dL/dx scales as 1/||x||
-            # and the plain ratio partly measures how much larger image embeddings are than text ones.
-            "gamma_grad_x_input": _mean([r for r in ratios_gxi if r is not None])}
+    return counts.stats(ratios, ratios_gxi)
+
+
+def collect_streaming(m, proc, samples, gamma: bool = True) -> dict:
+    """collect() with one decoder layer in memory (m loaded with lazy_layers=True, for checkpoints larger than
+    memory): every sample's hidden states pass layer i before layer i + 1 is loaded. For gamma the input of
+    every layer is kept for the image samples (n_image x layers x T x D floats: 32 samples of 400 tokens at
+    Qwen3-VL-30B-A3B's 48 x 2048 take 5 GB), and the answer-loss gradient is carried back over the layers in
+    reverse, each loaded again: dL/dx_i = J_iᵀ dL/dx_(i+1), the gradient input_gradient() takes in one graph."""
+    counts, dev = _counts(m), next(m.parameters()).device
+    rec = RoutingRecorder(m)  # hooks on the routers survive load_layer
+    hs, saved = [], []  # per sample: [h, ctx, vis, labels]; inputs of every layer (image samples, gamma only)
+    try:
+        with torch.no_grad():
+            for s in samples:
+                b = data.encode_qa_batch(proc, [s])
+                x, ctx = m.embed(b["input_ids"].to(dev), **{k: v.to(dev) for k, v in data.vision_inputs(b).items()})
+                vis = b["is_vis"].flatten().to(dev)
+                hs.append([x, ctx, vis, b["labels"].to(dev)])
+                saved.append([] if gamma and bool(vis.any()) else None)
+                counts.add_sample(vis)
+            for i in range(len(m.layers)):
+                layer = m.load_layer(i)
+                for k, (x, ctx, vis, _) in enumerate(hs):
+                    if saved[k] is not None:
+                        saved[k].append(x)
+                    hs[k][0] = m.after_layer(i, layer(x, ctx), ctx)
+                    if i in counts.layers:
+                        counts.add_routing(i, *rec.last[i], vis)
+                m.unload_layer(i)
+    finally:
+        rec.remove()
+    ratios, ratios_gxi = [None] * len(hs), [None] * len(hs)
+    if gamma:
+        grads = {}
+        for k, (h, ctx, vis, labels) in enumerate(hs):
+            if saved[k] is not None:
+                h = h.detach().requires_grad_(True)
+                loss = F.cross_entropy(m.head(h)[0, :-1], labels[0, 1:], ignore_index=-100)
+                grads[k] = torch.autograd.grad(loss, h)[0]
+        for i in reversed(range(len(m.layers))):
+            layer = m.load_layer(i)
+            for k in grads:
+                x, ctx = saved[k][i].detach().requires_grad_(True), hs[k][1]
+                grads[k] = torch.autograd.grad(m.after_layer(i, layer(x, ctx), ctx), x, grads[k])[0]
+            m.unload_layer(i)
+        for k, g in grads.items():
+            x, vis = saved[k][0], hs[k][2]
+            ratios[k], ratios_gxi[k] = gradient_ratio(g[0], vis), gradient_ratio(g[0] * x[0], vis)
+    return counts.stats(ratios, ratios_gxi)
 
 
 def _mean(values):
@@ -215,17 +282,21 @@ def summary(stats: dict, hidden: int) -> str:
 
 def calibrate(model: str = DEFAULT_MODEL, data_spec: str = "shapes", n: int = 128, seed: int = 0,
               out: str = "calib", gamma: bool = True, device: str = "cpu", command: str | None = None,
-              select: str = "random", pool_factor: int = 4, macs_penalty: float = 1.0) -> dict:
+              select: str = "random", pool_factor: int = 4, macs_penalty: float = 1.0,
+              stream_layers: bool = False) -> dict:
     t0 = time.time()
     if select not in ("random", "macs") or pool_factor < 1:
         raise ValueError(f"--select {select!r} / --pool-factor {pool_factor}: expected random|macs and >= 1")
-    m = modeling.load_model(model, dtype=torch.float32, device=device)
+    if stream_layers and select == "macs":
+        raise ValueError("--stream-layers with --select macs: MACS profiles its pool with the whole model in "
+                         "memory; select with a model that fits, or use --select random")
+    m = modeling.load_model(model, dtype=torch.float32, device=device, lazy_layers=stream_layers)
     proc = data.load_processor(model)
     meta = {"model": model, "data": data_spec, "n": n, "seed": seed, "split": "train", "selection": select,
-            "command": command or " ".join(sys.argv)}
+            "stream_layers": stream_layers, "command": command or " ".join(sys.argv)}
     report = select_macs(m, proc, meta, pool_factor, macs_penalty) if select == "macs" else None
     samples = calibration_samples(meta)
-    stats = collect(m, proc, samples, gamma=gamma)
+    stats = (collect_streaming if stream_layers else collect)(m, proc, samples, gamma=gamma)
     meta["n"] = len(samples)
     meta["seconds"] = time.time() - t0
     save(out, stats, meta)
@@ -247,11 +318,14 @@ def main(argv=None):
     p.add_argument("--select", default="random", choices=("random", "macs"), help="how samples are chosen")
     p.add_argument("--pool-factor", type=int, default=4, help="MACS: candidate pool = this x --n")
     p.add_argument("--macs-penalty", type=float, default=1.0, help="MACS: weight of the expert-imbalance penalty")
+    p.add_argument("--stream-layers", action="store_true",
+                   help="one decoder layer in memory at a time (checkpoints larger than memory)")
     p.add_argument("--device", default="cpu", help="torch device")
     args = p.parse_args(argv)
     calibrate(args.model, args.data, args.n, args.seed, args.out, gamma=not args.no_gamma, device=args.device,
               command="python calibrate.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              select=args.select, pool_factor=args.pool_factor, macs_penalty=args.macs_penalty)
+              select=args.select, pool_factor=args.pool_factor, macs_penalty=args.macs_penalty,
+              stream_layers=args.stream_layers)
 
 
 if __name__ == "__main__":

@@ -1224,6 +1224,7 @@ def quantize_model(model: str, calib: str = "calib", out: str = "quantized", q: 
             finally:
                 cap.remove()
             rep = {"linears": quantize_linears(layer, cap, q, m.layer_prefix(i)), "scales": scales}
+            del cap  # its Hessians (GBs at real width) must not live on into the next layer
             save_atomic(layer_state(m, i), path, metadata={"format": "pt"})
             with open(path[:-len(".safetensors")] + ".json.tmp", "w") as f:
                 json.dump(rep, f)

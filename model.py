@@ -1383,9 +1383,19 @@ def dequantize_once(module: nn.Module):
 QUANT_LINEAR_FN = {"fn": quant_linear_forward}
 
 
+COMPILE_GRAPHS = 64  # graphs torch.compile may build for quant_linear_forward
+
+
 def use_compiled_quant_linear(enabled: bool = True):
-    """Route every QuantLinear through torch.compile(quant_linear_forward) (dynamic shapes: one graph family
-    for all linears), or back to the eager function."""
+    """Route every QuantLinear through torch.compile(quant_linear_forward), or back to the eager function.
+    Dynamo specializes on each linear's int attributes (features, bits) and the input's rank, so a model needs
+    more graphs than its default limit of 8; past the limit it would silently run the rest eager. The limit is
+    raised to COMPILE_GRAPHS and hitting it raises instead."""
+    if enabled:
+        import torch._dynamo
+
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILE_GRAPHS)
+        torch._dynamo.config.fail_on_recompile_limit_hit = True
     QUANT_LINEAR_FN["fn"] = torch.compile(quant_linear_forward, dynamic=True) if enabled else quant_linear_forward
 
 

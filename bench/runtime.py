@@ -47,7 +47,6 @@ from train_tiny import init_weights  # noqa: E402
 
 TINY = os.path.join(ROOT, "models", "tiny-qwen3-vl-moe")
 GB = 1e9
-RECOMPILE_LIMIT = 64  # graphs per function torch.compile may build (see compiled_quant_linear)
 
 
 def best_time(fn, repeats: int) -> float:
@@ -88,11 +87,8 @@ def linear_bytes(layers) -> dict:
 
 def compiled_quant_linear():
     """Route QuantLinear through a fresh torch.compile: dynamo's caches are reset first, so every model's compile
-    time is its own. Dynamo specializes quant_linear_forward on each linear's int attributes (in/out features,
-    bits) and on the input's rank, so one model needs more graphs than its default recompile_limit of 8 (past
-    it, the remaining calls run eager, with a warning); the limit is raised so every linear runs compiled."""
+    time is its own (model.use_compiled_quant_linear raises dynamo's graph limit for the many linear shapes)."""
     torch._dynamo.reset()
-    torch._dynamo.config.recompile_limit = RECOMPILE_LIMIT
     model.use_compiled_quant_linear(True)
 
 

@@ -4,10 +4,8 @@ Qwen3-VL-30B-A3B-width checkpoints of N = 2 and N = 4 decoder layers (bench/synt
 
 For each N, in order:
   1. the checkpoint (written under --root if absent);
-  2. a calibration folder in calibrate.py's format (calibrate.save, read back by calibrate.load): --samples
-     bundled shapes samples, routing counts by modality computed layer by layer (model.load_model(...,
-     lazy_layers=True), load_layer / unload_layer), since calibrate.calibrate holds every layer at once; no gamma
-     (plain GPTQ does not read it). Its own subprocess, not measured;
+  2. a calibration folder: `calibrate.py --stream-layers --no-gamma` on --samples bundled shapes samples (one
+     decoder layer in memory at a time; plain GPTQ does not read gamma). Its own subprocess, not measured;
   3. gptq.quantize_model(method gptq, --bits 4, --group-size 128, batched experts unless --per-expert) in a
      fresh subprocess, so its peak memory is its own: VmHWM (the kernel's peak resident set, from os.wait4's
      ru_maxrss) and the peak of RssAnon (anonymous memory: tensors), sampled every 0.1 s, over the whole run and
@@ -41,9 +39,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import calibrate  # noqa: E402
-import data  # noqa: E402
 import gptq  # noqa: E402
-import model  # noqa: E402
 from bench.synthetic_checkpoint import write_checkpoint  # noqa: E402
 
 REAL_LAYERS = 48  # Qwen3-VL-30B-A3B
@@ -51,43 +47,10 @@ GB = 1e9
 
 
 def streamed_calibration(ckpt: str, out: str, n: int, seed: int, device: str):
-    """calibrate.collect's routing statistics without the gradient pass, one decoder layer in memory at a time:
-    every sample's hidden states advance through layer i before layer i + 1 is loaded."""
-    m = model.load_model(ckpt, dtype=torch.float32, device=device, lazy_layers=True)
-    proc = data.load_processor(ckpt)
-    meta = {"model": ckpt, "data": "shapes", "n": n, "seed": seed, "split": "train", "selection": "random",
-            "command": f"bench/streaming.py: streamed_calibration({ckpt!r}, n={n}, seed={seed})"}
-    samples = calibrate.calibration_samples(meta)
-    layers = calibrate.moe_layers(m)
-    E = m.cfg.text.num_experts
-    n_text, n_vis = torch.zeros(len(layers), E), torch.zeros(len(layers), E)
-    prob_sum = torch.zeros(len(layers), E, dtype=torch.float64)
-    rec = calibrate.RoutingRecorder(m)  # hooks on the (meta) routers survive load_layer
-    with torch.no_grad():
-        hs = []
-        for s in samples:
-            b = data.encode_qa_batch(proc, [s])
-            x, ctx = m.embed(b["input_ids"].to(device), **{k: v.to(device) for k, v in data.vision_inputs(b).items()})
-            hs.append((x, ctx, b["is_vis"].flatten().to(device)))
-        for i in range(len(m.layers)):
-            layer = m.load_layer(i)
-            for k, (x, ctx, vis) in enumerate(hs):
-                hs[k] = (m.after_layer(i, layer(x, ctx), ctx), ctx, vis)
-                if i in layers:
-                    j = layers.index(i)
-                    topk_idx, scores = rec.last[i]
-                    n_vis[j] += torch.bincount(topk_idx[vis].flatten(), minlength=E).float().cpu()
-                    n_text[j] += torch.bincount(topk_idx[~vis].flatten(), minlength=E).float().cpu()
-                    prob_sum[j] += (scores / scores.sum(-1, keepdim=True)).sum(0).double().cpu()
-            m.unload_layer(i)
-    rec.remove()
-    T_vis = sum(int(vis.sum()) for _, _, vis in hs)
-    T_text = sum(len(vis) for _, _, vis in hs) - T_vis
-    stats = {"moe_layers": layers, "n_text": n_text, "n_vis": n_vis,
-             "mean_prob": (prob_sum / (T_text + T_vis)).float(), "T_text": T_text, "T_vis": T_vis,
-             "gamma": None, "gamma_median": None, "gamma_per_sample": [], "gamma_grad_x_input": None}
-    calibrate.save(out, stats, meta)
-    print(calibrate.summary(stats, m.cfg.text.hidden_size).split("\n  layer")[0], flush=True)
+    """calibrate.py --stream-layers --no-gamma: routing statistics with one decoder layer in memory at a time
+    (plain GPTQ does not read gamma)."""
+    calibrate.calibrate(ckpt, n=n, seed=seed, out=out, gamma=False, device=device, stream_layers=True,
+                        command=f"bench/streaming.py: calibrate --stream-layers --no-gamma --n {n} --seed {seed}")
 
 
 def quantize(ckpt: str, calib: str, out: str, bits: int, group_size: int, per_expert: bool, device: str):
