@@ -1324,6 +1324,10 @@ def unpack_int32(packed: torch.Tensor, bits: int, shape) -> torch.Tensor:
     if packed.dtype != torch.int32 or packed.shape[-1] != n_words or packed.shape[:-1] != shape[:-1]:
         raise ValueError(f"unpack_int32: packed {packed.dtype} {tuple(packed.shape)} does not hold {shape} at "
                          f"{bits} bits (expected int32 (..., {n_words}))")
+    if _WORD_BITS % bits == 0:  # 2, 4, 8 bits: whole codes per word, code j at bits [j·bits, (j+1)·bits)
+        shifts = torch.arange(0, _WORD_BITS, bits, device=packed.device, dtype=torch.int32)
+        v = (packed.reshape(-1, n_words, 1) >> shifts) & ((1 << bits) - 1)  # the mask drops the sign fill
+        return v.reshape(-1, n_words * len(shifts))[:, :n].to(torch.uint8).reshape(shape)
     p = packed.reshape(-1, n_words).to(torch.int64) & _WORD_MASK  # (rows, n_words) as unsigned words
     p = F.pad(p, (0, 1))  # a zero word at the end, so every code has a "next word"
     word, shift = _bit_positions(n, bits, packed.device)
@@ -1450,13 +1454,16 @@ class QuantLinear(nn.Module):
         """Ŵ (out, in) = scale · (code - zero), in weight_scale's dtype."""
         out_f, in_f = self.out_features, self.in_features
         codes = unpack_int32(self.weight_packed, self.bits, (out_f, in_f))
-        scale = _expand_groups(self.weight_scale, in_f, self.group_size)  # (out, in)
+        scale, n_groups = self.weight_scale, self.weight_scale.shape[1]  # (out, n_groups)
         if self.sym:
-            zero = 2 ** (self.bits - 1)
+            zero = torch.full_like(scale, 2 ** (self.bits - 1))
         else:
-            n_groups = self.weight_scale.shape[1]
-            zero = unpack_int32(self.weight_zero_point.T, self.bits, (n_groups, out_f)).T  # (out, n_groups)
-            zero = _expand_groups(zero.to(scale.dtype), in_f, self.group_size)
+            zero = unpack_int32(self.weight_zero_point.T, self.bits, (n_groups, out_f)).T.to(scale.dtype)
+        g = in_f if self.group_size == -1 else self.group_size
+        if in_f == n_groups * g:  # whole groups: (out, n_groups, g) views, no per-column copies of scale / zero
+            w = codes.view(out_f, n_groups, g).to(scale.dtype)
+            return ((w - zero[..., None]) * scale[..., None]).view(out_f, in_f)
+        scale, zero = (_expand_groups(t, in_f, self.group_size) for t in (scale, zero))  # a ragged last group
         return (codes.to(scale.dtype) - zero) * scale
 
     def forward(self, x):
