@@ -436,6 +436,7 @@ class MoEVLM(nn.Module):
     def load_layer(self, i: int):
         """Materialize decoder layer i from the checkpoint (streaming: one layer in memory at a time)."""
         self.load_keys(self.layer_keys(i))
+        self._ckpt.release()  # the layer is copied out: unmap what was read
         return self.layers[i]
 
     def unload_layer(self, i: int):
@@ -1483,7 +1484,6 @@ class Checkpoint:
     `model.safetensors.index.json`); tensors are read lazily with `safe_open`."""
 
     def __init__(self, checkpoint_dir: str):
-        from safetensors import safe_open
 
         self.dir = checkpoint_dir
         index = os.path.join(checkpoint_dir, "model.safetensors.index.json")
@@ -1497,17 +1497,29 @@ class Checkpoint:
         else:
             raise CheckpointError(f"{checkpoint_dir}: no model.safetensors or model.safetensors.index.json found")
         self.where: dict[str, str] = {}
-        self.handles = {}
+        self.handles = {}  # file -> open safe_open handle (a memory map), reopened after release()
         for name in files:
-            path = os.path.join(checkpoint_dir, name)
-            if not os.path.isfile(path):
-                raise CheckpointError(f"{path}: listed in the index but missing; re-download the shard")
+            if not os.path.isfile(os.path.join(checkpoint_dir, name)):
+                raise CheckpointError(f"{os.path.join(checkpoint_dir, name)}: listed in the index but missing; "
+                                      "re-download the shard")
+            for key in self._handle(name).keys():
+                self.where[key] = name
+
+    def _handle(self, name: str):
+        from safetensors import safe_open
+
+        if name not in self.handles:
+            path = os.path.join(self.dir, name)
             try:
                 self.handles[name] = safe_open(path, framework="pt")
             except Exception as e:  # safetensors raises its own error types for bad headers
                 raise CheckpointError(f"{path}: not a readable safetensors file ({e}); it may be truncated") from e
-            for key in self.handles[name].keys():
-                self.where[key] = name
+        return self.handles[name]
+
+    def release(self):
+        """Close the files' memory maps: the pages read so far stop counting in this process's resident memory
+        (streaming reads every layer once; kept open, a 48-layer run would map the whole checkpoint)."""
+        self.handles.clear()
 
     def __contains__(self, key: str) -> bool:
         return key in self.where
@@ -1518,19 +1530,19 @@ class Checkpoint:
     def get(self, key: str) -> torch.Tensor:
         name = self.where[key]
         try:
-            return self.handles[name].get_tensor(key)
+            return self._handle(name).get_tensor(key)
         except Exception as e:
             raise CheckpointError(f"{os.path.join(self.dir, name)}: cannot read tensor {key!r} ({e}); "
                                   "the file may be truncated") from e
 
     def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self.handles[self.where[key]].get_slice(key).get_shape())
+        return tuple(self._handle(self.where[key]).get_slice(key).get_shape())
 
     def get_expert(self, key: str, e: int) -> torch.Tensor:
         """Row e of a fused [E, ...] tensor, read without loading the other experts."""
         name = self.where[key]
         try:
-            return self.handles[name].get_slice(key)[e]
+            return self._handle(name).get_slice(key)[e]
         except Exception as e_:
             raise CheckpointError(f"{os.path.join(self.dir, name)}: cannot read expert {e} of {key!r} ({e_}); "
                                   "the file may be truncated") from e_
@@ -1655,6 +1667,7 @@ def load_model(checkpoint_dir: str, dtype=torch.float32, device="cpu", lazy_laye
         raise CheckpointError(f"{checkpoint_dir}: unexpected tensors not used by {cfg.model_type}: {shown}")
     layer_keys = {k for i in range(len(model.layers)) for k in model.layer_keys(i)}
     model.load_keys([k for k in model.sources if k not in layer_keys])
+    ckpt.release()
     if not lazy_layers:
         for i in range(len(model.layers)):
             model.load_layer(i)
