@@ -10,8 +10,8 @@ For each N, in order:
      fresh subprocess, so its peak memory is its own: VmHWM (the kernel's peak resident set, from os.wait4's
      ru_maxrss) and the peak of RssAnon (anonymous memory: tensors), sampled every 0.1 s, over the whole run and
      over its last phase (after the driver printed its last layer: the closing forward and write_output).
-     RSS also counts the pages of the checkpoint files the loader's memory maps have read (RssFile): clean page
-     cache, dropped under memory pressure, but it grows by one bf16 layer per layer read.
+     RSS also counts the pages of the checkpoint files the loader's memory maps hold (RssFile); the loader
+     unmaps the shards after each layer (model.Checkpoint.release), so they no longer add up with depth.
      A guard kills the run if the machine's MemAvailable falls below --guard-gb (the machine is shared).
 Prints, per N, the wall time of quantize_model (its report's seconds), VmHWM, the RssAnon peaks and the output
 size; then seconds per layer = (T_4 - T_2) / 2 (the marginal cost of a layer: load, Hessians, solve, report
@@ -173,9 +173,9 @@ def main():
           f"(ratio {r4['peak_anon'] / r2['peak_anon']:.3f}); VmHWM - RssAnon peak: {r2['vmhwm'] - r2['peak_anon']:.2f}"
           f" and {r4['vmhwm'] - r4['peak_anon']:.2f} GB (file pages of the read checkpoint)")
     print(f"extrapolation to {REAL_LAYERS} layers: time {REAL_LAYERS} x {s_layer:.1f} + {fixed:.0f} = "
-          f"{(REAL_LAYERS * s_layer + fixed) / 3600:.2f} h; per-layer RssAnon peak flat at about "
-          f"{r4['peak_anon']:.1f} GB while the output phase holds every packed layer ({layer_out:.2f} GB each: "
-          f"{REAL_LAYERS * layer_out:.1f} GB at {REAL_LAYERS}), and file pages add up to 1.25 GB per layer read")
+          f"{(REAL_LAYERS * s_layer + fixed) / 3600:.2f} h; peak memory {r4['vmhwm']:.1f} GB if it stays flat in "
+          f"depth as from N={n2} to N={n4} (one layer in memory; the output is {layer_out:.2f} GB of shards per "
+          f"layer on disk, {REAL_LAYERS * layer_out:.1f} GB at {REAL_LAYERS})")
     print(f"streaming: peak_n{n2}_gb={r2['vmhwm']:.2f} peak_n{n4}_gb={r4['vmhwm']:.2f} "
           f"ratio={r4['vmhwm'] / r2['vmhwm']:.3f} s_per_layer={s_layer:.1f}")
 
