@@ -1130,8 +1130,9 @@ def export_fake_quant(quantized: str, dst: str):
     cfg.pop("quantization_config")
     with open(os.path.join(tmp, "config.json"), "w") as f:
         json.dump(cfg, f, indent=2)
-    for name in os.listdir(quantized):
-        if name not in ("config.json", "model.safetensors", "report.json") and os.path.isfile(os.path.join(quantized, name)):
+    for name in os.listdir(quantized):  # tokenizer, preprocessor ...; not the packed shards or their index
+        weights = name.endswith(".safetensors") or name == "model.safetensors.index.json"
+        if not weights and name not in ("config.json", "report.json") and os.path.isfile(os.path.join(quantized, name)):
             shutil.copy(os.path.join(quantized, name), tmp)
     if os.path.exists(dst):
         shutil.rmtree(dst)

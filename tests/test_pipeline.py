@@ -106,8 +106,14 @@ def packed_vs_transformers_fake_quant(tmp_path):
 
 def test_fake_quant_export_loads_in_transformers_with_equal_logits(tiny_qwen, calib, tmp_path):
     run(tiny_qwen, calib, tmp_path / "q", method="gptq", bits=4, sym=True)
-    ours, ref, _ = packed_vs_transformers_fake_quant(tmp_path)
+    ours, ref, e = packed_vs_transformers_fake_quant(tmp_path)
     assert (ours - ref).abs().max() <= 1e-4
+    weights = sorted(n for n in os.listdir(tmp_path / "fq") if "safetensors" in n)
+    assert weights == ["model.safetensors"]  # no packed shard or index copied next to the float weights
+    with torch.no_grad():  # and model.py reads the export as the plain float model it is
+        again = model.load_model(str(tmp_path / "fq"))(e["input_ids"], pixel_values=e["pixel_values"],
+                                                      image_grid_thw=e["image_grid_thw"])
+    assert (again - ours).abs().max() <= 1e-4
 
 
 def test_starved_experts_use_the_pooled_hessian_and_are_reported(tiny_qwen, calib, tmp_path):
