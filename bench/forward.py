@@ -12,7 +12,6 @@ import argparse
 import os
 import sys
 import tempfile
-import time
 
 import numpy as np
 import torch
@@ -23,6 +22,7 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
 import data  # noqa: E402
 import model  # noqa: E402
+from bench.timing import best_time  # noqa: E402
 from helpers import make_tiny_qwen  # noqa: E402
 
 # H != 2I, or the Hub and runtime expert layouts cannot be told apart (ARCHITECTURES.md §4)
@@ -33,16 +33,6 @@ TEXT = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_key
 VISION = dict(depth=4, hidden_size=128, num_heads=4, intermediate_size=256, patch_size=16,
               num_position_embeddings=256, deepstack_visual_indexes=[1, 2, 3])
 PRE = dict(patch_size=16, size={"shortest_edge": 64 * 64, "longest_edge": 1024 * 1024})
-
-
-def best_time(fn, repeats):
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def main():

@@ -42,7 +42,6 @@ Memory: about 9 GB at 128 experts (Hessians, factors, weights, results); use --e
 import argparse
 import os
 import sys
-import time
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -51,6 +50,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import gptq  # noqa: E402
+from bench.timing import timed  # noqa: E402
 
 HIDDEN, MOE_INTERMEDIATE, LAYER_EXPERTS = 2048, 768, 128  # Qwen3-VL-30B-A3B text config
 RANK, SIGMA = 256, 0.1  # latent factors and noise of the synthetic activations
@@ -133,12 +133,6 @@ def reference_flops(out: int, n: int, q: dict) -> float:
 def expert_flops(flops, q: dict) -> float:
     """One expert's FLOPs: gate/up as one (2I, D) matrix, plus down (D, I)."""
     return flops(2 * MOE_INTERMEDIATE, HIDDEN, q) + flops(HIDDEN, MOE_INTERMEDIATE, q)
-
-
-def timed(fn):
-    t0 = time.perf_counter()
-    r = fn()
-    return r, time.perf_counter() - t0
 
 
 def matmul_rate(n: int = 2048, repeats: int = 5) -> float:

@@ -43,27 +43,22 @@ import data  # noqa: E402
 import gptq  # noqa: E402
 import model  # noqa: E402
 from bench.synthetic_checkpoint import synthetic_config  # noqa: E402
+from bench.timing import best_time, timed  # noqa: E402
 from train_tiny import init_weights  # noqa: E402
 
 TINY = os.path.join(ROOT, "models", "tiny-qwen3-vl-moe")
 GB = 1e9
 
 
-def best_time(fn, repeats: int) -> float:
-    """min wall time of `repeats` calls of fn, after one untimed warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
-
-
-def timed(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
+def print_rows(out: dict, timing_columns, unit: float):
+    """One table line per model and mode: its timing columns, then the linear weights' stored bytes (in
+    `unit`) and their ratios to float32 and bf16."""
+    for name, r in out.items():
+        for mode in ("eager", "compiled"):
+            if mode in r:
+                b = r["bytes"]
+                print(f"   {name + ' ' + mode:<14}{timing_columns(r[mode])}{b['stored'] / unit:>11.3f}"
+                      f"{b['stored'] / b['fp32']:>8.3f}{b['stored'] / b['bf16']:>8.3f}")
 
 
 def linear_bytes(layers) -> dict:
@@ -110,7 +105,7 @@ def tiny_rates(m, batch: dict, prompt: dict, a, compiled: bool) -> dict:
     prefill = lambda: m(batch["input_ids"], attention_mask=batch["attention_mask"], **vision)  # noqa: E731
     step = lambda: decode(m, prompt, a.decode)  # noqa: E731
     prompt_only = lambda: decode(m, prompt, 0)  # noqa: E731
-    r = {"compile_s": timed(prefill) + timed(step) if compiled else 0.0}
+    r = {"compile_s": timed(prefill)[1] + timed(step)[1] if compiled else 0.0}
     r["prefill_tps"] = n_prefill / best_time(prefill, a.repeats)
     r["decode_tps"] = a.decode / (best_time(step, a.repeats) - best_time(prompt_only, a.repeats))
     return r
@@ -143,13 +138,7 @@ def tiny_model(a, tmp: str) -> dict:
           f"after a {prompt['input_ids'].shape[1]}-token prompt; rtn g32; best of {a.repeats}")
     print(f"   {'model':<14}{'prefill tok/s':>14}{'decode tok/s':>14}{'compile s':>11}{'linear MB':>11}"
           f"{'/ fp32':>8}{'/ bf16':>8}")
-    for name, r in out.items():
-        for mode in ("eager", "compiled"):
-            if mode in r:
-                b, t = r["bytes"], r[mode]
-                print(f"   {name + ' ' + mode:<14}{t['prefill_tps']:>14.1f}{t['decode_tps']:>14.1f}"
-                      f"{t['compile_s']:>11.1f}{b['stored'] / 1e6:>11.3f}{b['stored'] / b['fp32']:>8.3f}"
-                      f"{b['stored'] / b['bf16']:>8.3f}")
+    print_rows(out, lambda t: f"{t['prefill_tps']:>14.1f}{t['decode_tps']:>14.1f}{t['compile_s']:>11.1f}", 1e6)
     return out
 
 
@@ -199,7 +188,7 @@ def real_width(a) -> dict:
             out[name] = {"bytes": linear_bytes([lay])}
             for mode in ("eager", "compiled") if name != "float" else ("eager",):
                 compiled_quant_linear() if mode == "compiled" else model.use_compiled_quant_linear(False)
-                r = {"compile_s": sum(timed(lambda: lay(*b)) for b in batches.values()) if mode == "compiled" else 0}
+                r = {"compile_s": sum(timed(lambda: lay(*b))[1] for b in batches.values()) if mode == "compiled" else 0}
                 for kind, (x, ctx) in batches.items():
                     r[kind] = best_time(lambda: lay(x, ctx), a.repeats)
                 out[name][mode] = r
@@ -208,13 +197,7 @@ def real_width(a) -> dict:
           f"(prefill) per forward; rtn g128; best of {a.repeats}")
     print(f"   {'layer':<14}{'decode ms':>11}{'prefill ms':>12}{'compile s':>11}{'linear GB':>11}{'/ fp32':>8}"
           f"{'/ bf16':>8}")
-    for name, r in out.items():
-        for mode in ("eager", "compiled"):
-            if mode in r:
-                b, t = r["bytes"], r[mode]
-                print(f"   {name + ' ' + mode:<14}{1e3 * t['decode']:>11.1f}{1e3 * t['prefill']:>12.1f}"
-                      f"{t['compile_s']:>11.1f}{b['stored'] / GB:>11.3f}{b['stored'] / b['fp32']:>8.3f}"
-                      f"{b['stored'] / b['bf16']:>8.3f}")
+    print_rows(out, lambda t: f"{1e3 * t['decode']:>11.1f}{1e3 * t['prefill']:>12.1f}{t['compile_s']:>11.1f}", GB)
     return out
 
 
