@@ -594,6 +594,8 @@ SCALED = {"awq": "awq", "smoothquant": "smoothquant", "smoothquant-gptq": "smoot
 RTN_SOLVER = ("rtn", "awq", "smoothquant", "veq-me")  # methods that round to nearest after any scaling
 MA_WEIGHTS = ("veq-ma", "veq")  # methods whose Hessians use VEQ-MA token weights
 FAQ_WEIGHTS = ("ecs-faq", "ecmfq")  # methods whose Hessians and ECS loss use FAQ's fusion weights
+ECS_LOSSES = ("trimmed", "huber", "mse")  # --ecs-loss: ecs.trimmed_squared_error(0.01), ecs.huber(0.1), MSE
+ECS_OMEGAS = ("freq", "prob", "veq")  # --ecs-omega: see ecs_omega
 # ECMFQ = ECS scales + FAQ-weighted GPTQ on a MACS-selected calibration set (calibrate.py --select macs)
 _EXPERT = re.compile(r"^mlp\.experts\.(\d+)\.")
 
@@ -1152,9 +1154,9 @@ def print_layer(i: int, n_layers: int, rep: dict, t0: float, t_layer: float):
 
 
 def check_ecs_args(q: QuantArgs):
-    if q.ecs_loss not in ("trimmed", "huber", "mse") or q.ecs_omega not in ("freq", "prob", "veq"):
-        raise ValueError(f"--ecs-loss {q.ecs_loss!r} / --ecs-omega {q.ecs_omega!r}: expected trimmed|huber|mse and "
-                         f"freq|prob|veq")
+    if q.ecs_loss not in ECS_LOSSES or q.ecs_omega not in ECS_OMEGAS:
+        raise ValueError(f"--ecs-loss {q.ecs_loss!r} / --ecs-omega {q.ecs_omega!r}: expected one of {ECS_LOSSES} "
+                         f"and one of {ECS_OMEGAS}")
     if not 0 <= q.eta < 1 or not 0 < q.ecs_percentile <= 100 or q.ecs_grid < 2:
         raise ValueError(f"--eta {q.eta} must be in [0, 1), --ecs-percentile {q.ecs_percentile} in (0, 100], "
                          f"--ecs-grid {q.ecs_grid} >= 2")
@@ -1276,9 +1278,9 @@ def main(argv=None):
     p.add_argument("--no-modality", action="store_true", help="VEQ-MA ablation: alpha = 1")
     p.add_argument("--plain-dense", action="store_true", help="VEQ-MA: no modality weights outside the experts")
     p.add_argument("--eta", type=float, default=0.5, help="FAQ: w = (1 - eta) + eta * phi / mean(phi)")
-    p.add_argument("--ecs-loss", default="trimmed", choices=("trimmed", "huber", "mse"),
+    p.add_argument("--ecs-loss", default="trimmed", choices=ECS_LOSSES,
                    help="ECS loss: MSE with the top 1%% token errors dropped, Huber, or plain MSE")
-    p.add_argument("--ecs-omega", default="freq", choices=("freq", "prob", "veq"),
+    p.add_argument("--ecs-omega", default="freq", choices=ECS_OMEGAS,
                    help="ECS expert weights: routing frequency, mean router probability, or VEQ-ME's S_e")
     p.add_argument("--ecs-percentile", type=float, default=99.9, help="ECS: percentile of |X| for m_X")
     p.add_argument("--ecs-grid", type=int, default=21, help="ECS: number of alphas in [0, 1]")
