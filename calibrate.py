@@ -112,6 +112,11 @@ class Counts:
                 "gamma_grad_x_input": _mean([r for r in ratios_gxi if r is not None])}
 
 
+def encode_on(m, proc, s) -> dict:
+    """encode_qa_batch of one sample with every tensor on the model's device."""
+    return {k: v.to(m.device) for k, v in data.encode_qa_batch(proc, [s]).items()}
+
+
 def _counts(m) -> Counts:
     layers = moe_layers(m)
     return Counts(layers, len(m.layers[layers[0]].mlp.experts) if layers else 0)
@@ -124,7 +129,7 @@ def collect(m, proc, samples, gamma: bool = True) -> dict:
     rec = RoutingRecorder(m)
     try:
         for s in samples:
-            b = data.encode_qa_batch(proc, [s])
+            b = encode_on(m, proc, s)
             vis = b["is_vis"].flatten()
             with torch.no_grad():
                 x, ctx = m.embed(b["input_ids"], **data.vision_inputs(b))
@@ -149,16 +154,16 @@ def collect_streaming(m, proc, samples, gamma: bool = True) -> dict:
     every layer is kept for the image samples (n_image x layers x T x D floats: 32 samples of 400 tokens at
     Qwen3-VL-30B-A3B's 48 x 2048 take 5 GB), and the answer-loss gradient is carried back over the layers in
     reverse, each loaded again: dL/dx_i = J_iᵀ dL/dx_(i+1), the gradient input_gradient() takes in one graph."""
-    counts, dev = _counts(m), next(m.parameters()).device
+    counts = _counts(m)
     rec = RoutingRecorder(m)  # hooks on the routers survive load_layer
     hs, saved = [], []  # per sample: [h, ctx, vis, labels]; inputs of every layer (image samples, gamma only)
     try:
         with torch.no_grad():
             for s in samples:
-                b = data.encode_qa_batch(proc, [s])
-                x, ctx = m.embed(b["input_ids"].to(dev), **{k: v.to(dev) for k, v in data.vision_inputs(b).items()})
-                vis = b["is_vis"].flatten().to(dev)
-                hs.append([x, ctx, vis, b["labels"].to(dev)])
+                b = encode_on(m, proc, s)
+                x, ctx = m.embed(b["input_ids"], **data.vision_inputs(b))
+                vis = b["is_vis"].flatten()
+                hs.append([x, ctx, vis, b["labels"]])
                 saved.append([] if gamma and bool(vis.any()) else None)
                 counts.add_sample(vis)
             for i in range(len(m.layers)):

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+import calibrate
 import data
 from hessian import fusion_scores
 
@@ -50,47 +51,41 @@ class Profile:
 
 @torch.no_grad()
 def profile(m, proc, samples, moe_layers: list[int]) -> Profile:
-    """Run the float model once per sample (prompt + gold answer) with hooks on every router (top-k and
-    router probabilities) and every decoder attention (probabilities, via model.decoder_attention)."""
+    """Run the float model once per sample (prompt + gold answer), counting its routing per layer and modality
+    as calibrate.py does (calibrate.RoutingRecorder, calibrate.Counts) and reading every decoder attention's
+    probabilities (model.decoder_attention's probs_hook)."""
     E = len(m.layers[moe_layers[0]].mlp.experts)
     P, L = len(samples), len(moe_layers)
     u_text, u_vis = torch.zeros(P, L, E), torch.zeros(P, L, E)
     prob_sum, n_tokens, affinity = torch.zeros(L, E, dtype=torch.float64), 0, torch.zeros(P, dtype=torch.float64)
-    state = {}
+    mass = []  # per layer of the current sample: mean attention its text after the image pays to the image
 
-    def router_hook(j):
-        def hook(module, args, out):
-            topk_idx, scores = out[0], out[2].double()
-            vis = state["is_vis"]
-            u_vis[state["i"], j] += torch.bincount(topk_idx[vis].flatten(), minlength=E).float()
-            u_text[state["i"], j] += torch.bincount(topk_idx[~vis].flatten(), minlength=E).float()
-            prob_sum[j] += (scores / scores.sum(-1, keepdim=True)).sum(0)
-        return hook
+    def attention_hook(probs, vis):
+        phi = fusion_scores(probs[0], vis)  # text tokens: mass paid to image tokens
+        text_after = ~vis & (torch.arange(len(vis), device=vis.device) > int(torch.where(vis)[0][0]))
+        if bool(text_after.any()):
+            mass.append(float(phi[text_after].mean()))
 
-    def attention_hook(probs):
-        phi = fusion_scores(probs[0], state["is_vis"])  # text tokens: mass paid to image tokens
-        vis = state["is_vis"]
-        if bool(vis.any()):
-            after = torch.arange(len(vis)) > int(torch.where(vis)[0][0])
-            text_after = ~vis & after
-            if bool(text_after.any()):
-                state["mass"].append(float(phi[text_after].mean()))
-
-    handles = [m.layers[i].mlp.gate.register_forward_hook(router_hook(j)) for j, i in enumerate(moe_layers)]
-    for layer in m.layers:
-        layer.self_attn.probs_hook = attention_hook
+    rec = calibrate.RoutingRecorder(m)
     try:
         for i, s in enumerate(samples):
-            b = data.encode_qa_batch(proc, [s])
-            state.update(i=i, is_vis=b["is_vis"][0], mass=[])
+            b = calibrate.encode_on(m, proc, s)
+            vis = b["is_vis"][0]
+            mass.clear()
+            for layer in m.layers:
+                layer.self_attn.probs_hook = (lambda p, v=vis: attention_hook(p, v)) if bool(vis.any()) else None
             x, ctx = m.embed(b["input_ids"], **data.vision_inputs(b))
             for k, layer in enumerate(m.layers):
                 x = m.after_layer(k, layer(x, ctx), ctx)
-            affinity[i] = sum(state["mass"]) / len(m.layers) if state["mass"] else 0.0
-            n_tokens += b["input_ids"].shape[1]
+            counts = calibrate.Counts(moe_layers, E)
+            for layer_idx in moe_layers:
+                counts.add_routing(layer_idx, *rec.last[layer_idx], vis)
+            u_text[i], u_vis[i] = counts.n_text, counts.n_vis
+            prob_sum += counts.prob_sum
+            affinity[i] = sum(mass) / len(m.layers) if mass else 0.0
+            n_tokens += len(vis)
     finally:
-        for h in handles:
-            h.remove()
+        rec.remove()
         for layer in m.layers:
             del layer.self_attn.probs_hook
     return Profile(u_text, u_vis, affinity.float(), (prob_sum / max(1, n_tokens)).float())

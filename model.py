@@ -433,6 +433,11 @@ class MoEVLM(nn.Module):
             t = t.to(device=self._device, dtype=dtype, copy=True)
             assign(self, k, t)
 
+    @property
+    def device(self) -> torch.device:
+        """Where load_model put (and load_layer puts) the weights."""
+        return self._device
+
     def load_layer(self, i: int):
         """Materialize decoder layer i from the checkpoint (streaming: one layer in memory at a time)."""
         self.load_keys(self.layer_keys(i))
