@@ -332,8 +332,8 @@ def _check_batched_args(W, H, bits, group_size, block_size, percdamp, act_order,
         raise ValueError(f"gptq_batched: block_size={block_size} must be > 0 and percdamp={percdamp} >= 0")
     if names is not None and len(names) != W.shape[0]:
         raise ValueError(f"gptq_batched: {len(names)} names for {W.shape[0]} matrices; give one per expert")
-    for t, what in ((W, "W"), (H, "H")):
-        t = t.flatten(1)  # (E, ·); max/min propagate NaN and show ±inf, without isfinite's temporaries
+    for t, what in ((W, "W"), (H, "H")):  # min/max propagate NaN and show ±inf, without isfinite's temporaries
+        t = t.flatten(1) if t.is_contiguous() else t.mT.flatten(1)  # (E, ·), a view here
         bad = ~(torch.isfinite(t.amax(1)) & torch.isfinite(t.amin(1)))  # (E,)
         if bool(bad.any()):
             which = [names[e] if names else f"expert {e}" for e in bad.nonzero().flatten().tolist()]
@@ -416,75 +416,79 @@ def _sub_edges(B: int, g: int) -> list[tuple[int, int]]:
     return list(zip(cuts[:-1], cuts[1:]))
 
 
-def _sweep_columns(Ws, Hinv_s, s, lo, hi) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _sweep_columns(Ws, Hinv_s, s, lo, hi, K, Q, Err, sq_err):
     """The column-by-column part of GPTQ for one sub-block of n columns of all experts, as in gptq()'s
-    _quantize_blocks: Ws (E, n, out) holds one column of W per row, Hinv_s (E, n, n) its block of Hinv; s (E, out)
-    the group's scale, lo = -zero and hi = maxq - zero its code range shifted by the zero point
-    (clamp(round(w/s) + zero, 0, maxq) - zero = clamp(round(w/s), lo, hi) exactly: small integers in floats).
-    Column i gets the sub-block's earlier updates when it is reached ("left-looking"): one small bmm reads the
-    earlier errors, instead of a rank-1 write into every later column. Returns codes - zero, Q and Err, each
-    (E, n, out)."""
-    K, Q, Err = torch.empty_like(Ws), torch.empty_like(Ws), torch.empty_like(Ws)
-    for i in range(Ws.shape[1]):
-        w = Ws[:, i]  # (E, out), contiguous
-        if i:  # w_i - Σ_{l<i} Err_l Hinv_li: (E, 1, i) @ (E, i, out)
-            w = torch.baddbmm(Ws[:, i:i + 1], Hinv_s[:, :i, i:i + 1].transpose(1, 2), Err[:, :i], alpha=-1)[:, 0]
+    _quantize_blocks. Ws (E, n, out): row i is column i of every row of W, with every earlier update applied
+    except this sub-block's own (modified); Hinv_s (E, n, n) its block of Hinv; s (E, out) the group's scale,
+    lo = -zero and hi = maxq - zero its code range shifted by the zero point (clamp(round(w/s) + zero, 0, maxq)
+    - zero = clamp(round(w/s), lo, hi) exactly: small integers in floats). Each column's error goes into the
+    sub-block's later columns at once (a rank-1 update, one op for all experts). Writes codes - zero, Q and
+    Err, each (E, n, out), into K, Q, Err; adds Σ Err² to sq_err (E, out)."""
+    n = Ws.shape[1]
+    for i in range(n):
+        w = Ws[:, i]  # (E, out)
         k = torch.div(w, s, out=K[:, i]).round_().clamp_(lo, hi)  # code - zero
         q = torch.mul(k, s, out=Q[:, i])
-        torch.sub(w, q, out=Err[:, i]).div_(Hinv_s[:, i, i, None])  # (E, out)
-    return K, Q, Err
+        err = torch.sub(w, q, out=Err[:, i]).div_(Hinv_s[:, i, i, None])  # (E, out)
+        sq_err.addcmul_(err, err)
+        if i + 1 < n:  # w_l -= Err_i Hinv_il for the later columns l of the sub-block
+            Ws[:, i + 1:].addcmul_(Hinv_s[:, i, i + 1:, None], err[:, None], value=-1)
 
 
-def _sweep_block(W1, Hinv1, codes1, Q1, scale, zero, sq_err, *, i1: int, g: int, dynamic: bool, bits: int,
-                 sym: bool):
-    """GPTQ's sweep over one block of B columns of all experts. W1 (E, out, B): the block with every earlier
-    block's updates (modified); Hinv1 (E, B, B) = Hinv_bb. Writes the block's codes and Q into codes1, Q1
-    (E, out, B) and group params into scale, zero (E, out, n_groups) at group starts; adds Σ Err² to sq_err
-    (E, out)."""
-    B, maxq = W1.shape[2], 2**bits - 1
+def _sweep_block(W1, Hinv1, codes1, Q1, Err1, K1, scale, zero, sq_err, *, i1: int, g: int, dynamic: bool,
+                 bits: int, sym: bool):
+    """GPTQ's sweep over one block of B columns of all experts, in the transposed layout: W1 (E, B, out) is the
+    block with every earlier block's updates (modified), Hinv1 (E, B, B) = Hinv_bb. Sub-block [s1, s2) gets the
+    block's earlier updates when it starts (left-looking again: one bmm with inner dimension up to B). A group
+    that starts inside the block first gets them for all of its columns, so its scale sees current weights, as
+    in gptq(). Writes the block's codes, Q and Err into codes1, Q1, Err1 (E, B, out) (K1: scratch), the group
+    params into scale, zero (E, out, n_groups) at group starts; adds Σ Err² to sq_err (E, out)."""
+    B, maxq = W1.shape[1], 2**bits - 1
+    a = 0  # rows of the current group have every update from the block's columns < a
     for s1, s2 in _sub_edges(B, g):
         grp = (i1 + s1) // g
-        if dynamic and (i1 + s1) % g == 0:  # W1[..., s1:s1 + g] is current: every earlier sub-block is applied
-            scale[..., grp], zero[..., grp] = quant_params(W1[..., s1:s1 + g], bits=bits, sym=sym)
+        if dynamic and (i1 + s1) % g == 0:  # a group starts: bring all of its columns up to date first
+            a, ge = s1, min(s1 + g, B)
+            if s1:  # (E, g, out) -= (E, g, s1) @ (E, s1, out)
+                W1[:, s1:ge].baddbmm_(Hinv1[:, :s1, s1:ge].mT, Err1[:, :s1], alpha=-1)
+            scale[..., grp], zero[..., grp] = quant_params(W1[:, s1:ge].mT, bits=bits, sym=sym)
+        elif s1 > a:  # (E, n, out) -= (E, n, s1 - a) @ (E, s1 - a, out)
+            W1[:, s1:s2].baddbmm_(Hinv1[:, a:s1, s1:s2].mT, Err1[:, a:s1], alpha=-1)
         s, z = scale[..., grp].contiguous(), zero[..., grp].contiguous()  # (E, out)
-        Ws = W1[..., s1:s2].transpose(1, 2).contiguous()  # (E, s, out): a small transpose, in cache
-        K, Qs, Err = _sweep_columns(Ws, Hinv1[:, s1:s2, s1:s2], s, -z, maxq - z)
-        sq_err += torch.linalg.vecdot(Err, Err, dim=1)  # Σ over the sub-block's columns
-        if s2 < B:  # the rest of the block, once per sub-block: (E, out, s) @ (E, s, B - s2)
-            W1[..., s2:].baddbmm_(Err.transpose(1, 2), Hinv1[:, s1:s2, s2:], alpha=-1)
-        codes1[..., s1:s2] = K.add_(z[:, None]).transpose(1, 2)  # code = (code - zero) + zero
-        Q1[..., s1:s2] = Qs.transpose(1, 2)
+        K, Err = K1[:, s1:s2], Err1[:, s1:s2]
+        _sweep_columns(W1[:, s1:s2], Hinv1[:, s1:s2, s1:s2], s, -z, maxq - z, K, Q1[:, s1:s2], Err, sq_err)
+        codes1[:, s1:s2] = K.add_(z[:, None])  # code = (code - zero) + zero, as uint8
 
 
-def _sweep_batched(Wd, R, scale, zero, *, bits: int, sym: bool, block_size: int, g: int,
+def _sweep_batched(WT, R, scale, zero, *, bits: int, sym: bool, block_size: int, g: int,
                    dynamic: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """The GPTQ sweep of all experts: Wd (E, out, in) the weights, R (E, in, in) from damped_reverse_cholesky,
-    scale, zero (E, out, n_groups) (filled at group starts if dynamic). During the sweep the finished columns
-    of Wd hold D = W - Q; on return Wd holds Q = dequantize(codes) (the same float ops). Returns codes
-    (E, out, in) uint8 and row_loss (E, out) = Σ_j Err_j² / 2, as gptq()'s."""
-    E, out_f, in_f = Wd.shape
-    codes = torch.empty(E, out_f, in_f, dtype=torch.uint8, device=Wd.device)
-    sq_err = torch.zeros(E, out_f, dtype=Wd.dtype, device=Wd.device)
+    """The GPTQ sweep of all experts in the transposed layout: WT (E, in, out) holds Wᵀ, so a column of every
+    row of W is one contiguous row and every block update is a plain bmm. R (E, in, in) from
+    damped_reverse_cholesky; scale, zero (E, out, n_groups) (filled at group starts if dynamic). During the sweep
+    the finished rows of WT hold Dᵀ = (W - Q)ᵀ; on return WT holds Qᵀ = dequantize(codes)ᵀ (the same float ops).
+    Returns codes (E, in, out) uint8 (transposed too) and row_loss (E, out) = Σ_j Err_j² / 2, as gptq()'s."""
+    E, in_f, out_f = WT.shape
+    codes = torch.empty(E, in_f, out_f, dtype=torch.uint8, device=WT.device)
+    sq_err = torch.zeros(E, out_f, dtype=WT.dtype, device=WT.device)
     edges = _block_edges(in_f, block_size, g if g < in_f else 0)  # blocks hold whole groups
     B = max(i2 - i1 for i1, i2 in edges)  # block buffers, allocated once (fresh memory is slow to touch)
-    W1_, Q1_, codes1_ = Wd.new_empty(E * out_f * B), Wd.new_empty(E * out_f * B), codes.new_empty(E * out_f * B)
+    W1_, Q1_, Err1_, K1_ = (WT.new_empty(E * B * out_f) for _ in range(4))
     G_ = R.new_empty(E * in_f * B)
     for i1, i2 in edges:
-        W1, Q1, codes1 = (_view(t, E, out_f, i2 - i1) for t in (W1_, Q1_, codes1_))  # (E, out, B)
-        R_bb = R[:, i1:i2, i1:i2]  # (E, B, B)
+        W1, Q1, Err1, K1 = (_view(t, E, i2 - i1, out_f) for t in (W1_, Q1_, Err1_, K1_))  # (E, B, out)
         eye = torch.eye(i2 - i1, dtype=R.dtype, device=R.device)
-        Hinv1 = torch.linalg.solve_triangular(R_bb, eye, upper=True)  # (E, B, B) Hinv_bb = R_bb⁻¹
+        Hinv1 = torch.linalg.solve_triangular(R[:, i1:i2, i1:i2], eye, upper=True)  # (E, B, B) Hinv_bb = R_bb⁻¹
         if i1 == 0:
-            W1.copy_(Wd[..., :i2])
-        else:  # every earlier block's updates at once: W_b + D[:, :i1] G_b (section comment)
+            W1.copy_(WT[:, :i2])
+        else:  # every earlier block's updates at once: W_b + D[:, :i1] G_b (section comment), transposed
             G = torch.bmm(R[:, :i1, i1:i2], Hinv1, out=_view(G_, E, i1, i2 - i1))  # (E, i1, B) R[:i1, b] R_bb⁻¹
-            torch.baddbmm(Wd[..., i1:i2], Wd[..., :i1], G.to(Wd.dtype), out=W1)  # (E, out, i1) @ (E, i1, B)
-        _sweep_block(W1, Hinv1.to(Wd.dtype), codes1, Q1, scale, zero, sq_err, i1=i1, g=g, dynamic=dynamic,
-                     bits=bits, sym=sym)
-        codes[..., i1:i2] = codes1
-        Wd[..., i1:i2] -= Q1  # from now on these columns of Wd are D = W - Q
+            torch.baddbmm(WT[:, i1:i2], G.mT.to(WT.dtype), WT[:, :i1], out=W1)  # (E, B, i1) @ (E, i1, out)
+        _sweep_block(W1, Hinv1.to(WT.dtype), codes[:, i1:i2], Q1, Err1, K1, scale, zero, sq_err, i1=i1, g=g,
+                     dynamic=dynamic, bits=bits, sym=sym)
+        WT[:, i1:i2] -= Q1  # from now on these rows of WT are Dᵀ = (W - Q)ᵀ
     for a in range(0, in_f, g):  # D -> Q, in place, group by group: (code - zero) · scale, as in the sweep
-        torch.mul(codes[..., a:a + g] - zero[..., a // g, None], scale[..., a // g, None], out=Wd[..., a:a + g])
+        z, s = (t[..., a // g].contiguous()[:, None] for t in (zero, scale))  # (E, 1, out)
+        WT[:, a:a + g].copy_(codes[:, a:a + g]).sub_(z).mul_(s)
     return codes, sq_err / 2
 
 
@@ -504,29 +508,34 @@ def gptq_batched(W: torch.Tensor | Sequence[torch.Tensor], H: torch.Tensor, *, b
     (equal codes up to float rounding: tests/test_gptq_batched.py) except act_order, which raises ValueError.
     Damping escalates per expert. names: one per expert, for error messages."""
     Ws = [W] if isinstance(W, torch.Tensor) else list(W)
-    dtype = _compute_dtype(Ws[0])
-    Wd = torch.cat([w.detach().to(dtype) for w in Ws], 1) if len(Ws) > 1 else Ws[0].detach().to(dtype, copy=True)
-    _check_batched_args(Wd, H, bits, group_size, block_size, percdamp, act_order, names)  # Wd (E, out, in): ours
-    E, out_f, in_f = Wd.shape
+    dtype, sizes = _compute_dtype(Ws[0]), [w.shape[1] for w in Ws]
+    E, in_f = Ws[0].shape[0], Ws[0].shape[2]
+    WT = Ws[0].new_empty((E, in_f, sum(sizes)), dtype=dtype)  # (E, in, out): the sweep's transposed layout
+    for w, WT_w in zip(Ws, WT.split(sizes, dim=2)):  # in slices of 32 rows of W: a plain .mT copy is 3x slower
+        for r in range(0, w.shape[1], 32):
+            WT_w[..., r:r + 32].copy_(w[:, r:r + 32].detach().mT)
+    _check_batched_args(WT.mT, H, bits, group_size, block_size, percdamp, act_order, names)  # (E, out, in)
+    out_f = WT.shape[2]
     dead = torch.diagonal(H, dim1=-2, dim2=-1) == 0  # (E, in) channels no token reached
     if bool(dead.any()):
         H = H.clone()
         torch.diagonal(H, dim1=-2, dim2=-1)[dead] = 1
-        Wd.masked_fill_(dead[:, None, :], 0)
+        WT.masked_fill_(dead[:, :, None], 0)
     R, damp, retries = damped_reverse_cholesky(H.detach(), percdamp=percdamp, max_retries=max_retries,
                                                names=names)
     g, dynamic = _group_len(in_f, group_size), group_size != -1 and not static_groups
     if dynamic:  # filled group by group during the sweep
-        scale = torch.empty(E, out_f, n_groups(in_f, group_size), dtype=dtype, device=Wd.device)
+        scale = torch.empty(E, out_f, n_groups(in_f, group_size), dtype=dtype, device=WT.device)
         zero = torch.empty_like(scale)
-    else:  # per channel, or static groups: from W before any update
-        scale, zero = (t.view(E, out_f, -1) for t in group_params(Wd.view(E * out_f, in_f), bits=bits,
-                                                                     group_size=group_size, sym=sym))
-    codes, row_loss = _sweep_batched(Wd, R, scale, zero, bits=bits, sym=sym, block_size=block_size, g=g,
-                                     dynamic=dynamic)  # Wd now holds Ŵ
+    else:  # per channel, or static groups: from W before any update, as group_params
+        params = [quant_params(WT[:, a:a + g].mT, bits=bits, sym=sym) for a in range(0, in_f, g)]
+        scale, zero = (torch.stack(t, dim=-1) for t in zip(*params))  # (E, out, n_groups)
+    codes, row_loss = _sweep_batched(WT, R, scale, zero, bits=bits, sym=sym, block_size=block_size, g=g,
+                                     dynamic=dynamic)  # WT now holds Ŵᵀ
     zero = None if sym else zero.to(torch.uint8)
     damp, retries, n_dead = damp.tolist(), retries.tolist(), dead.sum(1).tolist()
-    return [GPTQResult(codes=codes[e], scale=scale[e], zero=None if zero is None else zero[e], W_hat=Wd[e],
+    codes, W_hat = codes.mT, WT.mT  # (E, out, in) views
+    return [GPTQResult(codes=codes[e], scale=scale[e], zero=None if zero is None else zero[e], W_hat=W_hat[e],
                        damp=damp[e], retries=retries[e], row_loss=row_loss[e], n_dead=n_dead[e])
             for e in range(E)]
 

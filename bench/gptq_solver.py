@@ -50,7 +50,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import gptq  # noqa: E402
-from bench.timing import timed  # noqa: E402
+from bench.timing import keep_freed_memory, timed  # noqa: E402
 
 HIDDEN, MOE_INTERMEDIATE, LAYER_EXPERTS = 2048, 768, 128  # Qwen3-VL-30B-A3B text config
 RANK, SIGMA = 256, 0.1  # latent factors and noise of the synthetic activations
@@ -143,9 +143,9 @@ def matmul_rate(n: int = 2048, repeats: int = 5) -> float:
 
 
 def touch_memory(E: int):
-    """Write (then free) about as much memory as the batched solve of E experts allocates. In a fresh VM the
-    first touch of memory is slow (seconds per GB here, in system time); a quantization run pays that once, on
-    its first layer, so the timed solves should not."""
+    """Write (then free) about as much memory as the batched solve of E experts allocates. The first touch of
+    memory is slow on this VM (about 3.5 s per GB, in system time), and the solvers' FLOP rate should not
+    include it: with bench.timing.keep_freed_memory in effect, the timed solves reuse these pages."""
     per_expert = 4 * (HIDDEN**2 + MOE_INTERMEDIATE**2 + 4 * 2 * MOE_INTERMEDIATE * HIDDEN)  # bytes, generous
     torch.empty(E * per_expert, dtype=torch.uint8).fill_(1)
 
@@ -184,6 +184,7 @@ def measure(E: int, K: int, q: dict) -> dict:
     rate = matmul_rate()
     L = make_layer(E)
     gptq.gptq(torch.randn(8, 64), torch.eye(64), bits=q["bits"])  # warm-up: first-call initialization
+    kept = keep_freed_memory()
     touch_memory(E)
     ref, t_ref = timed(lambda: run_reference(L, range(K), q))
     bat, t_bat = timed(lambda: run_batched(L, q))
@@ -193,7 +194,7 @@ def measure(E: int, K: int, q: dict) -> dict:
     loop1, bat2, batE = op_counts(L, q, E)
     return dict(E=E, K=K, rate=rate, t_ref=t_ref, t_bat=t_bat, t_ref_layer=t_ref / K * E, f_ref=f_ref, f_bat=f_bat,
                 frac_ref=f_ref * K / t_ref / rate, frac_bat=f_bat * E / t_bat / rate, same=same, r_lo=r_lo,
-                r_hi=r_hi, loop1=loop1, bat2=bat2, batE=batE)
+                r_hi=r_hi, loop1=loop1, bat2=bat2, batE=batE, kept=kept)
 
 
 def report(m: dict, q: dict, threads: int):
@@ -202,6 +203,8 @@ def report(m: dict, q: dict, threads: int):
     print(f"layer: Qwen3-VL-30B-A3B MoE, {E} experts{reduced}; per expert gate/up ({2 * MOE_INTERMEDIATE}, {HIDDEN}) "
           f"+ down ({HIDDEN}, {MOE_INTERMEDIATE}); {q['bits']}-bit, group {q['group_size']}, asym; {threads} thread(s)")
     print(f"float32 matmul rate: {m['rate'] / 1e9:.1f} GFLOP/s (2048^3 torch.mm, best of 5 before and after)")
+    print("memory: " + ("touched once before the timed solves; glibc keeps freed memory for reuse (mallopt)"
+                        if m["kept"] else "not glibc: the timed solves include the first touch of their memory"))
     print(f"reference (per expert): {m['t_ref'] / K:.3f} s/expert measured on {K} experts -> {m['t_ref_layer']:.2f} s "
           f"for {E}; {m['f_ref'] / 1e9:.2f} GFLOP/expert, {m['frac_ref']:.2f} of the matmul rate")
     print(f"batched (all experts):  {m['t_bat']:.2f} s for {E} ({m['t_bat'] / E:.3f} s/expert); "
