@@ -77,13 +77,14 @@ def _check_grid(bits: int, group_size: int, name: str):
         raise ValueError(f"{name}: group_size={group_size}; use a positive group size or -1 (per output channel)")
 
 
-def quant_params(W: torch.Tensor, *, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """scale, zero (out,) for one group of columns W (out, g) (or (..., g) -> (...)). zero is integer-valued
-    (float tensor)."""
+def quant_params(W: torch.Tensor, *, bits: int, sym: bool, dim: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
+    """scale, zero (out,) for one group of columns W (out, g) (or (..., g) -> (...); the group along `dim`).
+    zero is integer-valued (float tensor)."""
     maxq = 2**bits - 1
-    zeros = torch.zeros(W.shape[:-1], dtype=W.dtype, device=W.device)
-    xmin = torch.minimum(W.amin(dim=-1), zeros)  # the range always contains 0, so zero lands in [0, maxq]
-    xmax = torch.maximum(W.amax(dim=-1), zeros)
+    lo, hi = W.amin(dim=dim), W.amax(dim=dim)
+    zeros = torch.zeros_like(lo)
+    xmin = torch.minimum(lo, zeros)  # the range always contains 0, so zero lands in [0, maxq]
+    xmax = torch.maximum(hi, zeros)
     if sym:
         xmax = torch.maximum(-xmin, xmax)
         xmin = -xmax
@@ -332,13 +333,16 @@ def _check_batched_args(W, H, bits, group_size, block_size, percdamp, act_order,
         raise ValueError(f"gptq_batched: block_size={block_size} must be > 0 and percdamp={percdamp} >= 0")
     if names is not None and len(names) != W.shape[0]:
         raise ValueError(f"gptq_batched: {len(names)} names for {W.shape[0]} matrices; give one per expert")
-    for t, what in ((W, "W"), (H, "H")):  # min/max propagate NaN and show ±inf, without isfinite's temporaries
-        t = t.flatten(1) if t.is_contiguous() else t.mT.flatten(1)  # (E, ·), a view here
-        bad = ~(torch.isfinite(t.amax(1)) & torch.isfinite(t.amin(1)))  # (E,)
-        if bool(bad.any()):
-            which = [names[e] if names else f"expert {e}" for e in bad.nonzero().flatten().tolist()]
-            raise ValueError(f"gptq_batched: {what} has NaN/inf entries for {', '.join(which)}; fix the weights "
-                             "/ calibration inputs first")
+    # NaN/inf entries are not looked for here (a pass over W and H costs 4% of the solve): they make the
+    # factorization fail (H) or the loss non-finite (W), and _raise_not_finite then names them.
+
+
+def _raise_not_finite(what: str, bad: torch.Tensor, names):
+    """ValueError naming the experts e with bad[e] (E,) bool, if any: their `what` has NaN/inf entries."""
+    if bool(bad.any()):
+        which = [names[e] if names else f"expert {e}" for e in bad.nonzero().flatten().tolist()]
+        raise ValueError(f"gptq_batched: {what} has NaN/inf entries for {', '.join(which)}; fix the weights / "
+                         "calibration inputs first")
 
 
 def reverse_cholesky(A: torch.Tensor, *, block: int = CHOL_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
@@ -393,6 +397,11 @@ def damped_reverse_cholesky(H: torch.Tensor, *, percdamp: float = 0.01, max_retr
         todo = todo[~ok]
         if len(todo) == 0:
             return R, damp, retries
+        if attempt == 0:  # a NaN/inf entry also fails the factorization: say so instead of retrying
+            H_todo = H[todo].flatten(1)  # (failed, in·in)
+            bad = torch.zeros(E, dtype=torch.bool)
+            bad[todo] = ~(torch.isfinite(H_todo.amax(1)) & torch.isfinite(H_todo.amin(1)))
+            _raise_not_finite("H", bad, names)
         retries[todo] += 1
     names = names or [f"expert {e}" for e in range(E)]
     raise GPTQError(f"gptq_batched: Cholesky of the damped Hessian H {tuple(H.shape[1:])} failed for "
@@ -416,33 +425,33 @@ def _sub_edges(B: int, g: int) -> list[tuple[int, int]]:
     return list(zip(cuts[:-1], cuts[1:]))
 
 
-def _sweep_columns(Ws, Hinv_s, s, lo, hi, K, Q, Err, sq_err):
+def _sweep_columns(Ws, Hn_s, s, lo, hi, K, U):
     """The column-by-column part of GPTQ for one sub-block of n columns of all experts, as in gptq()'s
     _quantize_blocks. Ws (E, n, out): row i is column i of every row of W, with every earlier update applied
-    except this sub-block's own (modified); Hinv_s (E, n, n) its block of Hinv; s (E, out) the group's scale,
-    lo = -zero and hi = maxq - zero its code range shifted by the zero point (clamp(round(w/s) + zero, 0, maxq)
-    - zero = clamp(round(w/s), lo, hi) exactly: small integers in floats). Each column's error goes into the
-    sub-block's later columns at once (a rank-1 update, one op for all experts). Writes codes - zero, Q and
-    Err, each (E, n, out), into K, Q, Err; adds Σ Err² to sq_err (E, out)."""
+    except this sub-block's own (modified); Hn_s (E, n, n) its block of Hinv with row i divided by Hinv_ii;
+    s (E, out) the group's scale, lo = -zero and hi = maxq - zero its code range shifted by the zero point
+    (clamp(round(w/s) + zero, 0, maxq) - zero = clamp(round(w/s), lo, hi) exactly: small integers in floats).
+    gptq()'s Err_i = (w_i - q_i) / Hinv_ii times Hinv_il is U_i Hn_il with U_i = w_i - q_i, so each column's
+    update of the sub-block's later columns is one rank-1 op for all experts, without the division. Writes
+    codes - zero and U, each (E, n, out), into K, U."""
     n = Ws.shape[1]
     for i in range(n):
         w = Ws[:, i]  # (E, out)
         k = torch.div(w, s, out=K[:, i]).round_().clamp_(lo, hi)  # code - zero
-        q = torch.mul(k, s, out=Q[:, i])
-        err = torch.sub(w, q, out=Err[:, i]).div_(Hinv_s[:, i, i, None])  # (E, out)
-        sq_err.addcmul_(err, err)
-        if i + 1 < n:  # w_l -= Err_i Hinv_il for the later columns l of the sub-block
-            Ws[:, i + 1:].addcmul_(Hinv_s[:, i, i + 1:, None], err[:, None], value=-1)
+        u = torch.addcmul(w, k, s, value=-1, out=U[:, i])  # w - q, q = (code - zero) · s
+        if i + 1 < n:  # w_l -= U_i Hn_il for the later columns l of the sub-block
+            Ws[:, i + 1:].addcmul_(Hn_s[:, i, i + 1:, None], u[:, None], value=-1)
 
 
-def _sweep_block(W1, Hinv1, codes1, Q1, Err1, K1, scale, zero, sq_err, *, i1: int, g: int, dynamic: bool,
+def _sweep_block(W1, Hn1, inv_d2, codes1, Q1, U1, K1, scale, zero, sq_err, *, i1: int, g: int, dynamic: bool,
                  bits: int, sym: bool):
     """GPTQ's sweep over one block of B columns of all experts, in the transposed layout: W1 (E, B, out) is the
-    block with every earlier block's updates (modified), Hinv1 (E, B, B) = Hinv_bb. Sub-block [s1, s2) gets the
-    block's earlier updates when it starts (left-looking again: one bmm with inner dimension up to B). A group
-    that starts inside the block first gets them for all of its columns, so its scale sees current weights, as
-    in gptq(). Writes the block's codes, Q and Err into codes1, Q1, Err1 (E, B, out) (K1: scratch), the group
-    params into scale, zero (E, out, n_groups) at group starts; adds Σ Err² to sq_err (E, out)."""
+    block with every earlier block's updates (modified), Hn1 (E, B, B) = Hinv_bb with row i divided by Hinv_ii,
+    inv_d2 (E, B) = 1 / Hinv_ii². Sub-block [s1, s2) gets the block's earlier updates when it starts
+    (left-looking again: one bmm with inner dimension up to B). A group that starts inside the block first gets
+    them for all of its columns, so its scale sees current weights, as in gptq(). Writes the block's codes and Q
+    into codes1, Q1 (E, B, out) and the group params into scale, zero (E, out, n_groups) at group starts; adds
+    Σ Err² = Σ U² / Hinv_ii² to sq_err (E, out). Scratch: U1 (U = W - Q, then its squares) and K1 (E, B, out)."""
     B, maxq = W1.shape[1], 2**bits - 1
     a = 0  # rows of the current group have every update from the block's columns < a
     for s1, s2 in _sub_edges(B, g):
@@ -450,14 +459,16 @@ def _sweep_block(W1, Hinv1, codes1, Q1, Err1, K1, scale, zero, sq_err, *, i1: in
         if dynamic and (i1 + s1) % g == 0:  # a group starts: bring all of its columns up to date first
             a, ge = s1, min(s1 + g, B)
             if s1:  # (E, g, out) -= (E, g, s1) @ (E, s1, out)
-                W1[:, s1:ge].baddbmm_(Hinv1[:, :s1, s1:ge].mT, Err1[:, :s1], alpha=-1)
-            scale[..., grp], zero[..., grp] = quant_params(W1[:, s1:ge].mT, bits=bits, sym=sym)
+                W1[:, s1:ge].baddbmm_(Hn1[:, :s1, s1:ge].mT, U1[:, :s1], alpha=-1)
+            scale[..., grp], zero[..., grp] = quant_params(W1[:, s1:ge], bits=bits, sym=sym, dim=1)
         elif s1 > a:  # (E, n, out) -= (E, n, s1 - a) @ (E, s1 - a, out)
-            W1[:, s1:s2].baddbmm_(Hinv1[:, a:s1, s1:s2].mT, Err1[:, a:s1], alpha=-1)
+            W1[:, s1:s2].baddbmm_(Hn1[:, a:s1, s1:s2].mT, U1[:, a:s1], alpha=-1)
         s, z = scale[..., grp].contiguous(), zero[..., grp].contiguous()  # (E, out)
-        K, Err = K1[:, s1:s2], Err1[:, s1:s2]
-        _sweep_columns(W1[:, s1:s2], Hinv1[:, s1:s2, s1:s2], s, -z, maxq - z, K, Q1[:, s1:s2], Err, sq_err)
+        K, U = K1[:, s1:s2], U1[:, s1:s2]
+        _sweep_columns(W1[:, s1:s2], Hn1[:, s1:s2, s1:s2], s, -z, maxq - z, K, U)
+        torch.mul(K, s[:, None], out=Q1[:, s1:s2])  # Q = (code - zero) · s, as gptq()
         codes1[:, s1:s2] = K.add_(z[:, None])  # code = (code - zero) + zero, as uint8
+    sq_err[:, None].baddbmm_(inv_d2[:, None], U1.square_())  # (E, 1, B) @ (E, B, out); U1 is done with
 
 
 def _sweep_batched(WT, R, scale, zero, *, bits: int, sym: bool, block_size: int, g: int,
@@ -472,10 +483,10 @@ def _sweep_batched(WT, R, scale, zero, *, bits: int, sym: bool, block_size: int,
     sq_err = torch.zeros(E, out_f, dtype=WT.dtype, device=WT.device)
     edges = _block_edges(in_f, block_size, g if g < in_f else 0)  # blocks hold whole groups
     B = max(i2 - i1 for i1, i2 in edges)  # block buffers, allocated once (fresh memory is slow to touch)
-    W1_, Q1_, Err1_, K1_ = (WT.new_empty(E * B * out_f) for _ in range(4))
+    W1_, Q1_, U1_, K1_ = (WT.new_empty(E * B * out_f) for _ in range(4))
     G_ = R.new_empty(E * in_f * B)
     for i1, i2 in edges:
-        W1, Q1, Err1, K1 = (_view(t, E, i2 - i1, out_f) for t in (W1_, Q1_, Err1_, K1_))  # (E, B, out)
+        W1, Q1, U1, K1 = (_view(t, E, i2 - i1, out_f) for t in (W1_, Q1_, U1_, K1_))  # (E, B, out)
         eye = torch.eye(i2 - i1, dtype=R.dtype, device=R.device)
         Hinv1 = torch.linalg.solve_triangular(R[:, i1:i2, i1:i2], eye, upper=True)  # (E, B, B) Hinv_bb = R_bb⁻¹
         if i1 == 0:
@@ -483,8 +494,9 @@ def _sweep_batched(WT, R, scale, zero, *, bits: int, sym: bool, block_size: int,
         else:  # every earlier block's updates at once: W_b + D[:, :i1] G_b (section comment), transposed
             G = torch.bmm(R[:, :i1, i1:i2], Hinv1, out=_view(G_, E, i1, i2 - i1))  # (E, i1, B) R[:i1, b] R_bb⁻¹
             torch.baddbmm(WT[:, i1:i2], G.mT.to(WT.dtype), WT[:, :i1], out=W1)  # (E, B, i1) @ (E, i1, out)
-        _sweep_block(W1, Hinv1.to(WT.dtype), codes[:, i1:i2], Q1, Err1, K1, scale, zero, sq_err, i1=i1, g=g,
-                     dynamic=dynamic, bits=bits, sym=sym)
+        d = torch.diagonal(Hinv1, dim1=-2, dim2=-1)  # (E, B) Hinv_ii
+        _sweep_block(W1, (Hinv1 / d[..., None]).to(WT.dtype), d.pow(-2).to(WT.dtype), codes[:, i1:i2], Q1, U1, K1,
+                     scale, zero, sq_err, i1=i1, g=g, dynamic=dynamic, bits=bits, sym=sym)
         WT[:, i1:i2] -= Q1  # from now on these rows of WT are Dᵀ = (W - Q)ᵀ
     for a in range(0, in_f, g):  # D -> Q, in place, group by group: (code - zero) · scale, as in the sweep
         z, s = (t[..., a // g].contiguous()[:, None] for t in (zero, scale))  # (E, 1, out)
@@ -528,10 +540,11 @@ def gptq_batched(W: torch.Tensor | Sequence[torch.Tensor], H: torch.Tensor, *, b
         scale = torch.empty(E, out_f, n_groups(in_f, group_size), dtype=dtype, device=WT.device)
         zero = torch.empty_like(scale)
     else:  # per channel, or static groups: from W before any update, as group_params
-        params = [quant_params(WT[:, a:a + g].mT, bits=bits, sym=sym) for a in range(0, in_f, g)]
+        params = [quant_params(WT[:, a:a + g], bits=bits, sym=sym, dim=1) for a in range(0, in_f, g)]
         scale, zero = (torch.stack(t, dim=-1) for t in zip(*params))  # (E, out, n_groups)
     codes, row_loss = _sweep_batched(WT, R, scale, zero, bits=bits, sym=sym, block_size=block_size, g=g,
                                      dynamic=dynamic)  # WT now holds Ŵᵀ
+    _raise_not_finite("W", ~torch.isfinite(row_loss).all(1), names)  # NaN/inf weights make their rows' loss NaN
     zero = None if sym else zero.to(torch.uint8)
     damp, retries, n_dead = damp.tolist(), retries.tolist(), dead.sum(1).tolist()
     codes, W_hat = codes.mT, WT.mT  # (E, out, in) views

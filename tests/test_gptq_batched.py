@@ -213,9 +213,17 @@ def test_bad_arguments_raise():
         gptq.gptq_batched(W, torch.eye(9).expand(2, 9, 9), bits=4)
     with pytest.raises(ValueError, match="1 names for 2 matrices"):
         gptq.gptq_batched(W, H, bits=4, names=["a"])
-    H[1, 2, 2] = float("nan")
-    with pytest.raises(ValueError, match="H has NaN/inf entries for up_proj.1"):
-        gptq.gptq_batched(W, H, bits=4, names=["up_proj.0", "up_proj.1"])
+    # NaN/inf are found through their effects (a failed factorization, a non-finite loss): every kind is named
+    for where in ((1, 2, 2), (1, 0, 7), (1, 6, 3)):  # H: diagonal, upper and lower triangle (symmetric pair)
+        bad = H.clone()
+        bad[where], bad[(where[0], where[2], where[1])] = float("nan"), float("nan")
+        with pytest.raises(ValueError, match="H has NaN/inf entries for up_proj.1"):
+            gptq.gptq_batched(W, bad, bits=4, names=["up_proj.0", "up_proj.1"])
+    for v in (float("nan"), float("inf"), -float("inf")):
+        bad = W.clone()
+        bad[0, 3, 5] = v
+        with pytest.raises(ValueError, match="W has NaN/inf entries for up_proj.0"):
+            gptq.gptq_batched(bad, H, bits=4, group_size=-1, names=["up_proj.0", "up_proj.1"])
 
 
 def test_inputs_are_not_modified():
