@@ -19,10 +19,17 @@ Prints, from one run:
   * whether the two agree on the measured experts (share of equal codes, ratio of output errors);
   * the torch ops each mode dispatches per layer (what becomes a kernel launch on a GPU): counted with a
     TorchDispatchMode that skips views and allocations, in separate untimed runs on the same shapes but with 8
-    output rows (the op count does not depend on the rows). The batched count does not depend on the number of
-    experts either (printed: counted at 2 experts and at --experts); so the counts for a full 128-expert layer
-    are printed too, the loop count being 128 x the per-expert count.
-Last line: gptq_solver: speedup=<x> matmul_fraction=<batched fraction> op_ratio=<loop ops / batched ops>.
+    output rows (the op count does not depend on the rows). On a CPU the batched solver sweeps 16 experts at a
+    time (gptq.CPU_EXPERT_CHUNK: their blocks stay in cache, 3-6% faster at 64 experts), so its count grows with
+    the number of experts in steps of 16; with every expert in one sweep (the default on a GPU, or
+    --expert-chunk N) it does not depend on the number of experts at all (printed: counted at 2 and at
+    --experts experts).
+Last line: gptq_solver: speedup=<x> matmul_fraction=<batched fraction> op_ratio=<loop ops / batched ops>, the
+batched ops counted as timed.
+
+Memory: the timed solves reuse memory touched once before them (touch_memory, with glibc told to keep freed
+memory: bench.timing.keep_freed_memory); on this VM the first touch of fresh memory costs about 3.5 s per GB,
+which the solve of a 128-expert layer would otherwise pay for ~5 GB of new tensors.
 
 FLOPs counted (multiply-add = 2; elementwise quantization work, about 10 flops per weight, is not counted):
   batched, per expert, for one matrix W (out, n) and its H (n, n) (blocks b = [i1, i2) of B columns):
@@ -95,6 +102,7 @@ def make_layer(E: int, out_rows: int | None = None, seed: int = 0) -> dict:
 
 def run_reference(L: dict, experts, q: dict) -> list:
     """The driver's per-expert loop: gate/up with one shared Hessian, then down."""
+    q = {k: v for k, v in q.items() if k != "expert_chunk"}
     return [(gptq.gptq_shared([L["gate"][e], L["up"][e]], L["H_gu"][e], **q), gptq.gptq(L["down"][e],
                                                                                           L["H_down"][e], **q))
             for e in experts]
@@ -171,12 +179,14 @@ def agreement(ref: list, bat: tuple, L: dict) -> tuple[float, float, float]:
     return equal / total, min(ratios), max(ratios)
 
 
-def op_counts(L: dict, q: dict, E: int) -> tuple[int, int, int]:
-    """(loop ops per expert, batched ops at 2 experts, batched ops at E experts), on 8-row copies of the layer."""
+def op_counts(L: dict, q: dict, E: int) -> tuple[int, int, int, int]:
+    """On 8-row copies of the layer: (loop ops per expert, batched ops at 2 experts and at E experts with every
+    expert in one sweep (the default off the CPU), batched ops at E experts as timed (q's expert_chunk))."""
     small = {k: v[:, :8] if k in ("gate", "up", "down") else v for k, v in L.items()}
     two = {k: v[:2] for k, v in small.items()}
-    return (count_ops(lambda: run_reference(small, [0], q)), count_ops(lambda: run_batched(two, q)),
-            count_ops(lambda: run_batched(small, q)))
+    return (count_ops(lambda: run_reference(small, [0], q)),
+            count_ops(lambda: run_batched(two, {**q, "expert_chunk": 2})),
+            count_ops(lambda: run_batched(small, {**q, "expert_chunk": E})), count_ops(lambda: run_batched(small, q)))
 
 
 def measure(E: int, K: int, q: dict) -> dict:
@@ -191,10 +201,10 @@ def measure(E: int, K: int, q: dict) -> dict:
     rate = max(rate, matmul_rate())
     f_ref, f_bat = expert_flops(reference_flops, q), expert_flops(batched_flops, q)
     same, r_lo, r_hi = agreement(ref, bat, L)
-    loop1, bat2, batE = op_counts(L, q, E)
+    loop1, bat2, batE, bat_timed = op_counts(L, q, E)
     return dict(E=E, K=K, rate=rate, t_ref=t_ref, t_bat=t_bat, t_ref_layer=t_ref / K * E, f_ref=f_ref, f_bat=f_bat,
                 frac_ref=f_ref * K / t_ref / rate, frac_bat=f_bat * E / t_bat / rate, same=same, r_lo=r_lo,
-                r_hi=r_hi, loop1=loop1, bat2=bat2, batE=batE, kept=kept)
+                r_hi=r_hi, loop1=loop1, bat2=bat2, batE=batE, bat_timed=bat_timed, kept=kept)
 
 
 def report(m: dict, q: dict, threads: int):
@@ -211,13 +221,14 @@ def report(m: dict, q: dict, threads: int):
           f"{m['f_bat'] / 1e9:.2f} GFLOP/expert, {m['frac_bat']:.2f} of the matmul rate")
     print(f"agreement on the {K} reference experts: {100 * m['same']:.3f}% of codes equal; output error batched / "
           f"reference {m['r_lo']:.4f} .. {m['r_hi']:.4f}")
-    loop1, batE = m["loop1"], m["batE"]
-    print(f"torch ops per layer, {E} experts: loop {loop1 * E} ({loop1} per expert), batched {batE} "
-          f"(at 2 experts: {m['bat2']}); ratio {loop1 * E / batE:.1f}")
-    print(f"torch ops per layer, {LAYER_EXPERTS} experts (full layer): loop {loop1 * LAYER_EXPERTS}, batched {batE} "
-          f"(does not depend on the number of experts); ratio {loop1 * LAYER_EXPERTS / batE:.1f}")
+    loop1, batE, timed_ops = m["loop1"], m["batE"], m["bat_timed"]
+    chunk = q.get("expert_chunk") or gptq.CPU_EXPERT_CHUNK
+    print(f"torch ops per layer, {E} experts: loop {loop1 * E} ({loop1} per expert); batched as timed (the sweep "
+          f"{chunk} experts at a time, the CPU default) {timed_ops}, ratio {loop1 * E / timed_ops:.1f}; batched with "
+          f"all experts in one sweep (the default on a GPU) {batE} (at 2 experts: {m['bat2']}), ratio "
+          f"{loop1 * E / batE:.1f}")
     print(f"gptq_solver: speedup={m['t_ref_layer'] / m['t_bat']:.2f} matmul_fraction={m['frac_bat']:.2f} "
-          f"op_ratio={loop1 * E / batE:.1f}")
+          f"op_ratio={loop1 * E / timed_ops:.1f}")
 
 
 def main():
@@ -227,9 +238,11 @@ def main():
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--bits", type=int, default=3)
     p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--expert-chunk", type=int, default=None,
+                   help=f"experts per sweep of the batched solver (default: {gptq.CPU_EXPERT_CHUNK} on a CPU)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    q = dict(bits=args.bits, group_size=args.group_size, block_size=128)
+    q = dict(bits=args.bits, group_size=args.group_size, block_size=128, expert_chunk=args.expert_chunk)
     report(measure(args.experts, min(args.reference_experts, args.experts), q), q, args.threads)
 
 

@@ -238,10 +238,13 @@ def test_inputs_are_not_modified():
 def test_op_count_does_not_depend_on_the_number_of_experts():
     from bench.gptq_solver import OpCounter
 
-    counts = []
-    for E in (1, 4):
+    def ops(E, chunk=None):
         W, H = problem(E=E, out=8, d=48, dtype=torch.float32)
         with OpCounter() as counter:
-            gptq.gptq_batched(W, H, bits=3, group_size=16)
-        counts.append(counter.n)
-    assert counts[0] == counts[1]
+            gptq.gptq_batched(W, H, bits=3, group_size=16, expert_chunk=chunk)
+        return counter.n
+
+    one = ops(1)
+    assert ops(40, chunk=40) == one  # all experts in one sweep (the default off the CPU)
+    chunked = ops(40)  # on a CPU the sweep takes CPU_EXPERT_CHUNK = 16 experts at a time: 3 sweeps
+    assert gptq.CPU_EXPERT_CHUNK == 16 and one < chunked < 3 * one

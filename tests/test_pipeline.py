@@ -268,3 +268,44 @@ def test_dequantize_once_gives_the_same_outputs(tiny_qwen, calib, tmp_path):
             once = [m.layers[1](a.x, a.ctx) for a in acts]
     assert all(torch.equal(a, b) for a, b in zip(plain, once))
     assert not any(hasattr(mod, "W_once") for mod in m.layers[1].modules())
+
+
+class _Captured(Exception):
+    """Stops quantize_model once the first MoE layer's Hessians are captured."""
+
+
+@pytest.mark.parametrize("name", ["tiny-qwen3-vl-moe", "tiny-kimi-vl"])
+def test_batched_solver_on_the_bundled_models_real_hessians(name, tmp_path, monkeypatch):
+    """gptq_batched against gptq() per expert on the real expert Hessians (float32, as the driver passes them)
+    and weights of the first MoE layer of each bundled model: the same codes in every row whose path does not
+    cross a rounding tie, and a flipped row's first difference is a tie of the reference (the tie check of
+    tests/test_gptq_batched.py). Printed: how many rows and codes differ."""
+    from test_gptq_batched import assert_equal_up_to_ties
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", name)
+    calibrate.calibrate(path, n=6, seed=0, out=str(tmp_path / "c"), command="test")
+    real = gptq.quantize_linears
+
+    def capture(layer, cap, q, prefix):
+        keys = [k for k in gptq.input_groups(layer, cap, prefix) if gptq._EXPERT.match(k) and k in cap.H]
+        if not keys:  # a dense layer (Kimi's first): go on to the first MoE layer
+            return real(layer, cap, q, prefix)
+        raise _Captured({k: (cap.H[k].finalize(dtype=torch.float32), layer.get_submodule(k).weight.float())
+                         for k in keys})
+
+    monkeypatch.setattr(gptq, "quantize_linears", capture)
+    with pytest.raises(_Captured) as got:
+        gptq.quantize_model(path, str(tmp_path / "c"), str(tmp_path / "q"), gptq.QuantArgs(method="gptq"),
+                            command="t")
+    rows = codes = total = 0
+    for role in ("gate_proj", "down_proj"):  # gate_proj's Hessian is also up_proj's; down_proj has its own
+        keys = [k for k in got.value.args[0] if k.endswith(role)]
+        W, H = (torch.stack([got.value.args[0][k][j] for k in keys]) for j in (1, 0))
+        for bits, group_size in ((3, 32), (4, 32), (4, -1)):
+            kw = dict(bits=bits, group_size=group_size)
+            for e, b in enumerate(gptq.gptq_batched(W, H, **kw)):
+                ref = gptq.gptq(W[e], H[e], **kw)
+                rows += assert_equal_up_to_ties(W[e], H[e], ref, b, bits=bits, group_size=group_size, tol=1e-3)
+                codes, total = codes + int((ref.codes != b.codes).sum()), total + ref.codes.numel()
+    print(f"{name}: {rows} rows ({codes} of {total} codes) differ, each from a rounding tie of the reference")
+    assert codes <= 0.001 * total
