@@ -471,11 +471,14 @@ def _sweep_block(W1, Hn1, inv_d2, codes1, Q1, U1, K1, scale, zero, sq_err, *, i1
             scale[..., grp], zero[..., grp] = quant_params(W1[:, s1:ge], bits=bits, sym=sym, dim=1)
         elif s1 > a:  # (E, n, out) -= (E, n, s1 - a) @ (E, s1 - a, out)
             W1[:, s1:s2].baddbmm_(Hn1[:, a:s1, s1:s2].mT, U1[:, a:s1], alpha=-1)
-        s, z = scale[..., grp].contiguous(), zero[..., grp].contiguous()  # (E, out)
-        K, U = K1[:, s1:s2], U1[:, s1:s2]
-        _sweep_columns(W1[:, s1:s2], Hn1[:, s1:s2, s1:s2], s, -z, maxq - z, K, U)
-        torch.mul(K, s[:, None], out=Q1[:, s1:s2])  # Q = (code - zero) · s, as gptq()
-        codes1[:, s1:s2] = K.add_(z[:, None])  # code = (code - zero) + zero, as uint8
+        if s1 == 0 or (i1 + s1) % g == 0:  # the block or a group starts: the group's params, once
+            s, z = scale[..., grp].contiguous(), zero[..., grp].contiguous()  # (E, out)
+            lo, hi, g1 = -z, maxq - z, s1
+        _sweep_columns(W1[:, s1:s2], Hn1[:, s1:s2, s1:s2], s, lo, hi, K1[:, s1:s2], U1[:, s1:s2])
+        if s2 == B or (i1 + s2) % g == 0:  # the group's (or block's) last sub-block: its Q and codes at once
+            K = K1[:, g1:s2]
+            torch.mul(K, s[:, None], out=Q1[:, g1:s2])  # Q = (code - zero) · s, as gptq()
+            codes1[:, g1:s2] = K.add_(z[:, None])  # code = (code - zero) + zero, as uint8
     sq_err[:, None].baddbmm_(inv_d2[:, None], U1.square_())  # (E, 1, B) @ (E, B, out); U1 is done with
 
 
