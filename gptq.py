@@ -528,8 +528,13 @@ def gptq_batched(W: torch.Tensor | Sequence[torch.Tensor], H: torch.Tensor, *, b
     their row concatenation: see gptq_batched_shared). Same arguments and results as [gptq(W[e], H[e]) for e]
     (equal codes up to float rounding: tests/test_gptq_batched.py) except act_order, which raises ValueError.
     Damping escalates per expert. names: one per expert, for error messages. expert_chunk: experts per sweep
-    (default CPU_EXPERT_CHUNK on a CPU, all of them elsewhere); it changes speed and op count, not results."""
+    (default CPU_EXPERT_CHUNK on a CPU, all of them elsewhere); it changes speed and op count, not results.
+    Each result's codes and W_hat are (out, in) views of (in, out) storage (the solver's layout)."""
     Ws = [W] if isinstance(W, torch.Tensor) else list(W)
+    bad_chunk = expert_chunk is not None and expert_chunk < 1
+    if any(w.dim() != 3 or w.shape[::2] != Ws[0].shape[::2] for w in Ws) or bad_chunk:
+        raise ValueError(f"gptq_batched: W {[tuple(w.shape) for w in Ws]} must be (E, out, in) stacks with the same "
+                         f"E and in, and expert_chunk={expert_chunk} positive (or None)")
     dtype, sizes = _compute_dtype(Ws[0]), [w.shape[1] for w in Ws]
     E, in_f = Ws[0].shape[0], Ws[0].shape[2]
     # (E, in, out): the sweep's transposed layout; rows padded by ROW_PAD floats, which speeds up its bmms by
@@ -556,7 +561,7 @@ def gptq_batched(W: torch.Tensor | Sequence[torch.Tensor], H: torch.Tensor, *, b
         scale, zero = (torch.stack(t, dim=-1) for t in zip(*params))  # (E, out, n_groups)
     codes = torch.empty(E, in_f, out_f, dtype=torch.uint8, device=WT.device)
     sq_err = torch.zeros(E, out_f, dtype=dtype, device=WT.device)
-    chunk = expert_chunk or (CPU_EXPERT_CHUNK if WT.device.type == "cpu" else E)
+    chunk = expert_chunk if expert_chunk is not None else CPU_EXPERT_CHUNK if WT.device.type == "cpu" else E
     for c in range(0, E, chunk):  # the sweep, `chunk` experts at a time (the same results for any chunk)
         e = slice(c, c + chunk)
         _sweep_batched(WT[e], R[e], scale[e], zero[e], codes[e], sq_err[e], bits=bits, sym=sym,

@@ -111,6 +111,16 @@ def test_larger_random_inputs(bits, sym):
     assert equal / total >= (0.995 if sym else 0.999)
 
 
+def test_expert_chunks_do_not_change_the_result():
+    # the sweep takes expert_chunk experts at a time (16 on a CPU): every expert's arithmetic is the same
+    W, H = problem(E=7, out=40, d=96, dtype=torch.float32, seed=3)
+    ref = gptq.gptq_batched(W, H, bits=3, group_size=32, expert_chunk=7)
+    for chunk in (1, 3, 16):
+        for a, b in zip(ref, gptq.gptq_batched(W, H, bits=3, group_size=32, expert_chunk=chunk)):
+            assert torch.equal(a.codes, b.codes) and torch.equal(a.W_hat, b.W_hat)
+            assert torch.equal(a.row_loss, b.row_loss) and torch.equal(a.scale, b.scale)
+
+
 def test_shared_hessian_matches_gptq_shared():
     W, H = problem(E=3, out=16, d=48)
     gate, up = W[:, :10], W[:, 10:]
@@ -211,6 +221,10 @@ def test_bad_arguments_raise():
         gptq.gptq_batched(W, H, bits=4, act_order=True)
     with pytest.raises(ValueError, match=r"W \(2, 4, 8\) must be \(E, out, in\) and H \(2, 9, 9\)"):
         gptq.gptq_batched(W, torch.eye(9).expand(2, 9, 9), bits=4)
+    with pytest.raises(ValueError, match=r"W \[\(4, 8\)\] must be \(E, out, in\) stacks"):
+        gptq.gptq_batched(W[0], H, bits=4)
+    with pytest.raises(ValueError, match="expert_chunk=-1 positive"):
+        gptq.gptq_batched(W, H, bits=4, expert_chunk=-1)
     with pytest.raises(ValueError, match="1 names for 2 matrices"):
         gptq.gptq_batched(W, H, bits=4, names=["a"])
     # NaN/inf are found through their effects (a failed factorization, a non-finite loss): every kind is named
