@@ -14,7 +14,8 @@ Prints, from one run:
     the higher is used, which can only lower the reported fraction);
   * the reference's time per expert, measured on --reference-experts experts and scaled to --experts (memory
     the solvers will use is touched once first: see touch_memory);
-  * the batched time for --experts experts, the speedup, and each solver's achieved rate as a fraction of the
+  * the batched time for --experts experts (each solver's time is the best of --repeats runs, as the matmul
+    rate is a best of 5: the same code's time varies by up to 10% from run to run on this VM), the speedup, and each solver's achieved rate as a fraction of the
     matmul rate, from the FLOPs it executes (formulas below);
   * whether the two agree on the measured experts (share of equal codes, ratio of output errors);
   * the torch ops each mode dispatches per layer (what becomes a kernel launch on a GPU): counted with a
@@ -42,7 +43,7 @@ FLOPs counted (multiply-add = 2; elementwise quantization work, about 10 flops p
     of block b: 2·out·(i2 - j) (rank-1 update of the block's remaining columns, j included), per block
     2·out·B·(n - i2) (the lazy update of the later columns).
 
-    OMP_NUM_THREADS=1 python bench/gptq_solver.py [--experts 128] [--reference-experts 4] [--threads 1]
+    OMP_NUM_THREADS=1 python bench/gptq_solver.py [--experts 128] [--reference-experts 4] [--threads 1] [--repeats 3]
 Memory: about 9 GB at 128 experts (Hessians, factors, weights, results); use --experts 16 on a small machine.
 """
 
@@ -189,22 +190,32 @@ def op_counts(L: dict, q: dict, E: int) -> tuple[int, int, int, int]:
             count_ops(lambda: run_batched(small, {**q, "expert_chunk": E})), count_ops(lambda: run_batched(small, q)))
 
 
-def measure(E: int, K: int, q: dict) -> dict:
+def best_of(fn, repeats: int):
+    """(the last result of fn, its best wall time over `repeats` calls); one result is held at a time."""
+    best, r = float("inf"), None
+    for _ in range(repeats):
+        r = None  # frees the previous result before the next call
+        r, t = timed(fn)
+        best = min(best, t)
+    return r, best
+
+
+def measure(E: int, K: int, q: dict, repeats: int) -> dict:
     """Everything the report prints, from one run: rate, times, FLOPs, agreement and op counts."""
     rate = matmul_rate()
     L = make_layer(E)
     gptq.gptq(torch.randn(8, 64), torch.eye(64), bits=q["bits"])  # warm-up: first-call initialization
     kept = keep_freed_memory()
     touch_memory(E)
-    ref, t_ref = timed(lambda: run_reference(L, range(K), q))
-    bat, t_bat = timed(lambda: run_batched(L, q))
+    ref, t_ref = best_of(lambda: run_reference(L, range(K), q), repeats)
+    bat, t_bat = best_of(lambda: run_batched(L, q), repeats)
     rate = max(rate, matmul_rate())
     f_ref, f_bat = expert_flops(reference_flops, q), expert_flops(batched_flops, q)
     same, r_lo, r_hi = agreement(ref, bat, L)
     loop1, bat2, batE, bat_timed = op_counts(L, q, E)
     return dict(E=E, K=K, rate=rate, t_ref=t_ref, t_bat=t_bat, t_ref_layer=t_ref / K * E, f_ref=f_ref, f_bat=f_bat,
                 frac_ref=f_ref * K / t_ref / rate, frac_bat=f_bat * E / t_bat / rate, same=same, r_lo=r_lo,
-                r_hi=r_hi, loop1=loop1, bat2=bat2, batE=batE, bat_timed=bat_timed, kept=kept)
+                r_hi=r_hi, loop1=loop1, bat2=bat2, batE=batE, bat_timed=bat_timed, kept=kept, repeats=repeats)
 
 
 def report(m: dict, q: dict, threads: int):
@@ -215,6 +226,7 @@ def report(m: dict, q: dict, threads: int):
     print(f"float32 matmul rate: {m['rate'] / 1e9:.1f} GFLOP/s (2048^3 torch.mm, best of 5 before and after)")
     print("memory: " + ("touched once before the timed solves; glibc keeps freed memory for reuse (mallopt)"
                         if m["kept"] else "not glibc: the timed solves include the first touch of their memory"))
+    print(f"times: best of {m['repeats']} runs of each solver")
     print(f"reference (per expert): {m['t_ref'] / K:.3f} s/expert measured on {K} experts -> {m['t_ref_layer']:.2f} s "
           f"for {E}; {m['f_ref'] / 1e9:.2f} GFLOP/expert, {m['frac_ref']:.2f} of the matmul rate")
     print(f"batched (all experts):  {m['t_bat']:.2f} s for {E} ({m['t_bat'] / E:.3f} s/expert); "
@@ -236,6 +248,8 @@ def main():
     p.add_argument("--experts", type=int, default=LAYER_EXPERTS, help="experts in the layer (batched solve)")
     p.add_argument("--reference-experts", type=int, default=4, help="experts timed with the per-expert reference")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="timed runs of each solver; the best is reported, as for the matmul rate (best of 5)")
     p.add_argument("--bits", type=int, default=3)
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--expert-chunk", type=int, default=None,
@@ -243,7 +257,7 @@ def main():
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     q = dict(bits=args.bits, group_size=args.group_size, block_size=128, expert_chunk=args.expert_chunk)
-    report(measure(args.experts, min(args.reference_experts, args.experts), q), q, args.threads)
+    report(measure(args.experts, min(args.reference_experts, args.experts), q, args.repeats), q, args.threads)
 
 
 if __name__ == "__main__":
