@@ -487,30 +487,30 @@ def _sweep_batched(WT, R, scale, zero, codes, sq_err, *, bits: int, sym: bool, b
     """The GPTQ sweep of all experts in the transposed layout: WT (E, in, out) holds Wᵀ, so a column of every
     row of W is one contiguous row and every block update is a plain bmm. R (E, in, in) from
     damped_reverse_cholesky; scale, zero (E, out, n_groups) (filled at group starts if dynamic). During the sweep
-    the finished rows of WT hold Dᵀ = (W - Q)ᵀ; on return WT holds Qᵀ = dequantize(codes)ᵀ (the same float ops).
+    the finished rows of WT hold Dᵀ = (W - Q)ᵀ; on return WT holds Qᵀ = dequantize(codes)ᵀ, as computed in the
+    sweep (Q = (code - zero) · scale).
     Writes codes (E, in, out) uint8 (transposed too) and adds Σ_j Err_j² (gptq()'s loss times 2) to sq_err
     (E, out)."""
     E, in_f, out_f = WT.shape
     edges = _block_edges(in_f, block_size, g if g < in_f else 0)  # blocks hold whole groups
     B = max(i2 - i1 for i1, i2 in edges)  # block buffers, allocated once (fresh memory is slow to touch)
-    W1_, Q1_, U1_, K1_ = (WT.new_empty(E * B * (out_f + ROW_PAD)) for _ in range(4))  # rows padded as WT's
+    W1_, U1_, K1_ = (WT.new_empty(E * B * (out_f + ROW_PAD)) for _ in range(3))  # rows padded as WT's
+    Q = WT.new_empty(E, in_f, out_f + ROW_PAD)[..., :out_f]  # Qᵀ, block by block; WT holds Dᵀ meanwhile
     G_ = R.new_empty(E * in_f * B)
     for i1, i2 in edges:
-        W1, Q1, U1, K1 = (_view(t, E, i2 - i1, out_f + ROW_PAD)[..., :out_f] for t in (W1_, Q1_, U1_, K1_))
+        W1, U1, K1 = (_view(t, E, i2 - i1, out_f + ROW_PAD)[..., :out_f] for t in (W1_, U1_, K1_))
         eye = torch.eye(i2 - i1, dtype=R.dtype, device=R.device)
         Hinv1 = torch.linalg.solve_triangular(R[:, i1:i2, i1:i2], eye, upper=True)  # (E, B, B) Hinv_bb = R_bb⁻¹
         if i1 == 0:
             W1.copy_(WT[:, :i2])
-        else:  # every earlier block's updates at once: W_b + D[:, :i1] G_b (section comment), transposed
-            G = torch.bmm(R[:, :i1, i1:i2], Hinv1, out=_view(G_, E, i1, i2 - i1))  # (E, i1, B) R[:i1, b] R_bb⁻¹
-            torch.baddbmm(WT[:, i1:i2], G.mT.to(WT.dtype), WT[:, :i1], out=W1)  # (E, B, i1) @ (E, i1, out)
+        else:  # every earlier block's updates at once: W_b + D[:, :i1] G_b (section comment), transposed:
+            GT = torch.bmm(Hinv1.mT, R[:, :i1, i1:i2].mT, out=_view(G_, E, i2 - i1, i1))  # (E, B, i1) G_bᵀ
+            torch.baddbmm(WT[:, i1:i2], GT.to(WT.dtype), WT[:, :i1], out=W1)  # (E, B, i1) @ (E, i1, out)
         d = torch.diagonal(Hinv1, dim1=-2, dim2=-1)  # (E, B) Hinv_ii
-        _sweep_block(W1, (Hinv1 / d[..., None]).to(WT.dtype), d.pow(-2).to(WT.dtype), codes[:, i1:i2], Q1, U1, K1,
-                     scale, zero, sq_err, i1=i1, g=g, dynamic=dynamic, bits=bits, sym=sym)
-        WT[:, i1:i2] -= Q1  # from now on these rows of WT are Dᵀ = (W - Q)ᵀ
-    for a in range(0, in_f, g):  # D -> Q, in place, group by group: (code - zero) · scale, as in the sweep
-        z, s = (t[..., a // g].contiguous()[:, None] for t in (zero, scale))  # (E, 1, out)
-        WT[:, a:a + g].copy_(codes[:, a:a + g]).sub_(z).mul_(s)
+        _sweep_block(W1, (Hinv1 / d[..., None]).to(WT.dtype), d.pow(-2).to(WT.dtype), codes[:, i1:i2],
+                     Q[:, i1:i2], U1, K1, scale, zero, sq_err, i1=i1, g=g, dynamic=dynamic, bits=bits, sym=sym)
+        WT[:, i1:i2] -= Q[:, i1:i2]  # from now on these rows of WT are Dᵀ = (W - Q)ᵀ
+    WT.copy_(Q)
 
 
 def _view(flat: torch.Tensor, *shape: int) -> torch.Tensor:
