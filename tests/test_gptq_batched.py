@@ -93,22 +93,24 @@ def test_groups_that_do_not_divide_the_block(kw):
 
 @pytest.mark.parametrize("bits,sym", [(3, False), (4, False), (3, True)])
 def test_larger_random_inputs(bits, sym):
-    # float32 at a larger width: rare ties flip; >= 99.9% of codes equal, the same output error within 1%.
-    # Symmetric grids with groups have a systematic tie in about one row-group in 2·group_size, and a flipped
-    # tie changes the rest of its row: there only the tie check and the error hold (99.8% equal here).
+    # float32 at a larger width: rare ties flip, and a flipped tie sends the rest of its row down another path
+    # (up to ~500 codes here), so count rows: every differing row starts at a tie of the reference (checked),
+    # few rows differ, and the output error is the same within 1%. Symmetric grids with groups have a
+    # systematic tie in about one row-group in 2·group_size. The thread count changes which ties flip (measured
+    # 0-2 rows of 288 asymmetric, 2-3 symmetric, at 1 and 2 threads).
     W, H = problem(E=3, out=96, d=512, dtype=torch.float32, seed=1)
     kw = dict(bits=bits, group_size=128, sym=sym)
     batched = gptq.gptq_batched(W, H, **kw)
-    equal = total = 0
+    rows = equal = total = 0
     for e in range(3):
         ref = gptq.gptq(W[e], H[e], **kw)
-        assert_equal_up_to_ties(W[e], H[e], ref, batched[e], bits=bits, group_size=128, tol=1e-3)
+        rows += assert_equal_up_to_ties(W[e], H[e], ref, batched[e], bits=bits, group_size=128, tol=1e-3)
         equal, total = equal + int((ref.codes == batched[e].codes).sum()), total + ref.codes.numel()
         ratio = gptq.relative_output_error(W[e], batched[e].W_hat, H[e]) / gptq.relative_output_error(
             W[e], ref.W_hat, H[e])
         assert abs(ratio - 1) < 0.01, ratio
-    print(f"bits={bits} sym={sym}: {equal}/{total} codes equal")
-    assert equal / total >= (0.995 if sym else 0.999)
+    print(f"bits={bits} sym={sym}: {rows} of 288 rows differ, {equal}/{total} codes equal")
+    assert rows <= 6  # 2% of the rows
 
 
 def test_expert_chunks_do_not_change_the_result():
