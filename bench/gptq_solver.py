@@ -14,9 +14,9 @@ Prints, from one run:
     the higher is used, which can only lower the reported fraction);
   * the reference's time per expert, measured on --reference-experts experts and scaled to --experts (memory
     the solvers will use is touched once first: see touch_memory);
-  * the batched time for --experts experts (each solver's time is the best of --repeats runs, as the matmul
-    rate is a best of 5: the same code's time varies by up to 10% from run to run on this VM), the speedup, and each solver's achieved rate as a fraction of the
-    matmul rate, from the FLOPs it executes (formulas below);
+  * the batched time for --experts experts, the speedup, and each solver's achieved rate as a fraction of the
+    matmul rate, from the FLOPs it executes (formulas below). Each solver's time is the best of --repeats runs,
+    as the matmul rate is a best of 5: the same code's time varies by up to 10% from run to run on this VM;
   * whether the two agree on the measured experts (share of equal codes, ratio of output errors);
   * the torch ops each mode dispatches per layer (what becomes a kernel launch on a GPU): counted with a
     TorchDispatchMode that skips views and allocations, in separate untimed runs on the same shapes but with 8
@@ -37,13 +37,15 @@ FLOPs counted (multiply-add = 2; elementwise quantization work, about 10 flops p
     reverse_cholesky, per block column [k1, k2) of nb: 2·k2·(n - k2)·nb (the bmm) + nb³/3 (Cholesky of the
       block) + nb³ (its triangular inverse, a solve against I) + 2·k1·nb² (the panel bmm);
     sweep, per block: B³ (Hinv_bb = R_bb⁻¹, a solve against I) + 2·i1·B² (G_b) + 2·out·i1·B (the left-looking
-      update), and per sub-block [s1, s2) of s columns: out·s·(s - 1) (column i reads the i earlier errors:
-      2·out·i) + 2·out·s·(B - s2) (the bmm for the rest of the block).
+      update), and per sub-block [s1, s2) of s columns: out·s·(s - 1) (the rank-1 updates inside it) +
+      2·out·s·(B - s2) (its errors reaching the block's later columns; the solver applies them by bmms when those
+      columns' sub-block or group starts, so every pair of a block's columns is counted once).
   reference, per expert: n³/3 (Cholesky) + 2n³/3 (cholesky_inverse) + n³/3 (Cholesky of H⁻¹), and per column j
     of block b: 2·out·(i2 - j) (rank-1 update of the block's remaining columns, j included), per block
     2·out·B·(n - i2) (the lazy update of the later columns).
 
     OMP_NUM_THREADS=1 python bench/gptq_solver.py [--experts 128] [--reference-experts 4] [--threads 1] [--repeats 3]
+        [--device cpu] [--expert-chunk N]
 Memory: about 9 GB at 128 experts (Hessians, factors, weights, results); use --experts 16 on a small machine.
 """
 
@@ -144,11 +146,22 @@ def expert_flops(flops, q: dict) -> float:
     return flops(2 * MOE_INTERMEDIATE, HIDDEN, q) + flops(HIDDEN, MOE_INTERMEDIATE, q)
 
 
-def matmul_rate(n: int = 2048, repeats: int = 5) -> float:
+def synced(fn, device: torch.device):
+    """fn, followed by waiting for the device's queued kernels (so that wall times mean something on a GPU)."""
+    def run():
+        r = fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return r
+    return run
+
+
+def matmul_rate(device: torch.device, n: int = 2048, repeats: int = 5) -> float:
     """FLOP/s of a float32 n x n matmul, best of `repeats`."""
-    A, B = torch.randn(n, n), torch.randn(n, n)
-    A @ B  # warm-up
-    return 2 * n**3 / min(timed(lambda: A @ B)[1] for _ in range(repeats))
+    A, B = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    mm = synced(lambda: A @ B, device)
+    mm()  # warm-up
+    return 2 * n**3 / min(timed(mm)[1] for _ in range(repeats))
 
 
 def touch_memory(E: int):
@@ -200,32 +213,35 @@ def best_of(fn, repeats: int):
     return r, best
 
 
-def measure(E: int, K: int, q: dict, repeats: int) -> dict:
+def measure(E: int, K: int, q: dict, repeats: int, device: torch.device) -> dict:
     """Everything the report prints, from one run: rate, times, FLOPs, agreement and op counts."""
-    rate = matmul_rate()
-    L = make_layer(E)
-    gptq.gptq(torch.randn(8, 64), torch.eye(64), bits=q["bits"])  # warm-up: first-call initialization
+    rate = matmul_rate(device)
+    L = {k: v.to(device) for k, v in make_layer(E).items()}
+    gptq.gptq(torch.randn(8, 64, device=device), torch.eye(64, device=device), bits=q["bits"])  # first-call setup
     kept = keep_freed_memory()
     touch_memory(E)
-    ref, t_ref = best_of(lambda: run_reference(L, range(K), q), repeats)
-    bat, t_bat = best_of(lambda: run_batched(L, q), repeats)
-    rate = max(rate, matmul_rate())
+    ref, t_ref = best_of(synced(lambda: run_reference(L, range(K), q), device), repeats)
+    bat, t_bat = best_of(synced(lambda: run_batched(L, q), device), repeats)
+    rate = max(rate, matmul_rate(device))
     f_ref, f_bat = expert_flops(reference_flops, q), expert_flops(batched_flops, q)
     same, r_lo, r_hi = agreement(ref, bat, L)
     loop1, bat2, batE, bat_timed = op_counts(L, q, E)
     return dict(E=E, K=K, rate=rate, t_ref=t_ref, t_bat=t_bat, t_ref_layer=t_ref / K * E, f_ref=f_ref, f_bat=f_bat,
                 frac_ref=f_ref * K / t_ref / rate, frac_bat=f_bat * E / t_bat / rate, same=same, r_lo=r_lo,
-                r_hi=r_hi, loop1=loop1, bat2=bat2, batE=batE, bat_timed=bat_timed, kept=kept, repeats=repeats)
+                r_hi=r_hi, loop1=loop1, bat2=bat2, batE=batE, bat_timed=bat_timed, kept=kept, repeats=repeats,
+                device=device)
 
 
 def report(m: dict, q: dict, threads: int):
-    E, K = m["E"], m["K"]
+    E, K, dev = m["E"], m["K"], m["device"]
     reduced = "" if E == LAYER_EXPERTS else f" (a reduced run: {E} of the layer's {LAYER_EXPERTS} experts)"
     print(f"layer: Qwen3-VL-30B-A3B MoE, {E} experts{reduced}; per expert gate/up ({2 * MOE_INTERMEDIATE}, {HIDDEN}) "
           f"+ down ({HIDDEN}, {MOE_INTERMEDIATE}); {q['bits']}-bit, group {q['group_size']}, asym; {threads} thread(s)")
+    print(f"device: {dev}{' (' + torch.cuda.get_device_name(dev) + ')' if dev.type == 'cuda' else ''}")
     print(f"float32 matmul rate: {m['rate'] / 1e9:.1f} GFLOP/s (2048^3 torch.mm, best of 5 before and after)")
-    print("memory: " + ("touched once before the timed solves; glibc keeps freed memory for reuse (mallopt)"
-                        if m["kept"] else "not glibc: the timed solves include the first touch of their memory"))
+    if dev.type == "cpu":
+        print("memory: " + ("touched once before the timed solves; glibc keeps freed memory for reuse (mallopt)"
+                            if m["kept"] else "not glibc: the timed solves include the first touch of their memory"))
     print(f"times: best of {m['repeats']} runs of each solver")
     print(f"reference (per expert): {m['t_ref'] / K:.3f} s/expert measured on {K} experts -> {m['t_ref_layer']:.2f} s "
           f"for {E}; {m['f_ref'] / 1e9:.2f} GFLOP/expert, {m['frac_ref']:.2f} of the matmul rate")
@@ -234,9 +250,10 @@ def report(m: dict, q: dict, threads: int):
     print(f"agreement on the {K} reference experts: {100 * m['same']:.3f}% of codes equal; output error batched / "
           f"reference {m['r_lo']:.4f} .. {m['r_hi']:.4f}")
     loop1, batE, timed_ops = m["loop1"], m["batE"], m["bat_timed"]
-    chunk = q.get("expert_chunk") or gptq.CPU_EXPERT_CHUNK
+    chunk = q.get("expert_chunk") or (gptq.CPU_EXPERT_CHUNK if dev.type == "cpu" else E)
+    how = "" if q.get("expert_chunk") else ", the default here"
     print(f"torch ops per layer, {E} experts: loop {loop1 * E} ({loop1} per expert); batched as timed (the sweep "
-          f"{chunk} experts at a time, the CPU default) {timed_ops}, ratio {loop1 * E / timed_ops:.1f}; batched with "
+          f"{chunk} experts at a time{how}) {timed_ops}, ratio {loop1 * E / timed_ops:.1f}; batched with "
           f"all experts in one sweep (the default on a GPU) {batE} (at 2 experts: {m['bat2']}), ratio "
           f"{loop1 * E / batE:.1f}")
     print(f"gptq_solver: speedup={m['t_ref_layer'] / m['t_bat']:.2f} matmul_fraction={m['frac_bat']:.2f} "
@@ -252,12 +269,14 @@ def main():
                    help="timed runs of each solver; the best is reported, as for the matmul rate (best of 5)")
     p.add_argument("--bits", type=int, default=3)
     p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--device", default="cpu", help="torch device (on a GPU the memory lines do not apply)")
     p.add_argument("--expert-chunk", type=int, default=None,
                    help=f"experts per sweep of the batched solver (default: {gptq.CPU_EXPERT_CHUNK} on a CPU)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     q = dict(bits=args.bits, group_size=args.group_size, block_size=128, expert_chunk=args.expert_chunk)
-    report(measure(args.experts, min(args.reference_experts, args.experts), q, args.repeats), q, args.threads)
+    report(measure(args.experts, min(args.reference_experts, args.experts), q, args.repeats,
+                   torch.device(args.device)), q, args.threads)
 
 
 if __name__ == "__main__":

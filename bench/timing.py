@@ -26,8 +26,8 @@ def keep_freed_memory() -> bool:
     """Make glibc serve every allocation from its heap and never hand freed memory back to the OS (mallopt:
     M_MMAP_MAX = 0, M_TRIM_THRESHOLD = -1), so memory touched once is reused, already mapped, by later
     allocations. By default glibc maps each allocation above 32 MB afresh and unmaps it on free, so every large
-    tensor pays the first touch of its pages again: about 3.5 s per GB on this VM (0.1-0.3 s elsewhere), more
-    than some of the timed solves themselves. Returns False, changing nothing, where the C library is not glibc
+    tensor pays the first touch of its pages again: about 3.5 s per GB on this VM, more than some of the timed
+    solves themselves. Returns False, changing nothing, where the C library is not glibc
     (then the timings include those first touches)."""
     try:
         libc = ctypes.CDLL("libc.so.6")
