@@ -1489,7 +1489,6 @@ class Checkpoint:
     `model.safetensors.index.json`); tensors are read lazily with `safe_open`."""
 
     def __init__(self, checkpoint_dir: str):
-
         self.dir = checkpoint_dir
         index = os.path.join(checkpoint_dir, "model.safetensors.index.json")
         single = os.path.join(checkpoint_dir, "model.safetensors")

@@ -60,7 +60,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import gptq  # noqa: E402
-from bench.timing import keep_freed_memory, timed  # noqa: E402
+from bench.timing import best_time, keep_freed_memory, timed  # noqa: E402
 
 HIDDEN, MOE_INTERMEDIATE, LAYER_EXPERTS = 2048, 768, 128  # Qwen3-VL-30B-A3B text config
 RANK, SIGMA = 256, 0.1  # latent factors and noise of the synthetic activations
@@ -146,22 +146,10 @@ def expert_flops(flops, q: dict) -> float:
     return flops(2 * MOE_INTERMEDIATE, HIDDEN, q) + flops(HIDDEN, MOE_INTERMEDIATE, q)
 
 
-def synced(fn, device: torch.device):
-    """fn, followed by waiting for the device's queued kernels (so that wall times mean something on a GPU)."""
-    def run():
-        r = fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return r
-    return run
-
-
 def matmul_rate(device: torch.device, n: int = 2048, repeats: int = 5) -> float:
-    """FLOP/s of a float32 n x n matmul, best of `repeats`."""
+    """FLOP/s of a float32 n x n matmul, best of `repeats` (bench.timing synchronizes a GPU)."""
     A, B = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-    mm = synced(lambda: A @ B, device)
-    mm()  # warm-up
-    return 2 * n**3 / min(timed(mm)[1] for _ in range(repeats))
+    return 2 * n**3 / best_time(lambda: A @ B, repeats)
 
 
 def touch_memory(E: int):
@@ -220,8 +208,8 @@ def measure(E: int, K: int, q: dict, repeats: int, device: torch.device) -> dict
     gptq.gptq(torch.randn(8, 64, device=device), torch.eye(64, device=device), bits=q["bits"])  # first-call setup
     kept = keep_freed_memory()
     touch_memory(E)
-    ref, t_ref = best_of(synced(lambda: run_reference(L, range(K), q), device), repeats)
-    bat, t_bat = best_of(synced(lambda: run_batched(L, q), device), repeats)
+    ref, t_ref = best_of(lambda: run_reference(L, range(K), q), repeats)
+    bat, t_bat = best_of(lambda: run_batched(L, q), repeats)
     rate = max(rate, matmul_rate(device))
     f_ref, f_bat = expert_flops(reference_flops, q), expert_flops(batched_flops, q)
     same, r_lo, r_hi = agreement(ref, bat, L)

@@ -3,22 +3,27 @@
 import ctypes
 import time
 
+import torch
+
+
+def _sync():
+    """Wait for the GPU's queued kernels, so that a wall time covers the work it launched (nothing on a CPU)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
 
 def best_time(fn, repeats: int) -> float:
     """min wall time of `repeats` calls of fn, after one untimed warm-up call."""
     fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+    return min(timed(fn)[1] for _ in range(repeats))
 
 
 def timed(fn):
-    """(fn(), its wall time in seconds) of one call."""
+    """(fn(), its wall time in seconds) of one call, queued GPU work included."""
+    _sync()
     t0 = time.perf_counter()
     r = fn()
+    _sync()
     return r, time.perf_counter() - t0
 
 
