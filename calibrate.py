@@ -26,9 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 
 import torch
@@ -201,21 +199,18 @@ def _mean(values):
     return sum(values) / len(values) if values else None
 
 
-def save(out: str, stats: dict, meta: dict):
-    """calib/stats.safetensors + calib/calib.json, written to a temporary sibling folder and renamed."""
+def save(out: str, stats: dict, meta: dict, inputs=(), overwrite: bool = False):
+    """calib/stats.safetensors + calib/calib.json, written to a temporary sibling folder and renamed
+    (`model.publish_output_dir`: a folder that is not a previous calib/ is never replaced without `overwrite`)."""
     from safetensors.torch import save_file
 
-    parent = os.path.dirname(os.path.abspath(out)) or "."
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".calib-", dir=parent)
+    tmp = modeling.temporary_output_dir(out, "calib")
     tensors = {k: stats[k].contiguous() for k in ("n_text", "n_vis", "mean_prob")}
     save_file(tensors, os.path.join(tmp, "stats.safetensors"))
     rest = {k: v for k, v in stats.items() if k not in tensors}
     with open(os.path.join(tmp, "calib.json"), "w") as f:
         json.dump({**meta, **rest}, f, indent=2)
-    if os.path.exists(out):
-        shutil.rmtree(out)
-    os.rename(tmp, out)
+    modeling.publish_output_dir(tmp, out, "calib", inputs, overwrite)
 
 
 def load(calib_dir: str) -> dict:
@@ -288,8 +283,10 @@ def summary(stats: dict, hidden: int) -> str:
 def calibrate(model: str = DEFAULT_MODEL, data_spec: str = "shapes", n: int = 128, seed: int = 0,
               out: str = "calib", gamma: bool = True, device: str = "cpu", command: str | None = None,
               select: str = "random", pool_factor: int = 4, macs_penalty: float = 1.0,
-              stream_layers: bool = False) -> dict:
+              stream_layers: bool = False, overwrite: bool = False) -> dict:
     t0 = time.time()
+    inputs = [model] + ([data_spec] if os.path.exists(data_spec) else [])
+    modeling.check_output_dir(out, "calib", inputs, overwrite)  # before any work: fail fast
     if select not in ("random", "macs") or pool_factor < 1:
         raise ValueError(f"--select {select!r} / --pool-factor {pool_factor}: expected random|macs and >= 1")
     if stream_layers and select == "macs":
@@ -304,7 +301,7 @@ def calibrate(model: str = DEFAULT_MODEL, data_spec: str = "shapes", n: int = 12
     stats = (collect_streaming if stream_layers else collect)(m, proc, samples, gamma=gamma)
     meta["n"] = len(samples)
     meta["seconds"] = time.time() - t0
-    save(out, stats, meta)
+    save(out, stats, meta, inputs, overwrite)
     print(summary(stats, m.layers[0].input_layernorm.weight.shape[0]))
     if report is not None:
         print(macs_summary(report))
@@ -318,7 +315,10 @@ def main(argv=None):
     p.add_argument("--data", default="shapes", help="'shapes' (bundled benchmark, train split) or a data file")
     p.add_argument("--n", type=int, default=128, help="number of calibration samples")
     p.add_argument("--seed", type=int, default=0, help="sample selection seed")
-    p.add_argument("--out", default="calib", help="output folder")
+    p.add_argument("--out", default="calib", help="output folder (replaced only if it is a previous calib/ "
+                   "or empty)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out even if it is not a previous calib/ (never the model or data folder)")
     p.add_argument("--no-gamma", action="store_true", help="skip the gradient pass (gamma is then not recorded)")
     p.add_argument("--select", default="random", choices=("random", "macs"), help="how samples are chosen")
     p.add_argument("--pool-factor", type=int, default=4, help="MACS: candidate pool = this x --n")
@@ -330,7 +330,7 @@ def main(argv=None):
     calibrate(args.model, args.data, args.n, args.seed, args.out, gamma=not args.no_gamma, device=args.device,
               command="python calibrate.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               select=args.select, pool_factor=args.pool_factor, macs_penalty=args.macs_penalty,
-              stream_layers=args.stream_layers)
+              stream_layers=args.stream_layers, overwrite=args.overwrite)
 
 
 if __name__ == "__main__":

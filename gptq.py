@@ -1103,14 +1103,14 @@ def ignored_modules(m) -> list[str]:
     return names + [f"re:{re.escape(m.layer_prefix(0)).replace('0', '[0-9]+', 1)}mlp\\.gate$"]
 
 
-def write_output(m, model_dir: str, out: str, q: QuantArgs, partial: str, report: dict):
+def write_output(m, model_dir: str, out: str, q: QuantArgs, partial: str, report: dict, inputs=(),
+                 overwrite: bool = False):
     """Assemble out/: config.json with quantization_config, the weights as shards (the float non-layer tensors,
     then one shard per decoder layer: the finished per-layer files, hard-linked, so nothing is copied or held
     in memory at any depth) with model.safetensors.index.json, the tokenizer / preprocessor files, report.json.
-    Written to a temporary folder and renamed; the per-layer partial results are removed only after that."""
-    tmp = out.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    Written to a temporary folder and renamed (`model.publish_output_dir`: only a previous output is replaced,
+    unless `overwrite`); the per-layer partial results are removed only after that."""
+    tmp = model_lib.temporary_output_dir(out, "quantized")
     n = len(m.layers)
     shards = [f"model-{j + 1:05d}-of-{n + 1:05d}.safetensors" for j in range(n + 1)]
     prefixes = tuple(m.layer_prefix(i) for i in range(n))
@@ -1125,14 +1125,12 @@ def write_output(m, model_dir: str, out: str, q: QuantArgs, partial: str, report
     with open(os.path.join(tmp, "config.json"), "w") as f:
         json.dump(cfg, f, indent=2)
     for name in os.listdir(model_dir):  # tokenizer, preprocessor, generation config, chat template ...
-        if name.endswith((".json", ".jinja", ".model", ".txt")) and name != "config.json" \
-                and not name.startswith("model.safetensors"):
+        copied = name.endswith((".json", ".jinja", ".model", ".txt")) and not name.startswith("model.safetensors")
+        if copied and name not in ("config.json", model_lib.OUTPUT_MARKER):
             shutil.copy(os.path.join(model_dir, name), tmp)
     with open(os.path.join(tmp, "report.json"), "w") as f:
         json.dump(report, f, indent=2)
-    if os.path.exists(out):
-        shutil.rmtree(out)
-    os.rename(tmp, out)
+    model_lib.publish_output_dir(tmp, out, "quantized", inputs, overwrite)
     shutil.rmtree(partial)
 
 
@@ -1152,12 +1150,17 @@ def write_index(folder: str, shards: list[str]):
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
 
 
-def export_fake_quant(quantized: str, dst: str):
+def export_fake_quant(quantized: str, dst: str, inputs=(), overwrite: bool = False):
     """Write the dequantized weights of a packed checkpoint in the original float layout (Hub names, fused
     Qwen experts, no quantization_config), so any harness that reads the float model (lmms-eval,
-    transformers, SGLang) evaluates the quantized one unchanged. Written to a temporary folder, then renamed."""
+    transformers, SGLang) evaluates the quantized one unchanged. Written to a temporary folder, then renamed
+    (only over a previous fake-quant export, unless `overwrite`; never into `quantized` itself or `inputs`)."""
     from safetensors.torch import save_file
 
+    if os.path.commonpath([os.path.realpath(quantized), os.path.realpath(dst)]) == os.path.realpath(dst):
+        raise model_lib.OutputError(f"--fake-quant output {dst}: would replace the quantized folder {quantized} "
+                                    "it reads; choose a folder inside it (the default, OUT/fake-quant) or elsewhere")
+    model_lib.check_output_dir(dst, "fake-quant", inputs, overwrite, flag="--fake-quant output")
     m = model_lib.load_model(quantized, dtype=torch.float32)
     for layer in list(m.layers) + m.vision_modules():
         for name, ql in [(n, mod) for n, mod in layer.named_modules() if isinstance(mod, model_lib.QuantLinear)]:
@@ -1167,9 +1170,7 @@ def export_fake_quant(quantized: str, dst: str):
                 lin.bias = nn.Parameter(ql.bias.float(), requires_grad=False)
             parent, _, attr = name.rpartition(".")
             setattr(layer.get_submodule(parent) if parent else layer, attr, lin)
-    tmp = dst.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    tmp = model_lib.temporary_output_dir(dst, "fake-quant")
     sd = {k: v.contiguous() for k, v in model_lib.checkpoint_state_dict(m).items()}
     save_file(sd, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(quantized, "config.json")) as f:
@@ -1179,11 +1180,10 @@ def export_fake_quant(quantized: str, dst: str):
         json.dump(cfg, f, indent=2)
     for name in os.listdir(quantized):  # tokenizer, preprocessor ...; not the packed shards or their index
         weights = name.endswith(".safetensors") or name == "model.safetensors.index.json"
-        if not weights and name not in ("config.json", "report.json") and os.path.isfile(os.path.join(quantized, name)):
+        if not weights and name not in ("config.json", "report.json", model_lib.OUTPUT_MARKER) \
+                and os.path.isfile(os.path.join(quantized, name)):
             shutil.copy(os.path.join(quantized, name), tmp)
-    if os.path.exists(dst):
-        shutil.rmtree(dst)
-    os.rename(tmp, dst)
+    model_lib.publish_output_dir(tmp, dst, "fake-quant", inputs, overwrite, flag="--fake-quant output")
 
 
 def print_layer(i: int, n_layers: int, rep: dict, t0: float, t_layer: float):
@@ -1218,9 +1218,15 @@ def layer_importance(cal: dict, i: int, gamma: float | None, q: QuantArgs):
 
 
 def quantize_model(model: str, calib: str = "calib", out: str = "quantized", q: QuantArgs | None = None,
-                   resume: bool = False, device: str = "cpu", command: str | None = None) -> dict:
-    """The sequential loop. Returns the run report (also written to out/report.json)."""
+                   resume: bool = False, device: str = "cpu", command: str | None = None,
+                   overwrite: bool = False) -> dict:
+    """The sequential loop. Returns the run report (also written to out/report.json). `out` and its
+    `out.partial/` are refused before any work if they are not previous outputs (`model.check_output_dir`)."""
     q = q or QuantArgs()
+    inputs = [model, calib]
+    partial = out.rstrip("/") + ".partial"
+    model_lib.check_output_dir(out, "quantized", inputs, overwrite)
+    model_lib.check_output_dir(partial, "partial", inputs, overwrite, flag="--out's partial folder")
     if q.method not in METHODS:
         raise ValueError(f"--method {q.method!r}: expected one of {METHODS}")
     t0 = time.time()
@@ -1241,10 +1247,10 @@ def quantize_model(model: str, calib: str = "calib", out: str = "quantized", q: 
     samples = calibrate.calibration_samples(cal)
     vision_report = quantize_vision_tower(m, proc, samples, q, device) if q.quantize_vision else None
     acts = embed_samples(m, proc, samples, device)
-    partial = out.rstrip("/") + ".partial"
-    if not resume:
-        shutil.rmtree(partial, ignore_errors=True)
-    os.makedirs(partial, exist_ok=True)
+    if os.path.isdir(partial) and not resume:
+        shutil.rmtree(partial)  # a previous run's partial/ (checked above), or --overwrite
+    if not os.path.isdir(partial):
+        model_lib.make_output_dir(partial, "partial", command)
     report = {"method": q.method, "bits": q.bits, "group_size": q.group_size, "abits": q.abits, "sym": q.sym,
               "model": model, "calib": calib, "gamma": gamma, "n_samples": len(acts), "seed": cal["seed"],
               "command": command or " ".join(sys.argv), "args": asdict(q), "vision": vision_report, "layers": {}}
@@ -1286,7 +1292,7 @@ def quantize_model(model: str, calib: str = "calib", out: str = "quantized", q: 
                                         for k, r in rep["linears"].items() if r["pooled_hessian"]]
     report["cholesky_retries"] = sum(r["cholesky_retries"] for rep in report["layers"].values()
                                      for r in rep["linears"].values())
-    write_output(m, model, out, q, partial, report)
+    write_output(m, model, out, q, partial, report, inputs, overwrite)
     how = "error measured on" if q.method in RTN_SOLVER else "quantized from"
     print(f"wrote {out}/ ({q.method}, W{q.bits} g{q.group_size} A{q.abits}) in {report['seconds']:.1f}s; "
           f"{len(report['pooled_hessian_linears'])} expert linears with < {q.min_expert_tokens} calibration "
@@ -1298,7 +1304,11 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="Quantize an MoE VLM layer by layer (see the section comment).")
     p.add_argument("--model", default=calibrate.DEFAULT_MODEL, help="float checkpoint folder")
     p.add_argument("--calib", default="calib", help="calibration folder written by calibrate.py")
-    p.add_argument("--out", default="quantized", help="output checkpoint folder")
+    p.add_argument("--out", default="quantized",
+                   help="output checkpoint folder (replaced only if it is a previous output of gptq.py or empty)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out (and OUT.partial/, OUT/fake-quant/) even if not written by this tool; "
+                        "the model and calib folders are never replaced")
     p.add_argument("--method", default="veq-ma", choices=METHODS, help="quantization method")
     p.add_argument("--bits", type=int, default=3, choices=BITS, help="weight bits")
     p.add_argument("--group-size", type=int, default=128, help="input columns per scale group; -1 = per channel")
@@ -1344,9 +1354,10 @@ def main(argv=None):
                   quantize_vision=a.quantize_vision, eta=a.eta, ecs_loss=a.ecs_loss, ecs_omega=a.ecs_omega,
                   ecs_percentile=a.ecs_percentile, ecs_grid=a.ecs_grid)
     command = "python gptq.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    report = quantize_model(a.model, a.calib, a.out, q, resume=a.resume, device=a.device, command=command)
+    report = quantize_model(a.model, a.calib, a.out, q, resume=a.resume, device=a.device, command=command,
+                            overwrite=a.overwrite)
     if a.fake_quant:
-        export_fake_quant(a.out, os.path.join(a.out, "fake-quant"))
+        export_fake_quant(a.out, os.path.join(a.out, "fake-quant"), [a.model, a.calib], a.overwrite)
         print(f"wrote {a.out}/fake-quant/ (dequantized weights, original layout)")
     cal = calibrate.load(a.calib)
     if cal["data"] == "shapes" and not a.no_eval:

@@ -216,13 +216,12 @@ def evaluate(m, proc, samples, batch_size: int = 100) -> dict:
     return {k: sum(v) / len(v) for k, v in right.items()}
 
 
-def save_checkpoint(m, cfg_dict, tok, files: dict, out: str):
-    """Write the checkpoint folder atomically: everything goes to a temporary sibling, then one rename."""
+def save_checkpoint(m, cfg_dict, tok, files: dict, out: str, overwrite: bool = False):
+    """Write the checkpoint folder atomically: everything goes to a temporary sibling, then one rename (over a
+    previous tiny model only, unless `overwrite`: `model.publish_output_dir`)."""
     from safetensors.torch import save_file
 
-    parent = os.path.dirname(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
+    tmp = model.temporary_output_dir(out, "tiny-model")
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; a checkpoint folder is meant to be shared
     sd = {k: v.detach().to(torch.bfloat16).contiguous() for k, v in model.checkpoint_state_dict(m).items()}
     save_file(sd, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
@@ -230,9 +229,7 @@ def save_checkpoint(m, cfg_dict, tok, files: dict, out: str):
     for name, content in {"config.json": cfg_dict, **files}.items():
         with open(os.path.join(tmp, name), "w") as f:
             json.dump(content, f, indent=2)
-    if os.path.exists(out):
-        shutil.rmtree(out)
-    os.rename(tmp, out)
+    model.publish_output_dir(tmp, out, "tiny-model", overwrite=overwrite)
 
 
 def lr_at(step: int, steps: int, peak: float, warmup: int, decay_frac: float) -> float:
@@ -245,7 +242,9 @@ def lr_at(step: int, steps: int, peak: float, warmup: int, decay_frac: float) ->
 
 def train(family: str = "qwen3_vl_moe", out: str = "models/tiny-qwen3-vl-moe", steps: int = 3000,
           batch: int = 64, lr: float = 2e-3, warmup: int = 150, decay_frac: float = 0.3, aux: float = 0.3,
-          balance: float = 0.01, seed: int = 0, eval_every: int = 250, eval_n: int = 400, threads: int = 2):
+          balance: float = 0.01, seed: int = 0, eval_every: int = 250, eval_n: int = 400, threads: int = 2,
+          overwrite: bool = False):
+    model.check_output_dir(out, "tiny-model", overwrite=overwrite)  # before training: fail fast
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
     fam = FAMILIES[family]
@@ -296,7 +295,7 @@ def train(family: str = "qwen3_vl_moe", out: str = "models/tiny-qwen3-vl-moe", s
             m.train()
             print(f"eval step {step + 1}: " + "  ".join(f"{k} {v:.3f}" for k, v in sorted(acc.items())) +
                   f"  ({time.time() - t0:.0f}s)", flush=True)
-            save_checkpoint(m, cfg_dict, tok, files, out)
+            save_checkpoint(m, cfg_dict, tok, files, out, overwrite)
     shutil.rmtree(workdir)
     return acc
 
@@ -311,10 +310,12 @@ def main():
     p.add_argument("--seed", type=int, default=0, help="seed for init and training data")
     p.add_argument("--eval-every", type=int, default=250, help="steps between held-out evaluations/checkpoints")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out even if it is not a tiny model written by this script")
     args = p.parse_args()
     out = args.out or f"models/tiny-{args.family.replace('_', '-')}"
     train(args.family, out, steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed,
-          eval_every=args.eval_every, threads=args.threads)
+          eval_every=args.eval_every, threads=args.threads, overwrite=args.overwrite)
 
 
 if __name__ == "__main__":
