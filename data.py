@@ -647,14 +647,18 @@ def read_coco_captions(path: str, image_root: str | None = None,
             for im in d["images"] if im["id"] in first]
 
 
+SHAPES_SPECS = {"shapes": 0.2, "shapes-image": 0.0, "shapes-text": 1.0}  # --data name -> share of text-only
+
+
 def load_samples(spec: str = "shapes", n: int | None = None, seed: int = 0, split: str = "test",
                  image_root: str | None = None) -> list[Sample]:
-    """`shapes` (the bundled benchmark), a .jsonl file, a LLaVA/ShareGPT .json list, or a COCO captions .json.
+    """`shapes` (the bundled benchmark; `shapes-image` / `shapes-text`: its image / text-only questions alone),
+    a .jsonl file, a LLaVA/ShareGPT .json list, or a COCO captions .json.
     For files, n samples are drawn without replacement with `seed` (all of them when n is None)."""
-    if spec == "shapes":
-        return shapes_benchmark(n or 500, seed=seed, split=split)
+    if spec in SHAPES_SPECS:
+        return shapes_benchmark(n or 500, seed=seed, split=split, text_fraction=SHAPES_SPECS[spec])
     if not os.path.isfile(spec):
-        raise DataError(f"--data {spec!r}: not 'shapes' and not an existing file")
+        raise DataError(f"--data {spec!r}: not one of {sorted(SHAPES_SPECS)} and not an existing file")
     if spec.endswith(".jsonl"):
         samples = read_jsonl(spec, image_root)
     elif os.path.basename(spec).startswith("captions_"):

@@ -90,6 +90,27 @@ def group_mean(values, samples, key=lambda s: s.modality) -> dict:
     return out
 
 
+def bootstrap_ci(values, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> list[float] | None:
+    """Percentile-bootstrap interval of the mean of per-sample `values` (resampling the eval samples)."""
+    v = torch.as_tensor(values, dtype=torch.float64)
+    if v.numel() < 2:
+        return None
+    g = torch.Generator().manual_seed(seed)
+    means = v[torch.randint(v.numel(), (n_boot, v.numel()), generator=g)].mean(1)
+    lo, hi = torch.quantile(means, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)).tolist()
+    return [lo, hi]
+
+
+def paired_difference(a, b, n_boot: int = 2000, seed: int = 0) -> dict:
+    """a - b on the same eval samples (e.g. the per-sample KL of two quantized models): the mean difference,
+    its bootstrap 95% interval, whether that interval excludes 0, the median difference, and the share of
+    samples where a < b. Pairing removes the spread between samples, which dominates unpaired intervals."""
+    d = torch.as_tensor(a, dtype=torch.float64) - torch.as_tensor(b, dtype=torch.float64)
+    ci = bootstrap_ci(d, n_boot, seed)
+    return {"mean": d.mean().item(), "ci95": ci, "significant": ci is not None and (ci[0] > 0 or ci[1] < 0),
+            "median": d.median().item(), "a_lower_share": (d < 0).double().mean().item(), "n": d.numel()}
+
+
 def compare(lp_model, lp_ref, golds, samples) -> dict:
     """Token-level comparison on the gold answers; each sample contributes its mean over its answer tokens."""
     kl, top1, ce = [], [], []
@@ -97,7 +118,11 @@ def compare(lp_model, lp_ref, golds, samples) -> dict:
         kl.append((lr.exp() * (lr - lm)).sum(-1).mean().item())
         top1.append((lm.argmax(-1) == lr.argmax(-1)).float().mean().item())
         ce.append((-lm.gather(1, g[:, None]) + lr.gather(1, g[:, None])).mean().item())
-    return {"kl": group_mean(kl, samples), "top1": group_mean(top1, samples), "ce_delta": group_mean(ce, samples)}
+    by_mod = {"all": kl, **{mod: [v for v, s in zip(kl, samples) if s.modality == mod] for mod in MODALITIES[1:]}}
+    return {"kl": group_mean(kl, samples), "top1": group_mean(top1, samples), "ce_delta": group_mean(ce, samples),
+            "kl_ci95": {k: bootstrap_ci(v) for k, v in by_mod.items()},
+            "kl_median": {k: (torch.tensor(v).median().item() if v else None) for k, v in by_mod.items()},
+            "per_sample": {"kl": kl, "modality": [s.modality for s in samples]}}
 
 
 @torch.no_grad()
@@ -166,6 +191,10 @@ def markdown(result: dict) -> str:
     if result.get("reference"):
         head += f", reference {result['reference']}"
     tail = f"\nperplexity: {result['perplexity']:.3f}" if "perplexity" in result else ""
+    if "kl_ci95" in result:
+        tail += "\nKL mean [bootstrap 95% interval over samples], median: " + "; ".join(
+            f"{g} {result['kl'][g]:.2e} [{ci[0]:.2e}, {ci[1]:.2e}], {result['kl_median'][g]:.2e}"
+            for g, ci in result["kl_ci95"].items() if ci is not None)
     return head + "\n\n" + "\n".join(lines) + tail
 
 

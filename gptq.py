@@ -1360,7 +1360,7 @@ def main(argv=None):
         export_fake_quant(a.out, os.path.join(a.out, "fake-quant"), [a.model, a.calib], a.overwrite)
         print(f"wrote {a.out}/fake-quant/ (dequantized weights, original layout)")
     cal = calibrate.load(a.calib)
-    if cal["data"] == "shapes" and not a.no_eval:
+    if cal["data"] in data.SHAPES_SPECS and not a.no_eval:
         import eval as evaluation
 
         result = evaluation.evaluate(a.out, reference=a.model, n=a.eval_n, device=a.device, command=command)
