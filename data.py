@@ -117,6 +117,22 @@ def _read_json(path: str, what: str) -> dict | list:
         raise DataError(f"{path}: not valid JSON ({e})") from e
 
 
+def shipped_chat_template(checkpoint_dir: str) -> str:
+    """The chat template a checkpoint folder ships (chat_template.jinja, chat_template.json or
+    tokenizer_config.json, in that order), or "" when it has none. Read only to detect variants."""
+    path = os.path.join(checkpoint_dir, "chat_template.jinja")
+    if os.path.isfile(path):
+        with open(path) as f:
+            return f.read()
+    for name in ("chat_template.json", "tokenizer_config.json"):
+        path = os.path.join(checkpoint_dir, name)
+        if os.path.isfile(path):
+            template = _read_json(path, "the checkpoint's chat template").get("chat_template")
+            if isinstance(template, str):
+                return template
+    return ""
+
+
 def _content_items(content):
     """Message content as a list of {"type": "image"} / {"type": "text", "text": ...} items."""
     if isinstance(content, str):
@@ -195,6 +211,9 @@ class QwenProcessor(ChatProcessor):
         cfg = _read_json(os.path.join(checkpoint_dir, "config.json"), "model config")
         self.image_token_id = cfg.get("image_token_id", self.tokenizer.token_id("<|image_pad|>"))
         self.stop_ids = [self.tokenizer.token_id("<|im_end|>"), self.tokenizer.token_id("<|endoftext|>")]
+        # Qwen3-VL *-Thinking checkpoints' template opens the answer with "<think>\n" (the Instruct one does not)
+        gen = shipped_chat_template(checkpoint_dir).rpartition("add_generation_prompt")[2]
+        self.think_prefix = "<think>\n" if "<think>" in gen else ""
 
     # -- images ------------------------------------------------------------------------------------------
     def preprocess_image(self, image) -> tuple[torch.Tensor, list[int]]:
@@ -216,14 +235,15 @@ class QwenProcessor(ChatProcessor):
 
     # -- prompt ------------------------------------------------------------------------------------------
     def chat_text(self, messages, add_generation_prompt: bool = True) -> str:
-        """The Qwen3-VL chat template (no default system prompt); one `<|image_pad|>` per image, expanded later."""
+        """The Qwen3-VL chat template (no default system prompt); one `<|image_pad|>` per image, expanded later.
+        A Thinking checkpoint's generation prompt ends in "<think>\n" (tests/test_real_checkpoints.py)."""
         out = []
         for msg in messages:
             body = "".join("<|vision_start|><|image_pad|><|vision_end|>" if it["type"] == "image" else it["text"]
                            for it in _content_items(msg["content"]))
             out.append(f"<|im_start|>{msg['role']}\n{body}<|im_end|>\n")
         if add_generation_prompt:
-            out.append("<|im_start|>assistant\n")
+            out.append("<|im_start|>assistant\n" + getattr(self, "think_prefix", ""))
         return "".join(out)
 
 
