@@ -1,7 +1,8 @@
 """Turning (images, text) into model inputs, for each family: tokenizer, chat prompt, image preprocessing.
 
-  * `load_processor(checkpoint_dir)` reads config.json (model_type), tokenizer.json (with `tokenizers`) and
-    preprocessor_config.json, and returns the family's processor.
+  * `load_processor(checkpoint_dir)` reads config.json (model_type), the tokenizer (tokenizer.json, or Kimi's
+    tiktoken.model + tokenizer_config.json, with `tokenizers`) and preprocessor_config.json, and returns the
+    family's processor.
   * `processor.encode(messages, images)` -> dict of tensors with the names and layout the model (and
     transformers' processor) use: input_ids, attention_mask, pixel_values, image_grid_thw (Qwen) or
     image_grid_hws (Kimi), plus `is_vis` (True at image-token positions).
@@ -17,9 +18,12 @@ This file never imports model.py.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import math
 import os
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -81,21 +85,179 @@ def smart_resize(h: int, w: int, factor: int, min_pixels: int, max_pixels: int) 
 
 # ----------------------------------------------------------------------------------------------------------
 # Tokenizer
+#
+# Qwen ships a `tokenizers` tokenizer.json. Kimi-VL ships tiktoken's format instead: tiktoken.model (one
+# "<base64 token bytes> <rank>" line per token, no merges), the pre-tokenizer regex in its remote code
+# (tokenization_moonshot.py, `TikTokenTokenizer.pat_str`) and the special tokens in tokenizer_config.json.
+# `load_tiktoken_bpe` rebuilds the same tokenizer as a `tokenizers` byte-level BPE, in memory.
+
+# Kimi's pre-tokenizer regex (`pat_str` of TikTokenTokenizer in the Kimi-VL / Moonlight remote code), one
+# alternative per line. Unlike GPT-4's: a run of Han characters is a piece of its own, a word never mixes Han
+# with other letters (`&&[^\p{Han}]` intersects two classes), and numbers are cut every 3 digits.
+KIMI_PAT_STR = "|".join([
+    r"[\p{Han}]+",  # Chinese characters
+    # a word that ends in lowercase: one optional non-letter/digit in front, capitals, lowercase, 's 're ...
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+"
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+    # a word that starts in capitals (ALL-CAPS, or Capitalized)
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*"
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+    r"\p{N}{1,3}",  # 1-3 digits
+    r" ?[^\s\p{L}\p{N}]+[\r\n]*",  # punctuation and symbols, with one space before and line breaks after
+    r"\s*[\r\n]+",  # whitespace up to the last line break
+    r"\s+(?!\S)",  # whitespace, but not the last space before a word (that space goes with the word)
+    r"\s+",
+])
+# Special tokens take the ids after the ranks: `num_reserved_special_tokens + 2` of them in the remote code
+# (256 + 2), so Kimi-VL's last two, <|reserved_token_163840|> and <|reserved_token_163841|>, lie past the
+# model's 163,840 embedding rows (only reached if a text spells them out).
+KIMI_NUM_RESERVED_SPECIAL = 256 + 2
+# TikTokenTokenizer.encode cuts text into 400,000-character windows, and cuts runs of whitespace or of
+# non-whitespace after every 25,000 characters, before tiktoken sees it (tiktoken issue 195).
+KIMI_MAX_CHARS, KIMI_MAX_RUN = 400_000, 25_000
+
+
+def _byte_chars() -> list[str]:
+    """The byte-level BPE alphabet (GPT-2's, used by `tokenizers`' ByteLevel): byte b is written as one
+    printable character, itself for the printable Latin-1 bytes, U+0100 onward (in byte order) for the rest."""
+    printable = {*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)}
+    others = iter(range(0x100, 0x200))
+    return [chr(b) if b in printable else chr(next(others)) for b in range(256)]
+
+
+def read_tiktoken_ranks(path: str) -> list[bytes]:
+    """tiktoken.model -> the tokens' bytes, indexed by rank. Ranks must be 0..n-1, each once; every single
+    byte must be a token (the BPE starts from bytes)."""
+    by_rank: dict[int, bytes] = {}
+    seen: dict[bytes, int] = {}
+    with open(path, "rb") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            fields = line.decode("latin-1").split()
+            if len(fields) != 2:
+                raise DataError(f"{path}:{n}: expected '<base64 token> <rank>', got {line[:80]!r}")
+            try:
+                token = base64.b64decode(fields[0], validate=True)
+            except (binascii.Error, ValueError) as e:
+                raise DataError(f"{path}:{n}: token {fields[0][:80]!r} is not valid base64 ({e})") from e
+            if not (fields[1].isascii() and fields[1].isdigit()):
+                raise DataError(f"{path}:{n}: rank {fields[1][:80]!r} is not a non-negative integer")
+            rank = int(fields[1])
+            if rank in by_rank:
+                raise DataError(f"{path}:{n}: rank {rank} was already given to another token")
+            if token in seen:
+                raise DataError(f"{path}:{n}: token {token!r} already has rank {seen[token]}")
+            by_rank[rank], seen[token] = token, rank
+    missing = sorted(set(range(len(by_rank))) - by_rank.keys())
+    if missing:
+        raise DataError(f"{path}: ranks must be 0..{len(by_rank) - 1} without gaps; rank {missing[0]} is missing "
+                        f"and the largest is {max(by_rank)}")
+    absent = [b for b in range(256) if bytes([b]) not in seen]
+    if absent:
+        raise DataError(f"{path}: {len(absent)} single bytes are not tokens (first: {bytes(absent[:1])!r}); "
+                        "a byte-level BPE needs all 256")
+    return [by_rank[r] for r in range(len(by_rank))]
+
+
+def load_tiktoken_bpe(path: str, pat_str: str, special_tokens: dict[str, int]):
+    """tiktoken.model -> a `tokenizers.Tokenizer` (see `tiktoken_bpe`)."""
+    return tiktoken_bpe(read_tiktoken_ranks(path), pat_str, special_tokens, where=path)
+
+
+def tiktoken_bpe(tokens: list[bytes], pat_str: str, special_tokens: dict[str, int], where: str = "tiktoken.model"):
+    """A `tokenizers.Tokenizer` that encodes exactly like `tiktoken.Encoding(pat_str=pat_str, mergeable_ranks=
+    {token: rank}, special_tokens=special_tokens)` with every special token allowed: special tokens matched
+    first, then the regex split, then byte-level BPE on each piece. Ids are the ranks; special ids follow them.
+
+    tiktoken's BPE on one piece: if the whole piece is a token, that token; otherwise start from single bytes
+    and merge, again and again, the adjacent pair whose concatenation has the lowest rank, until no adjacent
+    concatenation is a token. A `tokenizers` BPE does the same when its merges are ordered by the rank of the
+    token they make, and `ignore_merges=True` gives the whole-piece rule. So the merges follow from the ranks:
+    every split of a token into two tokens is a merge that makes it, at its rank. (Two splits of one token
+    can both apply at once only where they overlap, parts x, y, z with x+y == y+z: tiktoken merges the
+    leftmost, `tokenizers` the merge listed first, here by the halves' ranks. tests/test_kimi_tokenizer.py
+    compares the two on odd text and on a vocabulary with many splits per token; no difference was found.)"""
+    from tokenizers import AddedToken, Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+
+    rank = {t: r for r, t in enumerate(tokens)}
+    merges = []  # (left, right) byte strings, ordered by the rank of left + right
+    for t in tokens:
+        splits = [(t[:i], t[i:]) for i in range(1, len(t)) if t[:i] in rank and t[i:] in rank]
+        merges += sorted(splits, key=lambda lr: (rank[lr[0]], rank[lr[1]])) if len(splits) > 1 else splits
+    byte_chars = dict(enumerate(_byte_chars()))
+    as_text = {t: t.decode("latin-1").translate(byte_chars) for t in tokens}  # bytes -> byte-level string
+    vocab = {as_text[t]: r for r, t in enumerate(tokens)}
+    taken = set(range(len(tokens)))
+    for s, i in special_tokens.items():  # in the model's vocab too, so that each keeps its id
+        if i in taken or s in vocab:
+            raise DataError(f"{where}: special token {s!r} (id {i}) collides with a BPE token or another "
+                            f"special token; special ids must be distinct and at least {len(tokens)}")
+        vocab[s] = i
+        taken.add(i)
+    tok = HFTokenizer(models.BPE(vocab, [(as_text[a], as_text[b]) for a, b in merges], ignore_merges=True))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(pat_str), behavior="isolated"),  # regex matches (and any text between them)
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])  # UTF-8 bytes -> byte-level chars
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in special_tokens])
+    return tok
+
+
+def kimi_special_tokens(config_path: str, n_ranks: int) -> dict[str, int]:
+    """Kimi's special tokens (TikTokenTokenizer.__init__): ids n_ranks .. n_ranks+257, named by
+    tokenizer_config.json's added_tokens_decoder, `<|reserved_token_{id}|>` where it names none."""
+    cfg = _read_json(config_path, "the tokenizer's special tokens (added_tokens_decoder)")
+    ids = range(n_ranks, n_ranks + KIMI_NUM_RESERVED_SPECIAL)
+    named = {}
+    for key, tok in (cfg.get("added_tokens_decoder") or {}).items():
+        if not key.isdigit() or int(key) not in ids or not isinstance(tok, dict) or "content" not in tok:
+            raise DataError(f"{config_path}: added_tokens_decoder[{key!r}] must have a \"content\" and an id in "
+                            f"{ids.start}..{ids.stop - 1} (the ids after tiktoken.model's {n_ranks} ranks)")
+        named[int(key)] = tok["content"]
+    return {named.get(i, f"<|reserved_token_{i}|>"): i for i in ids}
 
 
 class Tokenizer:
-    """`tokenizers` on the checkpoint's tokenizer.json; special tokens written in the text are recognized."""
+    """`tokenizers` on a checkpoint folder's tokenizer.json or, failing that, on its tiktoken.model with
+    tokenizer_config.json (Kimi); special tokens written in the text are recognized, and no BOS is added."""
 
-    def __init__(self, path: str):
+    def __init__(self, checkpoint_dir: str, pat_str: str | None = None):
+        """pat_str: the pre-tokenizer regex for a tiktoken.model (it is not in the file); None: tokenizer.json
+        is required."""
         from tokenizers import Tokenizer as HFTokenizer
 
-        if not os.path.isfile(path):
-            raise DataError(f"{path}: not found; the checkpoint folder needs its tokenizer.json")
-        self.tok = HFTokenizer.from_file(path)
-        self.path = path
+        self.path = os.path.join(checkpoint_dir, "tokenizer.json")
+        tiktoken_path = os.path.join(checkpoint_dir, "tiktoken.model")
+        self.max_chars = self.max_run = None  # tiktoken.model only: TikTokenTokenizer's cuts of long text
+        if os.path.isfile(self.path):
+            self.tok = HFTokenizer.from_file(self.path)
+        elif pat_str is not None and os.path.isfile(tiktoken_path):
+            self.path, tokens = tiktoken_path, read_tiktoken_ranks(tiktoken_path)
+            specials = kimi_special_tokens(os.path.join(checkpoint_dir, "tokenizer_config.json"), len(tokens))
+            self.tok = tiktoken_bpe(tokens, pat_str, specials, where=tiktoken_path)
+            self.max_chars, self.max_run = KIMI_MAX_CHARS, KIMI_MAX_RUN
+            self._special_split = re.compile("(" + "|".join(map(re.escape, sorted(specials, key=len)[::-1])) + ")")
+        else:
+            raise DataError(f"{self.path}: not found" + (" (nor tiktoken.model)" if pat_str is not None else "")
+                            + "; the checkpoint folder needs its tokenizer files")
 
     def encode(self, text: str) -> list[int]:
-        return self.tok.encode(text, add_special_tokens=False).ids
+        if self.max_run is None or len(text) <= self.max_run:
+            return self.tok.encode(text, add_special_tokens=False).ids
+        return [i for chunk in self._chunks(text) for i in self.tok.encode(chunk, add_special_tokens=False).ids]
+
+    def _chunks(self, text: str):
+        """Kimi's cuts as transformers reaches them (its `tokenize` splits at special tokens, then calls
+        TikTokenTokenizer.encode on each stretch): windows of max_chars characters, and runs of whitespace or
+        of non-whitespace (str.isspace) cut after every max_run characters."""
+        long_run = re.compile(rf"\s{{{self.max_run + 1},}}|\S{{{self.max_run + 1},}}")
+        for part in self._special_split.split(text):
+            for w in range(0, len(part), self.max_chars):
+                window = part[w:w + self.max_chars]
+                cuts = [m.start() + k for m in long_run.finditer(window)
+                        for k in range(self.max_run, m.end() - m.start(), self.max_run)]
+                yield from (window[a:b] for a, b in zip([0, *cuts], [*cuts, len(window)]))
 
     def decode(self, ids) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=True)
@@ -206,7 +368,7 @@ class QwenProcessor(ChatProcessor):
     placeholder, grid_key = "<|image_pad|>", "image_grid_thw"
 
     def __init__(self, checkpoint_dir: str):
-        self.tokenizer = Tokenizer(os.path.join(checkpoint_dir, "tokenizer.json"))
+        self.tokenizer = Tokenizer(checkpoint_dir)
         self.image_cfg = QwenImageConfig.from_file(os.path.join(checkpoint_dir, "preprocessor_config.json"))
         cfg = _read_json(os.path.join(checkpoint_dir, "config.json"), "model config")
         self.image_token_id = cfg.get("image_token_id", self.tokenizer.token_id("<|image_pad|>"))
@@ -289,11 +451,7 @@ class KimiProcessor(ChatProcessor):
     default_system = "You are a helpful assistant"
 
     def __init__(self, checkpoint_dir: str):
-        tok_path = os.path.join(checkpoint_dir, "tokenizer.json")
-        if not os.path.isfile(tok_path) and os.path.isfile(os.path.join(checkpoint_dir, "tiktoken.model")):
-            raise DataError(f"{tok_path}: not found; this checkpoint ships tiktoken.model. Convert it once to a "
-                            "`tokenizers` tokenizer.json (e.g. with transformers' TikTokenConverter) and save it there")
-        self.tokenizer = Tokenizer(tok_path)
+        self.tokenizer = Tokenizer(checkpoint_dir, pat_str=KIMI_PAT_STR)
         self.image_cfg = KimiImageConfig.from_file(os.path.join(checkpoint_dir, "preprocessor_config.json"))
         cfg = _read_json(os.path.join(checkpoint_dir, "config.json"), "model config")
         self.image_token_id = cfg.get("media_placeholder_token_id", self.tokenizer.token_id("<|media_pad|>"))
