@@ -571,3 +571,19 @@ def test_llm_compressor_checkpoint_loads_in_model_py(name, sym, tmp_path, float_
     ours, ref = image_logits(packed, dst), image_logits(decompressed_reference(src, dst, args), dst)
     assert (ours - ref).abs().max() <= 1e-4
     assert (ours - image_logits(float_models[name], src)).abs().max() > 1e-3  # it is the quantized model
+
+
+@pytest.mark.parametrize("name", list(BUNDLED))
+def test_quantized_vision_tower(name, tmp_path, float_models):
+    """--quantize-vision: Qwen3-VL builds its vision linears with the quantization config, so packed vision
+    weights load (when the group size divides every vision width); Kimi-VL builds its vision tower and projector
+    without it (models/kimi_vl.py), so vLLM expects them float."""
+    cal, out = str(tmp_path / "cal"), str(tmp_path / "q")
+    calibrate.calibrate(BUNDLED[name], n=2, seed=0, out=cal, gamma=False, command="test")
+    gptq.quantize_model(BUNDLED[name], cal, out, gptq.QuantArgs(method="rtn", bits=4, group_size=32, sym=True,
+                                                                quantize_vision=True), command="test")
+    problems = format_problems(out, float_models[name])
+    if name == "qwen":
+        assert problems == []
+    else:
+        assert problems and all(p.startswith(("vision_tower.", "multi_modal_projector.")) for p in problems)
