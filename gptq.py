@@ -1097,10 +1097,17 @@ def quantization_config(q: QuantArgs, ignore: list[str]) -> dict:
 
 
 def ignored_modules(m) -> list[str]:
-    """Module names that stay float: every nn.Linear outside the decoder layers, and the routers."""
+    """Module names that stay float: every nn.Linear outside the decoder layers, and the routers, each by its
+    exact checkpoint name (as llm-compressor writes them). Exact dotted names, not `re:` patterns: vLLM renames
+    exact entries with the model's checkpoint-to-vLLM prefix map before matching them against its own module
+    names, but leaves `re:` entries as they are (compressed_tensors.py, CompressedTensorsConfig.apply_vllm_mapper),
+    so a regex over checkpoint names misses e.g. Qwen3-VL's `language_model.model.layers.N.mlp.gate`; and vLLM's
+    Qwen3-MoE router is a GateLinear built with the quantization config (qwen3_moe.py), which a `Linear` target
+    then quantizes unless the ignore list matches it."""
     names = [n for n, mod in m.named_modules() if isinstance(mod, nn.Linear)
              and not any(n.startswith(m.layer_prefix(i)) for i in range(len(m.layers)))]
-    return names + [f"re:{re.escape(m.layer_prefix(0)).replace('0', '[0-9]+', 1)}mlp\\.gate$"]
+    routers = [f"{m.layer_prefix(i)}mlp.gate" for i, layer in enumerate(m.layers) if hasattr(layer.mlp, "gate")]
+    return names + routers
 
 
 def write_output(m, model_dir: str, out: str, q: QuantArgs, partial: str, report: dict, inputs=(),
