@@ -336,7 +336,7 @@ def kimi_tok(tmp_path_factory):
     tok = tokenizer_at_ids(KIMI_SPECIAL)
     path = tmp_path_factory.mktemp("kimi-real") / "tokenizer.json"
     tok.save(str(path))
-    return hf_tokenizer(tok, read(os.path.join(KIMI, "chat_template.jinja"))), data.Tokenizer(str(path))
+    return hf_tokenizer(tok, read(os.path.join(KIMI, "chat_template.jinja"))), data.Tokenizer(str(path.parent))
 
 
 @pytest.mark.parametrize("gen", [True, False])
