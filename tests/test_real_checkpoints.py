@@ -7,7 +7,11 @@
 3. The chat prompts data.py renders equal the real chat templates rendered by transformers' apply_chat_template
    (text and ids), on a test tokenizer that has the real special tokens at their real ids.
 
-A checkpoint whose files could not be found is skipped with the reason (see SOURCES.md, "Missing")."""
+Qwen3-VL-235B-A22B-Instruct: its Hub config.json was not found; what was found is the config as transformers 5.7
+re-serializes it and the real tensor list (names, shapes) read from its safetensors, and both are checked as above
+(the skeleton on its first two decoder layers, to stay fast). Kimi-VL-A3B-Instruct: only excerpts were found
+(config.json's first 52 lines, 8 added tokens, the EasyDeL re-save of preprocessor_config.json); they are checked
+field by field. A checkpoint whose files could not be found is skipped with the reason (SOURCES.md, "Missing")."""
 
 import json
 import os
@@ -23,11 +27,14 @@ from helpers import build_tokenizer, random_image
 REAL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "real")
 QWEN30 = os.path.join(REAL, "qwen3-vl-30b-a3b-thinking")  # architecture of Qwen3-VL-30B-A3B-Instruct too
 QWEN30_INSTRUCT = os.path.join(REAL, "qwen3-vl-30b-a3b-instruct")
+QWEN235 = os.path.join(REAL, "qwen3-vl-235b-a22b-instruct")
 KIMI = os.path.join(REAL, "kimi-vl-a3b-instruct")
 
 MISSING = {
-    "Qwen/Qwen3-VL-235B-A22B-Instruct": "no public copy of its config.json or index was found (SOURCES.md)",
-    "moonshotai/Kimi-VL-A3B-Instruct config/index": "no public copy of its config.json or index was found",
+    "Qwen/Qwen3-VL-235B-A22B-Instruct config.json as on the Hub, generation/tokenizer/preprocessor configs":
+        "only transformers 5.7's re-serialization of config.json was found (SOURCES.md)",
+    "moonshotai/Kimi-VL-A3B-Instruct full config.json, tokenizer_config.json, index, generation_config.json, "
+    "tokenization_moonshot.py": "only excerpts were found (SOURCES.md)",
     "moonshotai/Kimi-VL-A3B-Thinking-2506": "none of its files was found (SOURCES.md)",
 }
 
@@ -39,6 +46,29 @@ def read(path):
 
 def real_tensors(folder) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v) for k, v in read(os.path.join(folder, "tensors.json"))["tensors"].items()}
+
+
+def weights_table(folder) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+    """The tensor list of a model-inspector report's weight table (weights_table.md, SOURCES.md): rows name a
+    tensor, or a run of them as `prefix.A-B.suffix` (×N ...); returns ({name: shape}, the summary lines)."""
+    text = read(os.path.join(folder, "weights_table.md"))
+    summary = dict(re.findall(r"^- \*\*(.+?)\*\*: (.+)$", text, re.M))
+    out = {}
+    for name, shape, dtype in re.findall(r"^\| `([^`]+)`[^|]*\| `(\[[0-9, ]+\])` \| `([^`]+)` \|", text, re.M):
+        assert dtype == "torch.bfloat16", name
+        m = re.fullmatch(r"(.*?)\.(\d+)-(\d+)\.(.*)", name)
+        names = [f"{m[1]}.{i}.{m[4]}" for i in range(int(m[2]), int(m[3]) + 1)] if m else [name]
+        for n in names:
+            assert n not in out, n
+            out[n] = tuple(json.loads(shape))
+    return out, summary
+
+
+def as_checkpoint_dir(tmp_path, config: dict) -> str:
+    """A folder holding `config` as config.json (for model.load_config)."""
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump(config, f)
+    return str(tmp_path)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -104,7 +134,7 @@ def qwen_tensors_from_config(raw) -> dict[str, tuple[int, ...]]:
     (ARCHITECTURES.md §1.2; independent of model.py)."""
     t, v = raw["text_config"], raw["vision_config"]
     H, nh, nkv, d = t["hidden_size"], t["num_attention_heads"], t["num_key_value_heads"], t["head_dim"]
-    E, I, V = t["num_experts"], t["moe_intermediate_size"], t["vocab_size"]
+    E, I, V = t.get("num_experts") or t["num_local_experts"], t["moe_intermediate_size"], t["vocab_size"]
     assert t["decoder_sparse_step"] == 1 and t["mlp_only_layers"] == []  # every layer MoE (else add dense MLPs)
     out = {"model.language_model.embed_tokens.weight": (V, H), "model.language_model.norm.weight": (H,)}
     if not raw["tie_word_embeddings"]:
@@ -363,3 +393,153 @@ def test_kimi_template_fixture_is_the_one_described():
         "<|im_system|>", "<|im_middle|>", "<|im_end|>", "<|im_system|>", "<|im_user|>", "<|im_assistant|>",
         "<|im_middle|>", "<|im_end|>", "<|media_start|>", "<|media_content|>", "<|media_pad|>", "<|media_end|>",
         "<|im_end|>", "<|im_assistant|>", "<|im_middle|>"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 4. Qwen3-VL-30B-A3B-Instruct: its own config.json and tensor list (a model-inspector report, SOURCES.md)
+
+
+def test_qwen30b_instruct_weight_table_is_the_real_tensor_list():
+    """The Instruct checkpoint's tensor list (read from its safetensors by a third-party report) is the one the
+    Thinking index gives: same 882 names and shapes, same parameter count."""
+    table, summary = weights_table(QWEN30_INSTRUCT)
+    real = real_tensors(QWEN30)
+    assert sorted(set(table) ^ set(real)) == []
+    assert {k: s for k, s in table.items() if real[k] != s} == {}
+    assert summary["权重张量数"] == "882" == str(len(table))
+    params = sum(torch.Size(s).numel() for s in table.values())
+    assert summary["参数总量"] == f"{params:,}" == "31,070,754,032"
+    assert 2 * params == read(os.path.join(QWEN30, "tensors.json"))["metadata"]["total_size"]
+
+
+def test_qwen30b_instruct_config_both_spellings_parse_the_same():
+    """The Instruct config.json and transformers 5.7's re-serialization of it (rope_parameters,
+    num_local_experts, qwen3_vl_moe_vision) give model.py the same dataclass: the transformers-5 spelling is
+    read correctly, which the 235B check below relies on."""
+    raw = read(os.path.join(QWEN30_INSTRUCT, "config.json"))
+    t5 = read(os.path.join(QWEN30_INSTRUCT, "config.transformers5.json"))
+    assert "rope_parameters" in t5["text_config"] and "num_local_experts" in t5["text_config"]
+    assert "rope_scaling" not in t5["text_config"] and "num_experts" not in t5["text_config"]
+    assert M.Qwen3VLMoeConfig.from_dict(t5) == M.Qwen3VLMoeConfig.from_dict(raw) == M.load_config(QWEN30)
+    assert qwen_tensors_from_config(t5) == qwen_tensors_from_config(raw)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 5. Qwen3-VL-235B-A22B-Instruct (config as transformers 5.7 re-serializes it; tensor list from a report)
+
+
+@pytest.fixture(scope="module")
+def qwen235_cfg(tmp_path_factory):
+    return M.load_config(as_checkpoint_dir(tmp_path_factory.mktemp("q235"),
+                                           read(os.path.join(QWEN235, "config.transformers5.json"))))
+
+
+def test_qwen235b_config_fields_map_one_to_one(qwen235_cfg):
+    cfg, raw = qwen235_cfg, read(os.path.join(QWEN235, "config.transformers5.json"))
+    t, v = raw["text_config"], raw["vision_config"]
+    for ours, key in [("vocab_size", "vocab_size"), ("hidden_size", "hidden_size"),
+                      ("num_hidden_layers", "num_hidden_layers"), ("num_attention_heads", "num_attention_heads"),
+                      ("num_key_value_heads", "num_key_value_heads"), ("head_dim", "head_dim"),
+                      ("intermediate_size", "intermediate_size"), ("moe_intermediate_size", "moe_intermediate_size"),
+                      ("num_experts", "num_local_experts"), ("num_experts_per_tok", "num_experts_per_tok"),
+                      ("rms_norm_eps", "rms_norm_eps"), ("decoder_sparse_step", "decoder_sparse_step"),
+                      ("mlp_only_layers", "mlp_only_layers"), ("attention_bias", "attention_bias")]:
+        assert getattr(cfg.text, ours) == t[key], ours
+    assert cfg.text.rope_theta == t["rope_parameters"]["rope_theta"] == 5_000_000
+    assert cfg.text.mrope_section == t["rope_parameters"]["mrope_section"] == [24, 20, 20]
+    for key in ["depth", "hidden_size", "num_heads", "intermediate_size", "patch_size", "temporal_patch_size",
+                "spatial_merge_size", "in_channels", "out_hidden_size", "num_position_embeddings",
+                "deepstack_visual_indexes", "hidden_act"]:
+        assert getattr(cfg.vision, key) == v[key], key
+    for key in ["image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id",
+                "tie_word_embeddings"]:
+        assert getattr(cfg, key) == raw[key], key
+    # the published numbers of Qwen3-VL-235B-A22B (model card)
+    assert (cfg.text.num_hidden_layers, cfg.text.num_experts, cfg.text.num_experts_per_tok) == (94, 128, 8)
+    assert (cfg.text.hidden_size, cfg.text.num_attention_heads, cfg.text.num_key_value_heads) == (4096, 64, 4)
+    assert (cfg.text.moe_intermediate_size, cfg.text.vocab_size, cfg.text.head_dim) == (1536, 151936, 128)
+    assert (cfg.vision.depth, cfg.vision.out_hidden_size, cfg.vision.deepstack_visual_indexes) == (27, 4096,
+                                                                                                   [8, 16, 24])
+    assert all(cfg.text.is_moe(i) for i in range(94)) and not cfg.tie_word_embeddings
+
+
+def test_qwen235b_real_tensor_list_is_what_the_config_implies():
+    table, summary = weights_table(QWEN235)
+    want = qwen_tensors_from_config(read(os.path.join(QWEN235, "config.transformers5.json")))
+    assert sorted(set(table) - set(want)) == [] and sorted(set(want) - set(table)) == []
+    assert {k: s for k, s in table.items() if want[k] != s} == {}
+    assert summary["权重张量数"] == "1,388" and len(table) == 1388
+    assert summary["参数总量"] == f"{sum(torch.Size(s).numel() for s in table.values()):,}" == "235,670,022,896"
+
+
+def test_qwen235b_skeleton_binds_exactly_to_the_real_tensors():
+    """The meta skeleton at the 235B sizes, cut to its first two decoder layers (the other 92 are the same
+    modules), binds exactly to the real tensors of those layers plus every non-layer tensor, and writes them back."""
+    raw = read(os.path.join(QWEN235, "config.transformers5.json"))
+    raw = {**raw, "text_config": {**raw["text_config"], "num_hidden_layers": 2}}
+    cfg = M.Qwen3VLMoeConfig.from_dict(raw)
+    table, _ = weights_table(QWEN235)
+    real = {k: s for k, s in table.items()
+            if not (m := re.match(r"model\.language_model\.layers\.(\d+)\.", k)) or int(m[1]) < 2}
+    with torch.device("meta"):
+        skel = M.MODELS[cfg.model_type](cfg).eval().requires_grad_(False)
+    skel.bind(HeaderOnlyCheckpoint(real), torch.float32, "cpu")
+    used = {src for src, _ in skel.sources.values()}
+    assert sorted(k for k in real if k not in used and not any(p.match(k) for p in M.STALE_KEYS)) == []
+    sd = M.checkpoint_state_dict(skel)
+    assert sorted(set(sd) ^ set(real)) == []
+    assert {k: tuple(t.shape) for k, t in sd.items() if tuple(t.shape) != real[k]} == {}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 6. Kimi-VL-A3B-Instruct excerpts (SOURCES.md): config.json's first lines, added tokens, preprocessor values
+
+
+def test_kimi_config_excerpt_fields_map_one_to_one():
+    """Every field the excerpt of the real config.json shows is read by model.py under that spelling, with the
+    known numbers. (Fields past the excerpt, e.g. rms_norm_eps, rope_theta, are not checked here.)"""
+    raw = read(os.path.join(KIMI, "config.excerpt.json"))
+    assert raw["architectures"] == ["KimiVLForConditionalGeneration"]
+    cfg = M.KimiVLConfig.from_dict({**raw, "model_type": "kimi_vl"})
+    t, v = raw["text_config"], raw["vision_config"]
+    for key in ["vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
+                "num_attention_heads", "n_shared_experts", "n_routed_experts", "routed_scaling_factor",
+                "kv_lora_rank", "q_lora_rank", "qk_rope_head_dim", "v_head_dim", "qk_nope_head_dim", "n_group",
+                "topk_group", "num_experts_per_tok", "moe_layer_freq", "first_k_dense_replace", "norm_topk_prob"]:
+        assert getattr(cfg.text, key) == t[key], key
+    assert (t["topk_method"], t["scoring_func"]) == ("noaux_tc", "sigmoid")  # the only routing model.py runs
+    for ours, key in [("patch_size", "patch_size"), ("num_attention_heads", "num_attention_heads"),
+                      ("num_hidden_layers", "num_hidden_layers"), ("hidden_size", "hidden_size"),
+                      ("intermediate_size", "intermediate_size"), ("pos_emb_height", "init_pos_emb_height"),
+                      ("pos_emb_width", "init_pos_emb_width")]:
+        assert getattr(cfg.vision, ours) == v[key], ours
+    assert list(cfg.vision.merge_kernel_size) == v["merge_kernel_size"] and v["model_type"] == "moonvit"
+    # the known numbers (ARCHITECTURES.md §2.1)
+    tc = cfg.text
+    assert (tc.num_hidden_layers, tc.hidden_size, tc.n_routed_experts, tc.n_shared_experts) == (27, 2048, 64, 2)
+    assert (tc.num_experts_per_tok, tc.first_k_dense_replace, tc.kv_lora_rank, tc.q_lora_rank) == (6, 1, 512, None)
+    assert (tc.vocab_size, tc.moe_intermediate_size, tc.intermediate_size) == (163840, 1408, 11264)
+    assert not tc.is_moe(0) and all(tc.is_moe(i) for i in range(1, 27))
+    assert (cfg.vision.num_hidden_layers, cfg.vision.hidden_size, cfg.vision.patch_size) == (27, 1152, 14)
+
+
+def test_kimi_added_tokens_excerpt_matches_the_ids_data_and_the_spec_use():
+    """The real added_tokens_decoder entries the excerpt shows sit at the ids ARCHITECTURES.md §3.2 (and the
+    Kimi tests above) give them, all special."""
+    added = read(os.path.join(KIMI, "added_tokens_decoder.excerpt.json"))["added_tokens_decoder"]
+    assert len(added) == 8 and all(t["special"] and not t["normalized"] for t in added.values())
+    assert {int(i): t["content"] for i, t in added.items()} == {i: c for i, c in KIMI_SPECIAL.items()
+                                                                 if i in map(int, added)}
+    assert "<|media_start|>" == added["163602"]["content"]  # not K2's <|media_begin|>
+
+
+def test_kimi_preprocessor_values(tmp_path):
+    """data.KimiImageConfig reads the real preprocessor values (EasyDeL's re-save): mean/std 0.5, not the
+    CLIP defaults it falls back to when a file has none."""
+    path = tmp_path / "preprocessor_config.json"
+    path.write_text(open(os.path.join(KIMI, "preprocessor_config.easydel.json")).read())
+    raw, pre = read(str(path)), data.KimiImageConfig.from_file(str(path))
+    assert list(pre.image_mean) == raw["image_mean"] == [0.5] * 3 != list(data.CLIP_MEAN)
+    assert list(pre.image_std) == raw["image_std"] == [0.5] * 3
+    assert (pre.patch_size, pre.in_token_limit, list(pre.merge_kernel_size)) == (14, 4096, [2, 2])
+    assert raw["pad_input"] is True and raw["image_processor_type"] == "KimiVLImageProcessor"
