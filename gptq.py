@@ -262,7 +262,8 @@ def gptq(W: torch.Tensor, H: torch.Tensor, *, bits: int, group_size: int = 128, 
         zero = torch.empty_like(scale)
     else:  # per-channel, or static groups: computed up front on the un-permuted W
         scale, zero = group_params(W, bits=bits, group_size=group_size, sym=sym)
-    perm = torch.argsort(torch.diagonal(H), descending=True) if act_order else torch.arange(in_f, device=W.device)
+    perm = torch.argsort(torch.diagonal(H), descending=True, stable=True) if act_order \
+        else torch.arange(in_f, device=W.device)
     W, H = W[:, perm], H[perm][:, perm]
     Hinv, damp, retries = damped_inverse_cholesky(H, percdamp=percdamp, max_retries=max_retries, name=name)
     codes, row_loss = _quantize_blocks(W, Hinv.to(dtype), scale, zero, (perm // g).tolist(), bits=bits,
@@ -318,7 +319,8 @@ def _split_rows(r: GPTQResult, sizes: Sequence[int]) -> list[GPTQResult]:
 #    U = W - Q, so the sweep carries U and needs no division per column; the loss Σ Err² = Σ U² / Hinv_ii².
 # The result does not depend on these choices in exact arithmetic; in floats they reorder sums, which can flip a
 # rounding tie (rare, and then the rest of that row follows another, equally good, path: see the tests).
-# Not supported: act_order (each expert would need its own column permutation; use gptq() per expert).
+# act_order (static groups): each expert's columns are permuted by its own descending H_jj before the sweep and
+# back after it; the group params, computed before, are looked up per column through perm // g (gptq()'s g_idx).
 
 SUB_BLOCK = 16  # columns swept one by one (rank-1 updates) before a bmm brings in their errors
 CHOL_BLOCK = 128  # block columns of reverse_cholesky (its bmm does nearly all of the work)
@@ -326,11 +328,11 @@ ROW_PAD = 16  # floats of padding after each row of the sweep's Wᵀ (see gptq_b
 CPU_EXPERT_CHUNK = 16  # experts per sweep on a CPU: their blocks stay in cache (elsewhere: all experts at once)
 
 
-def _check_batched_args(W, H, bits, group_size, block_size, percdamp, act_order, names):
+def _check_batched_args(W, H, bits, group_size, block_size, percdamp, act_order, static_groups, names):
     _check_grid(bits, group_size, "gptq_batched")
-    if act_order:
-        raise ValueError("gptq_batched: act_order is not supported (each expert would need its own column "
-                         "permutation); quantize with gptq() per expert instead")
+    if act_order and group_size != -1 and not static_groups:
+        raise ValueError(f"gptq_batched: act_order with group_size={group_size} needs static_groups=True (the "
+                         "packed format has no g_idx, so groups must stay contiguous in the original column order)")
     if W.dim() != 3 or tuple(H.shape) != (W.shape[0], W.shape[2], W.shape[2]):
         raise ValueError(f"gptq_batched: W {tuple(W.shape)} must be (E, out, in) and H {tuple(H.shape)} "
                          "(E, in, in)")
@@ -438,31 +440,44 @@ def _sweep_columns(Ws, Hn_s, s, lo, hi, K, U):
     _quantize_blocks. Ws (E, n, out): row i is column i of every row of W, with every earlier update applied
     except this sub-block's own (modified); Hn_s (E, n, n) its block of Hinv with row i divided by Hinv_ii;
     s (E, out) the group's scale, lo = -zero and hi = maxq - zero its code range shifted by the zero point
+    (or each (E, n, out): one per column, with act_order)
     (clamp(round(w/s) + zero, 0, maxq) - zero = clamp(round(w/s), lo, hi) exactly: small integers in floats).
     gptq()'s Err_i = (w_i - q_i) / Hinv_ii times Hinv_il is U_i Hn_il with U_i = w_i - q_i, so each column's
     update of the sub-block's later columns is one rank-1 op for all experts, without the division. Writes
     codes - zero and U, each (E, n, out), into K, U."""
     n = Ws.shape[1]
+    per_column = s.dim() == 3
     for i in range(n):
         w = Ws[:, i]  # (E, out)
-        k = torch.div(w, s, out=K[:, i]).round_().clamp_(lo, hi)  # code - zero
-        u = torch.addcmul(w, k, s, value=-1, out=U[:, i])  # w - q, q = (code - zero) · s
+        si, loi, hii = (s[:, i], lo[:, i], hi[:, i]) if per_column else (s, lo, hi)
+        k = torch.div(w, si, out=K[:, i]).round_().clamp_(loi, hii)  # code - zero
+        u = torch.addcmul(w, k, si, value=-1, out=U[:, i])  # w - q, q = (code - zero) · s
         if i + 1 < n:  # w_l -= U_i Hn_il for the later columns l of the sub-block
             Ws[:, i + 1:].addcmul_(Hn_s[:, i, i + 1:, None], u[:, None], value=-1)
 
 
 def _sweep_block(W1, Hn1, inv_d2, codes1, Q1, U1, K1, scale, zero, sq_err, *, i1: int, g: int, dynamic: bool,
-                 bits: int, sym: bool):
+                 bits: int, sym: bool, col_group=None):
     """GPTQ's sweep over one block of B columns of all experts, in the transposed layout: W1 (E, B, out) is the
     block with every earlier block's updates (modified), Hn1 (E, B, B) = Hinv_bb with row i divided by Hinv_ii,
     inv_d2 (E, B) = 1 / Hinv_ii². Sub-block [s1, s2) gets the block's earlier updates when it starts
     (left-looking again: one bmm with inner dimension up to B). A group that starts inside the block first gets
     them for all of its columns, so its scale sees current weights, as in gptq(). Writes the block's codes and Q
     into codes1, Q1 (E, B, out) and the group params into scale, zero (E, out, n_groups) at group starts; adds
-    Σ Err² = Σ U² / Hinv_ii² to sq_err (E, out). Scratch: U1 (U = W - Q, then its squares) and K1 (E, B, out)."""
+    Σ Err² = Σ U² / Hinv_ii² to sq_err (E, out). Scratch: U1 (U = W - Q, then its squares) and K1 (E, B, out).
+    col_group (E, in) (act_order): the group of each (permuted) column; static params looked up per column."""
     B, maxq = W1.shape[1], 2**bits - 1
     a = 0  # rows of the current group have every update from the block's columns < a
     for s1, s2 in _sub_edges(B, g):
+        if col_group is not None:  # act_order: each column its own group's (static) params, (E, n, out)
+            if s1:
+                W1[:, s1:s2].baddbmm_(Hn1[:, :s1, s1:s2].mT, U1[:, :s1], alpha=-1)
+            idx = col_group[:, None, i1 + s1:i1 + s2].expand(-1, scale.shape[1], -1)  # (E, out, n)
+            s, z = scale.gather(2, idx).mT.contiguous(), zero.gather(2, idx).mT.contiguous()
+            _sweep_columns(W1[:, s1:s2], Hn1[:, s1:s2, s1:s2], s, -z, maxq - z, K1[:, s1:s2], U1[:, s1:s2])
+            torch.mul(K1[:, s1:s2], s, out=Q1[:, s1:s2])
+            codes1[:, s1:s2] = K1[:, s1:s2].add_(z)
+            continue
         grp = (i1 + s1) // g
         if dynamic and (i1 + s1) % g == 0:  # a group starts: bring all of its columns up to date first
             a, ge = s1, min(s1 + g, B)
@@ -483,7 +498,7 @@ def _sweep_block(W1, Hn1, inv_d2, codes1, Q1, U1, K1, scale, zero, sq_err, *, i1
 
 
 def _sweep_batched(WT, R, scale, zero, codes, sq_err, *, bits: int, sym: bool, block_size: int, g: int,
-                   dynamic: bool):
+                   dynamic: bool, col_group=None):
     """The GPTQ sweep of all experts in the transposed layout: WT (E, in, out) holds Wᵀ, so a column of every
     row of W is one contiguous row and every block update is a plain bmm. R (E, in, in) from
     damped_reverse_cholesky; scale, zero (E, out, n_groups) (filled at group starts if dynamic). During the sweep
@@ -508,7 +523,8 @@ def _sweep_batched(WT, R, scale, zero, codes, sq_err, *, bits: int, sym: bool, b
             torch.baddbmm(WT[:, i1:i2], GT.to(WT.dtype), WT[:, :i1], out=W1)  # (E, B, i1) @ (E, i1, out)
         d = torch.diagonal(Hinv1, dim1=-2, dim2=-1)  # (E, B) Hinv_ii
         _sweep_block(W1, (Hinv1 / d[..., None]).to(WT.dtype), d.pow(-2).to(WT.dtype), codes[:, i1:i2],
-                     Q[:, i1:i2], U1, K1, scale, zero, sq_err, i1=i1, g=g, dynamic=dynamic, bits=bits, sym=sym)
+                     Q[:, i1:i2], U1, K1, scale, zero, sq_err, i1=i1, g=g, dynamic=dynamic, bits=bits, sym=sym,
+                     col_group=col_group)
         WT[:, i1:i2] -= Q[:, i1:i2]  # from now on these rows of WT are Dᵀ = (W - Q)ᵀ
     WT.copy_(Q)
 
@@ -526,7 +542,7 @@ def gptq_batched(W: torch.Tensor | Sequence[torch.Tensor], H: torch.Tensor, *, b
     """GPTQ of E matrices of one shape at once, each with its own Hessian: W (E, out, in), H (E, in, in), e.g.
     one projection of every expert of an MoE layer (W may also be a list of such stacks that share H, solved as
     their row concatenation: see gptq_batched_shared). Same arguments and results as [gptq(W[e], H[e]) for e]
-    (equal codes up to float rounding: tests/test_gptq_batched.py) except act_order, which raises ValueError.
+    (equal codes up to float rounding: tests/test_gptq_batched.py), act_order (with static groups) included.
     Damping escalates per expert. names: one per expert, for error messages. expert_chunk: experts per sweep
     (default CPU_EXPERT_CHUNK on a CPU, all of them elsewhere); it changes speed and op count, not results.
     Each result's codes and W_hat are (out, in) views of (in, out) storage (the solver's layout)."""
@@ -543,15 +559,13 @@ def gptq_batched(W: torch.Tensor | Sequence[torch.Tensor], H: torch.Tensor, *, b
     for w, WT_w in zip(Ws, WT.split(sizes, dim=2)):  # in slices of 32 rows of W: a plain .mT copy is 3x slower
         for r in range(0, w.shape[1], 32):
             WT_w[..., r:r + 32].copy_(w[:, r:r + 32].detach().mT)
-    _check_batched_args(WT.mT, H, bits, group_size, block_size, percdamp, act_order, names)  # (E, out, in)
+    _check_batched_args(WT.mT, H, bits, group_size, block_size, percdamp, act_order, static_groups, names)
     out_f = WT.shape[2]
     dead = torch.diagonal(H, dim1=-2, dim2=-1) == 0  # (E, in) channels no token reached
     if bool(dead.any()):
         H = H.clone()
         torch.diagonal(H, dim1=-2, dim2=-1)[dead] = 1
         WT.masked_fill_(dead[:, :, None], 0)
-    R, damp, retries = damped_reverse_cholesky(H.detach(), percdamp=percdamp, max_retries=max_retries,
-                                               names=names)
     g, dynamic = _group_len(in_f, group_size), group_size != -1 and not static_groups
     if dynamic:  # filled group by group during the sweep
         scale = torch.empty(E, out_f, n_groups(in_f, group_size), dtype=dtype, device=WT.device)
@@ -559,13 +573,25 @@ def gptq_batched(W: torch.Tensor | Sequence[torch.Tensor], H: torch.Tensor, *, b
     else:  # per channel, or static groups: from W before any update, as group_params
         params = [quant_params(WT[:, a:a + g], bits=bits, sym=sym, dim=1) for a in range(0, in_f, g)]
         scale, zero = (torch.stack(t, dim=-1) for t in zip(*params))  # (E, out, n_groups)
+    perm = col_group = None
+    if act_order:  # each expert's columns (rows of WT) by its descending H_jj, as gptq(); un-permuted below
+        perm = torch.argsort(torch.diagonal(H, dim1=-2, dim2=-1), dim=-1, descending=True, stable=True)  # (E, in)
+        WT = WT.gather(1, perm[..., None].expand(-1, -1, out_f))
+        H = H.gather(1, perm[..., None].expand(-1, -1, in_f)).gather(2, perm[:, None].expand(-1, in_f, -1))
+        col_group = perm // g
+    R, damp, retries = damped_reverse_cholesky(H.detach(), percdamp=percdamp, max_retries=max_retries,
+                                               names=names)
     codes = torch.empty(E, in_f, out_f, dtype=torch.uint8, device=WT.device)
     sq_err = torch.zeros(E, out_f, dtype=dtype, device=WT.device)
     chunk = expert_chunk if expert_chunk is not None else CPU_EXPERT_CHUNK if WT.device.type == "cpu" else E
     for c in range(0, E, chunk):  # the sweep, `chunk` experts at a time (the same results for any chunk)
         e = slice(c, c + chunk)
         _sweep_batched(WT[e], R[e], scale[e], zero[e], codes[e], sq_err[e], bits=bits, sym=sym,
-                       block_size=block_size, g=g, dynamic=dynamic)  # WT now holds Ŵᵀ
+                       block_size=block_size, g=g, dynamic=dynamic,
+                       col_group=None if col_group is None else col_group[e])  # WT now holds Ŵᵀ
+    if act_order:  # rows back to the original column order
+        inv = torch.argsort(perm, dim=-1)[..., None].expand(-1, -1, out_f)
+        codes, WT = codes.gather(1, inv), WT.gather(1, inv)
     row_loss = sq_err / 2
     _raise_not_finite("W", ~torch.isfinite(row_loss).all(1), names)  # NaN/inf weights make their rows' loss NaN
     zero = None if sym else zero.to(torch.uint8)
@@ -659,6 +685,7 @@ class QuantArgs:
     block_size: int = 128
     percdamp: float = 0.01
     min_expert_tokens: int = 1  # experts with fewer routed tokens are quantized from the pooled MoE Hessian
+    all_experts_hessian: bool = False  # every expert from the pooled Hessian: all MoE tokens (llm-compressor's)
     batched_experts: bool = False  # solve all experts of a layer as one batched GPTQ problem
     quantize_vision: bool = False  # also quantize the vision tower's / projector's linears
     lam: float = 1.0  # VEQ-MA: exponent λ on the router probability p
@@ -813,8 +840,9 @@ def quantize_linears(layer, cap: LayerCapture, q: QuantArgs, prefix: str) -> dic
     """Quantize every linear of the layer from its captured Hessian (GPTQ) or directly (RTN), swap each for a
     packed QuantLinear, and return the per-linear report."""
     by_key = input_groups(layer, cap, prefix)
-    starved = {k: _EXPERT.match(k) is not None and (cap.H[k].n_tokens if k in cap.H else 0) < q.min_expert_tokens
-               for k in by_key}
+    starved = {k: _EXPERT.match(k) is not None and (q.all_experts_hessian or
+                                                    (cap.H[k].n_tokens if k in cap.H else 0) < q.min_expert_tokens)
+               for k in by_key}  # quantized from the pooled Hessian: every token entering the MoE block
     H = {k: pooled_hessian(layer, k, cap) if starved[k] else cap.H[k].finalize(release=True, dtype=torch.float32)
          for k in by_key}  # float32, as the solvers take it; the float64 sums are released one by one
     results = {}
@@ -1301,9 +1329,11 @@ def quantize_model(model: str, calib: str = "calib", out: str = "quantized", q: 
                                      for r in rep["linears"].values())
     write_output(m, model, out, q, partial, report, inputs, overwrite)
     how = "error measured on" if q.method in RTN_SOLVER else "quantized from"
+    which = ("with --all-experts-hessian" if q.all_experts_hessian
+             else f"with < {q.min_expert_tokens} calibration tokens")
     print(f"wrote {out}/ ({q.method}, W{q.bits} g{q.group_size} A{q.abits}) in {report['seconds']:.1f}s; "
-          f"{len(report['pooled_hessian_linears'])} expert linears with < {q.min_expert_tokens} calibration "
-          f"tokens ({how} the layer's pooled MoE Hessian), {report['cholesky_retries']} Cholesky retries")
+          f"{len(report['pooled_hessian_linears'])} expert linears {which} ({how} the layer's pooled MoE "
+          f"Hessian), {report['cholesky_retries']} Cholesky retries")
     return report
 
 
@@ -1326,6 +1356,10 @@ def main(argv=None):
     p.add_argument("--percdamp", type=float, default=0.01, help="GPTQ damping, fraction of mean(diag H)")
     p.add_argument("--min-expert-tokens", type=int, default=1,
                    help="experts with fewer routed calibration tokens use the layer's pooled MoE Hessian")
+    p.add_argument("--all-experts-hessian", action="store_true",
+                   help="every expert's Hessian from every token entering its MoE block, routed or not (as "
+                        "llm-compressor's MoE calibration; token weights off); costs E/top-k times the routed "
+                        "Hessian and expert-forward work of the capture")
     p.add_argument("--quantize-vision", action="store_true",
                    help="also quantize the vision tower's and projector's linears (patch embedding stays float)")
     p.add_argument("--batched-experts", action="store_true",
@@ -1355,7 +1389,8 @@ def main(argv=None):
     a = p.parse_args(argv)
     q = QuantArgs(method=a.method, bits=a.bits, group_size=a.group_size, sym=a.sym, abits=a.abits,
                   act_order=a.act_order, static_groups=a.static_groups, percdamp=a.percdamp,
-                  min_expert_tokens=a.min_expert_tokens, lam=a.lam, gamma=a.gamma, affinity=not a.no_affinity,
+                  min_expert_tokens=a.min_expert_tokens, all_experts_hessian=a.all_experts_hessian, lam=a.lam,
+                  gamma=a.gamma, affinity=not a.no_affinity,
                   modality=not a.no_modality, plain_dense=a.plain_dense, use_gamma=not a.no_gamma,
                   use_beta=not a.no_beta, gamma_source=a.gamma_source, batched_experts=a.batched_experts,
                   quantize_vision=a.quantize_vision, eta=a.eta, ecs_loss=a.ecs_loss, ecs_omega=a.ecs_omega,

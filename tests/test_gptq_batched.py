@@ -29,26 +29,30 @@ def problem(E=5, out=24, d=48, dtype=torch.float64, seed=0):
     return torch.randn(E, out, d, generator=gen(seed), dtype=dtype), H
 
 
-def tie_distance(W, H, r, group_size, row, j):
+def tie_distance(W, H, r, group_size, row, j, perm=None):
     """How far (in grid steps) the reference's w/s at (row, column j) is from a half-integer; its w recomputed
-    in float64 from its own result r: w_j = W_j + Σ_{i<j} (W - Ŵ)_i R_ij / R_jj with H + damp·I = R Rᵀ."""
+    in float64 from its own result r: w_j = W_j + Σ_{i<j} (W - Ŵ)_i R_ij / R_jj with H + damp·I = R Rᵀ.
+    perm (act_order): the reference's column order; j is then a position in it."""
+    perm = torch.arange(H.shape[0]) if perm is None else perm
+    W, W_hat, H = W[:, perm], r.W_hat[:, perm], H[perm][:, perm]
     Hd = H.double() + r.damp * torch.eye(H.shape[0], dtype=torch.float64)
     R = torch.linalg.cholesky(Hd.flip((0, 1))).flip((0, 1))
-    D = W.double()[row] - r.W_hat.double()[row]  # (in,)
+    D = W.double()[row] - W_hat.double()[row]  # (in,)
     w = W.double()[row, j] + D[:j] @ R[:j, j] / R[j, j]
-    x = float(w / r.scale[row, j // (H.shape[0] if group_size == -1 else group_size)].double())
+    x = float(w / r.scale[row, int(perm[j]) // (H.shape[0] if group_size == -1 else group_size)].double())
     return abs(abs(x - round(x)) - 0.5)
 
 
-def assert_equal_up_to_ties(W, H, ref, bat, *, bits, group_size, tol):
-    """Codes equal except in rows whose first difference is a rounding tie of the reference (within tol
-    grid steps); Ŵ = dequantize(codes). Returns the number of rows that differ."""
+def assert_equal_up_to_ties(W, H, ref, bat, *, bits, group_size, tol, perm=None):
+    """Codes equal except in rows whose first difference (in the sweep's column order `perm`) is a rounding
+    tie of the reference (within tol grid steps); Ŵ = dequantize(codes). Returns the number of rows that
+    differ."""
     assert torch.equal(bat.W_hat, dequantize(bat.codes, bat.scale, bat.zero, bits=bits, group_size=group_size))
     diff = ref.codes != bat.codes  # (out, in)
     rows = diff.any(1).nonzero().flatten().tolist()
     for row in rows:
-        j = int(diff[row].nonzero()[0])
-        assert tie_distance(W, H, ref, group_size, row, j) < tol, (row, j)
+        j = int(diff[row][perm if perm is not None else slice(None)].nonzero()[0])
+        assert tie_distance(W, H, ref, group_size, row, j, perm) < tol, (row, j)
     same = [i for i in range(diff.shape[0]) if i not in rows]
     rtol = 1e-12 if W.dtype == torch.float64 else 1e-4  # float32: the group params see rounding differences
     torch.testing.assert_close(bat.scale[same], ref.scale[same], rtol=rtol, atol=0)
@@ -62,8 +66,11 @@ def assert_equal_up_to_ties(W, H, ref, bat, *, bits, group_size, tol):
 def compare(W, H, tol, **kw):
     """gptq_batched vs gptq() per expert; returns the number of rows that differ (at ties), in all experts."""
     batched = gptq.gptq_batched(W, H, **kw)
+    perms = [torch.argsort(torch.diagonal(H[e]), descending=True, stable=True) if kw.get("act_order") else None
+             for e in range(W.shape[0])]
     return sum(assert_equal_up_to_ties(W[e], H[e], gptq.gptq(W[e], H[e], **kw), batched[e], bits=kw["bits"],
-                                       group_size=kw.get("group_size", 128), tol=tol) for e in range(W.shape[0]))
+                                       group_size=kw.get("group_size", 128), tol=tol, perm=perms[e])
+               for e in range(W.shape[0]))
 
 
 # ---- the same codes as gptq() -----------------------------------------------------------------------------
@@ -80,6 +87,23 @@ def test_matches_gptq_per_expert(dtype, group_size, sym):
         if not (sym and group_size != -1):  # no systematic ties: the codes are identical
             assert n == 0
         assert n <= 0.1 * 5 * 24  # ties are the exception (about 1 row in 2·group_size has one)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("group_size,sym", list(itertools.product((16, -1), (False, True))))
+def test_act_order_matches_gptq_per_expert(dtype, group_size, sym):
+    """act_order (static groups): each expert's own column permutation, params looked up per column."""
+    W, H = problem(dtype=dtype)
+    d = torch.rand(H.shape[:2], generator=gen(1), dtype=dtype) + 0.2  # (E, in): H_e <- D_e H_e D_e, its own order
+    H = H * d[:, :, None] * d[:, None, :]
+    assert len({tuple(torch.argsort(torch.diagonal(h), descending=True)[:5].tolist()) for h in H}) > 1
+    tol = 1e-9 if dtype == torch.float64 else 1e-4
+    for bits, block_size in itertools.product((3, 4), (16, 128)):
+        n = compare(W, H, tol, bits=bits, group_size=group_size, sym=sym, block_size=block_size, act_order=True,
+                    static_groups=True)
+        if not (sym and group_size != -1):
+            assert n == 0
+        assert n <= 0.1 * 5 * 24
 
 
 @pytest.mark.parametrize("kw", [dict(group_size=24, block_size=10), dict(group_size=24, block_size=128),
@@ -219,7 +243,7 @@ def test_quant_params_on_stacked_groups():
 
 def test_bad_arguments_raise():
     W, H = torch.randn(2, 4, 8), torch.eye(8).expand(2, 8, 8).clone()
-    with pytest.raises(ValueError, match="act_order is not supported"):
+    with pytest.raises(ValueError, match="act_order with group_size=128 needs static_groups=True"):
         gptq.gptq_batched(W, H, bits=4, act_order=True)
     with pytest.raises(ValueError, match=r"W \(2, 4, 8\) must be \(E, out, in\) and H \(2, 9, 9\)"):
         gptq.gptq_batched(W, torch.eye(9).expand(2, 9, 9), bits=4)

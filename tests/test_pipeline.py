@@ -126,6 +126,18 @@ def test_starved_experts_use_the_pooled_hessian_and_are_reported(tiny_qwen, cali
     assert isinstance(m.layers[2].mlp.experts[E - 1].down_proj, model.QuantLinear)
 
 
+def test_all_experts_hessian_is_every_token_through_every_expert(tiny_qwen, calib, tmp_path):
+    """--all-experts-hessian (llm-compressor's MoE calibration): each expert's Hessian from every MoE token, i.e.
+    the pooled Hessian for all experts, whatever their routed counts; bitwise the starved-expert path for all."""
+    rep = run(tiny_qwen, calib, tmp_path / "a", method="gptq", all_experts_hessian=True)
+    run(tiny_qwen, calib, tmp_path / "s", method="gptq", min_expert_tokens=10**9)
+    E = model.load_config(tiny_qwen).text.num_experts
+    assert len(rep["pooled_hessian_linears"]) == 3 * E * 3
+    assert digest(tmp_path / "a") == digest(tmp_path / "s")
+    run(tiny_qwen, calib, tmp_path / "r", method="gptq")  # routed tokens only: another result
+    assert digest(tmp_path / "r") != digest(tmp_path / "a")
+
+
 def test_w8_rtn_stays_close_to_float(tiny_qwen, calib, tmp_path):
     import eval as evaluation
 
