@@ -680,8 +680,8 @@ class QuantArgs:
     group_size: int = 128
     sym: bool = False
     abits: int = 16
-    act_order: bool = False
-    static_groups: bool = False
+    act_order: bool = True  # GPTQ columns by descending H_jj (llm-compressor's default `actorder: static`)
+    static_groups: bool = True  # group params from W before the sweep (needed with act_order: no g_idx)
     block_size: int = 128
     percdamp: float = 0.01
     min_expert_tokens: int = 1  # experts with fewer routed tokens are quantized from the pooled MoE Hessian
@@ -828,9 +828,9 @@ def solve_batched(layer, keys: list[str], by_key, H: dict, q: QuantArgs, prefix:
         for e, k in enumerate(ks):  # each expert's Hessian moves into the stack (no second copy of all of them)
             Hs[e] = H.pop(k)
             H[k] = Hs[e]
-        res = gptq_batched_shared(stacks, Hs, bits=q.bits,
-                                  group_size=q.group_size, sym=q.sym, block_size=q.block_size,
-                                  percdamp=q.percdamp, names=[prefix + k for k in ks])
+        res = gptq_batched_shared(stacks, Hs, bits=q.bits, group_size=q.group_size, sym=q.sym,
+                                  block_size=q.block_size, percdamp=q.percdamp, act_order=q.act_order,
+                                  static_groups=q.static_groups, names=[prefix + k for k in ks])
         for e, k in enumerate(ks):
             out[k] = [res[j][e] for j in range(len(stacks))]
     return out
@@ -1116,7 +1116,7 @@ def quantization_config(q: QuantArgs, ignore: list[str]) -> dict:
     weights = {"num_bits": q.bits, "type": "int", "symmetric": q.sym, "dynamic": False, "observer": "minmax",
                "strategy": "channel" if q.group_size == -1 else "group",
                "group_size": None if q.group_size == -1 else q.group_size,
-               "actorder": "static" if q.act_order else None}
+               "actorder": "static" if q.act_order and q.method not in RTN_SOLVER else None}
     acts = None if q.abits >= 16 else {"num_bits": q.abits, "type": "int", "symmetric": True, "dynamic": True,
                                         "strategy": "token"}
     return {"quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
@@ -1351,8 +1351,11 @@ def main(argv=None):
     p.add_argument("--group-size", type=int, default=128, help="input columns per scale group; -1 = per channel")
     p.add_argument("--sym", action="store_true", help="symmetric weights (no zero point)")
     p.add_argument("--abits", type=int, default=16, choices=(8, 16), help="8: per-token int8 activations (W4A8)")
-    p.add_argument("--act-order", action="store_true", help="GPTQ columns by descending H_jj")
-    p.add_argument("--static-groups", action="store_true", help="group params before GPTQ (needed with act-order)")
+    p.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True,
+                   help="GPTQ columns by descending H_jj, with static groups (the default; --no-act-order: the "
+                        "original column order with group params computed as the sweep reaches each group)")
+    p.add_argument("--static-groups", action=argparse.BooleanOptionalAction, default=None,
+                   help="group params from W before the sweep (default: with --act-order only)")
     p.add_argument("--percdamp", type=float, default=0.01, help="GPTQ damping, fraction of mean(diag H)")
     p.add_argument("--min-expert-tokens", type=int, default=1,
                    help="experts with fewer routed calibration tokens use the layer's pooled MoE Hessian")
@@ -1388,7 +1391,8 @@ def main(argv=None):
     p.add_argument("--device", default="cpu", help="torch device")
     a = p.parse_args(argv)
     q = QuantArgs(method=a.method, bits=a.bits, group_size=a.group_size, sym=a.sym, abits=a.abits,
-                  act_order=a.act_order, static_groups=a.static_groups, percdamp=a.percdamp,
+                  act_order=a.act_order, percdamp=a.percdamp,
+                  static_groups=a.act_order if a.static_groups is None else a.static_groups,
                   min_expert_tokens=a.min_expert_tokens, all_experts_hessian=a.all_experts_hessian, lam=a.lam,
                   gamma=a.gamma, affinity=not a.no_affinity,
                   modality=not a.no_modality, plain_dense=a.plain_dense, use_gamma=not a.no_gamma,

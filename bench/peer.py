@@ -4,9 +4,9 @@
                          [--n-eval 1000] [--methods gptq,veq-ma] [--peer-python PYTHON] [--threads 1]
 
 Both sides quantize the same linears (the decoder's attention and expert linears; vision tower, routers and
-lm_head float) to W`bits` symmetric with groups of `--group-size`, from the same calibration samples (the
-first `--n-calib` image questions of the shapes train split: the peer's traced pipeline takes one call
-signature, so image samples only). Both outputs are compressed-tensors checkpoints that `model.py` loads; each
+lm_head float) to W`bits` symmetric with groups of `--group-size`, from the same calibration token sequences (prompt + gold
+answer of the first `--n-calib` image questions of the shapes train split: the peer's traced pipeline takes one
+call signature, so image samples only). Both outputs are compressed-tensors checkpoints that `model.py` loads; each
 is compared with the float model on the same `--n-eval` held-out samples: mean KL per answer token with a
 bootstrap 95% interval, the median, and the paired difference from the peer (ours - peer, with its interval:
 "significant" when the interval excludes 0). Times are the wall seconds of the quantization call on each side
@@ -57,7 +57,7 @@ def peer_run(model: str, calib: str, bits: int, group_size: int, out: str, threa
     proc = data.load_processor(model)
     rows = []
     for s in calibrate.calibration_samples(calibrate.load(calib)):
-        e = data.encode_sample(proc, s)
+        e = data.encode_qa_batch(proc, [s])  # prompt + gold answer + end: the token sequences gptq.py calibrates on
         rows.append({"input_ids": e["input_ids"][0].tolist(), "attention_mask": e["attention_mask"][0].tolist(),
                      "pixel_values": e["pixel_values"].tolist(), "image_grid_thw": e["image_grid_thw"].tolist(),
                      "mm_token_type_ids": e["is_vis"][0].int().tolist()})  # transformers 5 wants it with images
