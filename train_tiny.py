@@ -5,7 +5,7 @@ model.safetensors in bf16 with the Hub's tensor names and fused-expert layout, t
 family's real special tokens, preprocessor_config.json, generation_config.json), so `model.load_model`,
 `data.load_processor`, calibrate.py, gptq.py and eval.py read the tiny and the real models the same way.
 
-Recipe (see ../shared/NOTES-tiny-model.md for why): 64x64 scenes, 8-px patches (8x8 grid -> 16 image
+Recipe (see docs/tiny-models.md for why): 64x64 scenes, 8-px patches (8x8 grid -> 16 image
 tokens), Gaussian init N(0, 0.02) with residual output projections scaled by 1/sqrt(2 * layers), AdamW,
 warm-up then constant then linear decay, answer cross-entropy + 0.01 load-balancing loss + 0.3 x an
 auxiliary per-patch loss (a linear probe on the vision tower predicting the shape x colour under each patch;
