@@ -11,7 +11,9 @@ warm-up then constant then linear decay, answer cross-entropy + 0.01 load-balanc
 auxiliary per-patch loss (a linear probe on the vision tower predicting the shape x colour under each patch;
 it teaches the tower to see shape early and is dropped from the checkpoint).
 
-    python train_tiny.py --family qwen3_vl_moe --minutes 40 --out models/tiny-qwen3-vl-moe
+    python train_tiny.py --family qwen3_vl_moe --steps 4500 --threads 1 --out models/tiny-qwen3-vl-moe
+    python train_tiny.py --family kimi_vl --steps 4000 --threads 1 --out models/tiny-kimi-vl
+(the commands behind the bundled models; other flags: --batch, --lr, --seed, --eval-every, --overwrite)
 """
 
 from __future__ import annotations
