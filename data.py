@@ -11,7 +11,7 @@ Messages follow the usual chat structure: [{"role": "user", "content": [{"type":
 {"type": "text", "text": "..."}]}, ...]; a plain string content is text. Images are PIL images (any mode;
 converted to RGB, transparency composited on white) or paths.
 
-Specs: ../shared/ARCHITECTURES.md §3 (checked against transformers' processors in tests/).
+Specs: docs/architectures.md §3 (checked against transformers' processors in tests/).
 Not handled: videos, tool calls, "thinking" templates.
 This file never imports model.py.
 """
@@ -411,7 +411,7 @@ class QwenProcessor(ChatProcessor):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Kimi-VL (ARCHITECTURES.md §3.2)
+# Kimi-VL (docs/architectures.md §3.2)
 
 # The Kimi-VL image processor's defaults (OpenAI CLIP), used only where preprocessor_config.json has no mean/std.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)

@@ -10,7 +10,7 @@ the consumers' input columns by s changes nothing in float; it changes what the 
   * SmoothQuant (Xiao et al., "SmoothQuant", arXiv 2211.10438): s_j = max|X_j|^α / max|W_j|^(1−α), α = 0.5,
     no search; it moves activation outliers into the weights so that 8-bit activations survive.
   * ECS, ECMFQ's expert-consensus smoothing (OpenReview BUWB15t291; only its abstract is public, so this is the
-    reconstruction in ../shared/ALGORITHMS.md): SmoothQuant's form s(α) = m_X^α / m_W^(1−α) searched over 21 α in
+    reconstruction in docs/methods.md §4.1): SmoothQuant's form s(α) = m_X^α / m_W^(1−α) searched over 21 α in
     [0, 1], with m_X a robust (99.9th percentile) activation range and m_W the ω-weighted consensus of the
     experts' weight ranges, against the ω-weighted error of all experts with routed tokens under an outlier-robust
     ρ (trimmed MSE or Huber), activations quantized as deployed (ecs_scale).
@@ -27,7 +27,7 @@ Q_A the identity (abits=16) or per-token dynamic symmetric fake-quant (abits=8, 
 `awq_scale` with consumer_weights = S_e; ECS is `search_scale` with its own candidates (m_X^α / m_W^(1−α)) and
 an outlier-robust `rho` in place of `squared_error`.
 
-MoE rule (ALGORITHMS.md): the scale in front of an MoE block is one s (d,) for the RMSNorm that feeds the
+MoE rule (docs/methods.md §1.4): the scale in front of an MoE block is one s (d,) for the RMSNorm that feeds the
 router, every routed expert and every shared expert. Fold 1/s into the norm (fold_into_norm) and multiply s
 into *every* linear that reads that norm (scale_consumer): the router weight too (it stays in float, and its
 logits are then unchanged, so the same experts are chosen with the same weights), and any other reader such as
@@ -424,7 +424,7 @@ def smoothquant_scale(X_absmax: torch.Tensor, weights: Sequence[torch.Tensor], a
 
 
 # ----------------------------------------------------------------------------------------------------------
-# ECS: expert-consensus smoothing (ECMFQ, reconstructed from its abstract; ../shared/ALGORITHMS.md)
+# ECS: expert-consensus smoothing (ECMFQ, reconstructed from its abstract; docs/methods.md §4.1)
 
 
 def robust_absmax(X: torch.Tensor, percentile: float = 99.9) -> torch.Tensor:

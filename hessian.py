@@ -9,7 +9,7 @@ about some tokens than others weigh each token by w_j >= 0:
 
   * plain GPTQ:  w_j = 1 for every token (H = 2/n Σ x xᵀ, as in the original code);
   * VEQ-MA (arXiv 2602.01037): w_j = p_j^λ · α_j on the tokens routed to an expert (router prob, modality);
-  * FAQ (ECMFQ reconstruction, ../shared/ALGORITHMS.md): w_j = per-token fusion weight.
+  * FAQ (ECMFQ reconstruction, docs/methods.md §4.2): w_j = per-token fusion weight.
 The caller builds the weight vector; this file only accumulates. Rows are scaled by sqrt(w_j) and summed with
 one matmul: (sqrt(w) ⊙ X)ᵀ (sqrt(w) ⊙ X) = Σ_j w_j x_j x_jᵀ.
 
@@ -106,7 +106,7 @@ def dead_columns(H: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# FAQ: fusion-aware token weights (ECMFQ, reconstructed from its abstract; ../shared/ALGORITHMS.md)
+# FAQ: fusion-aware token weights (ECMFQ, reconstructed from its abstract; docs/methods.md §4.2)
 
 
 @torch.no_grad()

@@ -1,5 +1,5 @@
 """MACS, modality-affinity consensus selection: which calibration samples to quantize on (ECMFQ, reconstructed
-from its abstract; ../shared/ALGORITHMS.md). Used by `python calibrate.py --select macs`.
+from its abstract; docs/methods.md §4.3). Used by `python calibrate.py --select macs`.
 
 Random calibration sets starve rare experts: an expert that few samples route to gets a Hessian from a handful
 of tokens (or none, and then the layer's pooled one). MACS draws a candidate pool (default 4x the calibration

@@ -4,7 +4,7 @@ Families (model_type in the checkpoint's config.json):
   * qwen3_vl_moe  Qwen3-VL-MoE (e.g. Qwen3-VL-30B-A3B-Instruct): ViT with DeepStack, M-RoPE, softmax top-k MoE.
   * kimi_vl       Kimi-VL (e.g. Kimi-VL-A3B-Instruct): MoonViT + DeepSeek-V3 style LLM (MLA, sigmoid MoE).
 
-The spec these follow is ../shared/ARCHITECTURES.md (checked against transformers 5.23 in tests/).
+The spec these follow is docs/architectures.md (checked against transformers 5.23 in tests/).
 No transformers import: the modules below mirror the checkpoint's tensor names, so the state dict of a
 model *is* the checkpoint's key list (with the fused Qwen expert tensors split into per-expert 2-D weights).
 
@@ -82,7 +82,7 @@ class QwenVisionConfig:
     deepstack_visual_indexes: list[int]
     hidden_act: str = "gelu_pytorch_tanh"
     rope_theta: float = 10000.0
-    eps: float = 1e-6  # not a config field: hard-coded in the reference (ARCHITECTURES.md §5)
+    eps: float = 1e-6  # not a config field: hard-coded in the reference (docs/architectures.md §5)
 
     @classmethod
     def from_dict(cls, d: dict) -> "QwenVisionConfig":
@@ -475,7 +475,7 @@ class MoEVLM(nn.Module):
         return out
 
 # ----------------------------------------------------------------------------------------------------------
-# Qwen3-VL-MoE vision tower (ARCHITECTURES.md §1.3). Shapes: N patches, D width, nh heads, hd head dim.
+# Qwen3-VL-MoE vision tower (docs/architectures.md §1.3). Shapes: N patches, D width, nh heads, hd head dim.
 
 
 class QwenVisionAttention(nn.Module):
@@ -604,7 +604,7 @@ class QwenVisionModel(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Qwen3-VL-MoE language model (ARCHITECTURES.md §1.5-1.7).
+# Qwen3-VL-MoE language model (docs/architectures.md §1.5-1.7).
 
 
 class QwenAttention(nn.Module):
@@ -807,7 +807,7 @@ MODELS: dict[str, type] = {"qwen3_vl_moe": Qwen3VLMoeModel}
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Kimi-VL configs (ARCHITECTURES.md §2.1). The Hub config.json is the remote-code layout: `text_config` is a
+# Kimi-VL configs (docs/architectures.md §2.1). The Hub config.json is the remote-code layout: `text_config` is a
 # DeepseekV3Config (rope_theta + rope_scaling), `vision_config` a MoonViT config (init_pos_emb_height/width).
 # The transformers-5 spellings (rope_parameters, num_local_experts, pos_emb_height/width) are accepted too.
 
@@ -924,7 +924,7 @@ CONFIGS["kimi_vl"] = KimiVLConfig
 
 
 # ----------------------------------------------------------------------------------------------------------
-# MoonViT, the Kimi-VL vision tower (ARCHITECTURES.md §2.3). Shapes: L patches of all images packed in raster
+# MoonViT, the Kimi-VL vision tower (docs/architectures.md §2.3). Shapes: L patches of all images packed in raster
 # order, D width, nh heads, hd head dim; (h, w) an image's grid in patches.
 
 
@@ -1073,7 +1073,7 @@ class KimiProjector(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Kimi-VL language model: DeepSeek-V3 style (ARCHITECTURES.md §2.5). MLA symbols as in the DeepSeek-V2 paper:
+# Kimi-VL language model: DeepSeek-V3 style (docs/architectures.md §2.5). MLA symbols as in the DeepSeek-V2 paper:
 # c = the compressed kv latent (kv_lora_rank), q/k = [nope | rope] parts, k_pe one rope key shared by all heads.
 
 

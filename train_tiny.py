@@ -5,13 +5,15 @@ model.safetensors in bf16 with the Hub's tensor names and fused-expert layout, t
 family's real special tokens, preprocessor_config.json, generation_config.json), so `model.load_model`,
 `data.load_processor`, calibrate.py, gptq.py and eval.py read the tiny and the real models the same way.
 
-Recipe (see ../shared/NOTES-tiny-model.md for why): 64x64 scenes, 8-px patches (8x8 grid -> 16 image
+Recipe (see docs/tiny-models.md for why): 64x64 scenes, 8-px patches (8x8 grid -> 16 image
 tokens), Gaussian init N(0, 0.02) with residual output projections scaled by 1/sqrt(2 * layers), AdamW,
 warm-up then constant then linear decay, answer cross-entropy + 0.01 load-balancing loss + 0.3 x an
 auxiliary per-patch loss (a linear probe on the vision tower predicting the shape x colour under each patch;
 it teaches the tower to see shape early and is dropped from the checkpoint).
 
-    python train_tiny.py --family qwen3_vl_moe --minutes 40 --out models/tiny-qwen3-vl-moe
+    python train_tiny.py --family qwen3_vl_moe --steps 4500 --threads 1 --out models/tiny-qwen3-vl-moe
+    python train_tiny.py --family kimi_vl --steps 4000 --threads 1 --out models/tiny-kimi-vl
+(the commands behind the bundled models; other flags: --batch, --lr, --seed, --eval-every, --overwrite)
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ import model  # noqa: E402
 from bench.timing import best_time  # noqa: E402
 from helpers import make_tiny_qwen  # noqa: E402
 
-# H != 2I, or the Hub and runtime expert layouts cannot be told apart (ARCHITECTURES.md §4)
+# H != 2I, or the Hub and runtime expert layouts cannot be told apart (docs/architectures.md §4)
 TEXT = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2, head_dim=32,
             moe_intermediate_size=96, num_experts=16, num_experts_per_tok=4,
             rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [6, 5, 5],

@@ -1,7 +1,7 @@
 """Builders for tiny random checkpoints in the real on-disk layouts, used as test fixtures.
 
 transformers is the oracle here (test extra only): it builds and saves a random model; we convert what it
-saves to the layout the Hub checkpoints actually have (ARCHITECTURES.md §4) and test our loader on that copy.
+saves to the layout the Hub checkpoints actually have (docs/architectures.md §4) and test our loader on that copy.
 """
 
 import json

@@ -1,6 +1,6 @@
 """Builders for tiny random Kimi-VL checkpoints in the original (remote-code) layout, used as test fixtures.
 
-transformers has no Kimi-VL class, so the oracle is built from two relatives (ARCHITECTURES.md §4):
+transformers has no Kimi-VL class, so the oracle is built from two relatives (docs/architectures.md §4):
   * `Kimi_K25ForConditionalGeneration` computes the same function for still images. We build a random one, then
     export its weights to the Kimi-VL layout: unfused per-expert MLPs, `wqkv` with the q/k rows put back into
     interleaved rope pairs, and the MoonViT / projector names (`norm0`, `fc0`, `wo`, `linear_1`, ...).

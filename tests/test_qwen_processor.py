@@ -12,7 +12,7 @@ from PIL import Image
 import data
 from helpers import QWEN_CHAT_TEMPLATE, QWEN_SPECIAL, build_tokenizer
 
-# The Qwen3-VL family's preprocessor_config.json values (ARCHITECTURES.md §3.1)
+# The Qwen3-VL family's preprocessor_config.json values (docs/architectures.md §3.1)
 REAL = dict(patch_size=16, temporal_patch_size=2, merge_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3,
             size={"shortest_edge": 65536, "longest_edge": 16777216})
 
@@ -77,7 +77,7 @@ def test_max_pixels_branch(tmp_path):
 
 
 def test_smart_resize_example():
-    # ARCHITECTURES.md §3.1: 150x230 -> 224x320 (grid 14x20, 70 tokens)
+    # docs/architectures.md §3.1: 150x230 -> 224x320 (grid 14x20, 70 tokens)
     assert data.smart_resize(150, 230, 32, 65536, 16777216) == (224, 320)
 
 

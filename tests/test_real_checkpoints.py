@@ -98,7 +98,7 @@ def test_qwen30b_config_fields_map_one_to_one():
     for key in ["image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id",
                 "tie_word_embeddings"]:
         assert getattr(cfg, key) == raw[key], key
-    # the published numbers of Qwen3-VL-30B-A3B (model card / ARCHITECTURES.md §1.1)
+    # the published numbers of Qwen3-VL-30B-A3B (model card / docs/architectures.md §1.1)
     assert (cfg.text.num_hidden_layers, cfg.text.num_experts, cfg.text.num_experts_per_tok) == (48, 128, 8)
     assert (cfg.text.hidden_size, cfg.text.num_attention_heads, cfg.text.num_key_value_heads) == (2048, 32, 4)
     assert (cfg.text.moe_intermediate_size, cfg.text.vocab_size, cfg.text.head_dim) == (768, 151936, 128)
@@ -131,7 +131,7 @@ def test_missing_checkpoint_files(name):
 
 def qwen_tensors_from_config(raw) -> dict[str, tuple[int, ...]]:
     """Every tensor a Qwen3-VL-MoE Hub checkpoint holds, with its shape, written from config.json alone
-    (ARCHITECTURES.md §1.2; independent of model.py)."""
+    (docs/architectures.md §1.2; independent of model.py)."""
     t, v = raw["text_config"], raw["vision_config"]
     H, nh, nkv, d = t["hidden_size"], t["num_attention_heads"], t["num_key_value_heads"], t["head_dim"]
     E, I, V = t.get("num_experts") or t["num_local_experts"], t["moe_intermediate_size"], t["vocab_size"]
@@ -353,7 +353,7 @@ def test_qwen_thinking_generation_prompt_matches_real_template(conv, qwen_thinki
     assert qwen_instruct[0].chat_text(msgs) + "<think>\n" == text  # Instruct: the same prompt without it
 
 
-# Kimi-VL special ids (ARCHITECTURES.md §3.2; SOURCES.md "Kimi tokenizer facts"): the real tokenizer_config.json
+# Kimi-VL special ids (docs/architectures.md §3.2; SOURCES.md "Kimi tokenizer facts"): the real tokenizer_config.json
 # was not found, so these come from the spec table, not from a file.
 KIMI_SPECIAL = {163584: "[BOS]", 163585: "[EOS]", 163586: "<|im_end|>", 163587: "<|im_user|>",
                 163588: "<|im_assistant|>", 163594: "<|im_system|>", 163601: "<|im_middle|>",
@@ -514,7 +514,7 @@ def test_kimi_config_excerpt_fields_map_one_to_one():
                       ("pos_emb_width", "init_pos_emb_width")]:
         assert getattr(cfg.vision, ours) == v[key], ours
     assert list(cfg.vision.merge_kernel_size) == v["merge_kernel_size"] and v["model_type"] == "moonvit"
-    # the known numbers (ARCHITECTURES.md §2.1)
+    # the known numbers (docs/architectures.md §2.1)
     tc = cfg.text
     assert (tc.num_hidden_layers, tc.hidden_size, tc.n_routed_experts, tc.n_shared_experts) == (27, 2048, 64, 2)
     assert (tc.num_experts_per_tok, tc.first_k_dense_replace, tc.kv_lora_rank, tc.q_lora_rank) == (6, 1, 512, None)
@@ -524,7 +524,7 @@ def test_kimi_config_excerpt_fields_map_one_to_one():
 
 
 def test_kimi_added_tokens_excerpt_matches_the_ids_data_and_the_spec_use():
-    """The real added_tokens_decoder entries the excerpt shows sit at the ids ARCHITECTURES.md §3.2 (and the
+    """The real added_tokens_decoder entries the excerpt shows sit at the ids docs/architectures.md §3.2 (and the
     Kimi tests above) give them, all special."""
     added = read(os.path.join(KIMI, "added_tokens_decoder.excerpt.json"))["added_tokens_decoder"]
     assert len(added) == 8 and all(t["special"] and not t["normalized"] for t in added.values())
