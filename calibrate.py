@@ -14,9 +14,9 @@ with x the decoder input embeddings and L the answer (or caption) cross-entropy 
 
 Writes `calib/stats.safetensors` (tensors) and `calib/calib.json` (everything else, including which samples
 were used, so gptq.py reads back exactly the same set); never pickle. The folder is written atomically.
-Selection: `random` (the first n samples of the seeded stream / a seeded draw from a file), or `macs`
-(macs.py): a pool of pool-factor x n candidates from the same source, profiled with one float pass each and
-selected greedily; calib.json then records the pool size and the chosen indices, and the summary compares the
+Selection: `random` (the first n samples of the seeded stream / a seeded draw from a file), or `macs`: a pool
+of pool-factor x n candidates from the same source, profiled with one float pass each here (macs_profile) and
+scored and selected greedily by macs.py; calib.json then records the pool size and the chosen indices, and the summary compares the
 experts left with zero / few tokens against a random draw of n from the same pool.
 Does not: handle video.
 """
@@ -33,26 +33,36 @@ import torch
 import torch.nn.functional as F
 
 import data
+import macs
 import model as modeling
+from hessian import fusion_scores
 
 DEFAULT_MODEL = "models/tiny-qwen3-vl-moe"
 
 
 def moe_layers(m) -> list[int]:
-    """Indices of decoder layers whose MLP is a routed MoE block."""
-    return [i for i, layer in enumerate(m.layers) if hasattr(layer.mlp, "experts")]
+    """Indices of decoder layers whose MLP is a routed MoE block (model.layer_structure: it has a router)."""
+    return [i for i, layer in enumerate(m.layers) if modeling.layer_structure(layer).router is not None]
+
+
+def n_experts(m) -> int:
+    """Routed experts per MoE layer (0 for a dense model)."""
+    layers = moe_layers(m)
+    return len(modeling.layer_structure(m.layers[layers[0]]).experts) if layers else 0
 
 
 class RoutingRecorder:
-    """Forward hooks on every router: keeps (topk_idx (N, k), scores (N, E)) of the last forward per layer."""
+    """Forward hooks on every router: keeps (topk_idx (N, k), scores (N, E) fp32) of the last forward per layer
+    (the router returns model.Routing)."""
 
     def __init__(self, m):
         self.last: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.handles = [m.layers[i].mlp.gate.register_forward_hook(self._hook(i)) for i in moe_layers(m)]
+        routers = {i: m.layers[i].get_submodule(modeling.layer_structure(m.layers[i]).router) for i in moe_layers(m)}
+        self.handles = [router.register_forward_hook(self._hook(i)) for i, router in routers.items()]
 
     def _hook(self, i):
-        def hook(module, inputs, outputs):
-            self.last[i] = (outputs[0].detach(), outputs[2].detach().float())
+        def hook(module, inputs, routing: modeling.Routing):
+            self.last[i] = (routing.topk_idx.detach(), routing.scores.detach().float())
         return hook
 
     def remove(self):
@@ -116,8 +126,7 @@ def encode_on(m, proc, s) -> dict:
 
 
 def _counts(m) -> Counts:
-    layers = moe_layers(m)
-    return Counts(layers, len(m.layers[layers[0]].mlp.experts) if layers else 0)
+    return Counts(moe_layers(m), n_experts(m))
 
 
 def collect(m, proc, samples, gamma: bool = True) -> dict:
@@ -234,14 +243,55 @@ def calibration_samples(meta: dict) -> list:
     return data.load_samples(meta["data"], n=meta["n"], seed=meta["seed"], split=meta["split"])
 
 
+@torch.no_grad()
+def macs_profile(m, proc, samples, layers: list[int]) -> macs.Profile:
+    """MACS's pass over its candidate pool: run the float model once per sample (prompt + gold answer),
+    counting its routing per MoE layer (`layers`) and modality as collect() does (RoutingRecorder, Counts) and
+    reading every decoder attention's probabilities (model.decoder_attention's probs_hook) for the text ->
+    image attention mass. The scoring and selection that follow are macs.py's."""
+    E = n_experts(m)
+    P, L = len(samples), len(layers)
+    u_text, u_vis = torch.zeros(P, L, E), torch.zeros(P, L, E)
+    prob_sum, n_tokens, affinity = torch.zeros(L, E, dtype=torch.float64), 0, torch.zeros(P, dtype=torch.float64)
+    mass = []  # per layer of the current sample: mean attention its text after the image pays to the image
+
+    def attention_hook(probs, vis):
+        phi = fusion_scores(probs[0], vis)  # text tokens: mass paid to image tokens
+        text_after = ~vis & (torch.arange(len(vis), device=vis.device) > int(torch.where(vis)[0][0]))
+        if bool(text_after.any()):
+            mass.append(float(phi[text_after].mean()))
+
+    rec = RoutingRecorder(m)
+    try:
+        for i, s in enumerate(samples):
+            b = encode_on(m, proc, s)
+            vis = b["is_vis"][0]
+            mass.clear()
+            for layer in m.layers:
+                layer.self_attn.probs_hook = (lambda p, v=vis: attention_hook(p, v)) if bool(vis.any()) else None
+            x, ctx = m.embed(b["input_ids"], **data.vision_inputs(b))
+            for k, layer in enumerate(m.layers):
+                x = m.after_layer(k, layer(x, ctx), ctx)
+            counts = Counts(layers, E)
+            for layer_idx in layers:
+                counts.add_routing(layer_idx, *rec.last[layer_idx], vis)
+            u_text[i], u_vis[i] = counts.n_text, counts.n_vis
+            prob_sum += counts.prob_sum
+            affinity[i] = sum(mass) / len(m.layers) if mass else 0.0
+            n_tokens += len(vis)
+    finally:
+        rec.remove()
+        for layer in m.layers:
+            del layer.self_attn.probs_hook
+    return macs.Profile(u_text, u_vis, affinity.float(), (prob_sum / max(1, n_tokens)).float())
+
+
 def select_macs(m, proc, meta: dict, pool_factor: int, penalty: float) -> dict:
     """MACS over a pool of pool_factor x n candidates: fills meta's pool / indices and returns the report
     (coverage of MACS and of a random draw of the same size from the same pool)."""
-    import macs
-
     pool = data.load_samples(meta["data"], n=pool_factor * meta["n"], seed=meta["seed"], split=meta["split"])
     n = min(meta["n"], len(pool))
-    prof = macs.profile(m, proc, pool, moe_layers(m))
+    prof = macs_profile(m, proc, pool, moe_layers(m))
     parts = macs.scores(prof)
     chosen = macs.select(prof.usage, parts["score"], n, penalty)
     baseline = macs.random_selection(len(pool), n, meta["seed"])

@@ -3,8 +3,10 @@ from its abstract; docs/methods.md §4.3). Used by `python calibrate.py --select
 
 Random calibration sets starve rare experts: an expert that few samples route to gets a Hessian from a handful
 of tokens (or none, and then the layer's pooled one). MACS draws a candidate pool (default 4x the calibration
-size), runs the float model once per candidate, and picks samples that are important, cross-modal and typical,
-while keeping every expert fed. Per candidate i, MoE layer l, expert e:
+size), runs the float model once per candidate (calibrate.macs_profile: the only part that needs the model),
+and picks samples that are important, cross-modal and typical, while keeping every expert fed. This file is the
+scoring and the selection, on the pass's counts (Profile): torch and numpy only. Per candidate i, MoE layer l,
+expert e:
     u_i[l, e]          routed slots (tokens x top-k) to e, per modality (usage_text, usage_vis), and their
                        per-layer histograms ū (normalized to sum 1 per layer);
     importance_i     = Σ_l Σ_e g[l, e] ū_i[l, e],  g = the pool's mean router probability (global importance);
@@ -29,16 +31,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-import calibrate
-import data
-from hessian import fusion_scores
-
 EPS = 1e-6  # histogram smoothing inside the KL divergence (an unused expert must not give an infinite KL)
 
 
 @dataclass
 class Profile:
-    """One float forward per pool sample, summarized. P samples, L MoE layers, E experts."""
+    """One float forward per pool sample, summarized (calibrate.macs_profile runs it). P samples, L MoE layers,
+    E experts."""
     usage_text: torch.Tensor  # (P, L, E) routed slots of text tokens
     usage_vis: torch.Tensor  # (P, L, E) routed slots of image tokens
     affinity: torch.Tensor  # (P,) mean text -> image attention mass
@@ -47,48 +46,6 @@ class Profile:
     @property
     def usage(self) -> torch.Tensor:
         return self.usage_text + self.usage_vis
-
-
-@torch.no_grad()
-def profile(m, proc, samples, moe_layers: list[int]) -> Profile:
-    """Run the float model once per sample (prompt + gold answer), counting its routing per layer and modality
-    as calibrate.py does (calibrate.RoutingRecorder, calibrate.Counts) and reading every decoder attention's
-    probabilities (model.decoder_attention's probs_hook)."""
-    E = len(m.layers[moe_layers[0]].mlp.experts)
-    P, L = len(samples), len(moe_layers)
-    u_text, u_vis = torch.zeros(P, L, E), torch.zeros(P, L, E)
-    prob_sum, n_tokens, affinity = torch.zeros(L, E, dtype=torch.float64), 0, torch.zeros(P, dtype=torch.float64)
-    mass = []  # per layer of the current sample: mean attention its text after the image pays to the image
-
-    def attention_hook(probs, vis):
-        phi = fusion_scores(probs[0], vis)  # text tokens: mass paid to image tokens
-        text_after = ~vis & (torch.arange(len(vis), device=vis.device) > int(torch.where(vis)[0][0]))
-        if bool(text_after.any()):
-            mass.append(float(phi[text_after].mean()))
-
-    rec = calibrate.RoutingRecorder(m)
-    try:
-        for i, s in enumerate(samples):
-            b = calibrate.encode_on(m, proc, s)
-            vis = b["is_vis"][0]
-            mass.clear()
-            for layer in m.layers:
-                layer.self_attn.probs_hook = (lambda p, v=vis: attention_hook(p, v)) if bool(vis.any()) else None
-            x, ctx = m.embed(b["input_ids"], **data.vision_inputs(b))
-            for k, layer in enumerate(m.layers):
-                x = m.after_layer(k, layer(x, ctx), ctx)
-            counts = calibrate.Counts(moe_layers, E)
-            for layer_idx in moe_layers:
-                counts.add_routing(layer_idx, *rec.last[layer_idx], vis)
-            u_text[i], u_vis[i] = counts.n_text, counts.n_vis
-            prob_sum += counts.prob_sum
-            affinity[i] = sum(mass) / len(m.layers) if mass else 0.0
-            n_tokens += len(vis)
-    finally:
-        rec.remove()
-        for layer in m.layers:
-            del layer.self_attn.probs_hook
-    return Profile(u_text, u_vis, affinity.float(), (prob_sum / max(1, n_tokens)).float())
 
 
 def zscore(v: torch.Tensor) -> torch.Tensor:

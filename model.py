@@ -32,7 +32,7 @@ import os
 import re
 import sys
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -336,6 +336,81 @@ def mlp_readers(layer: nn.Module) -> tuple[list[str], str | None]:
     return names, ("mlp.gate" if hasattr(layer.mlp, "gate") and not isinstance(layer.mlp.gate, nn.Linear) else None)
 
 
+class Routing(NamedTuple):
+    """What a router (QwenRouter, KimiRouter) returns for N tokens."""
+
+    topk_idx: torch.Tensor  # (N, k) long: the experts chosen for each token
+    topk_weight: torch.Tensor  # (N, k): their weights in the MoE output (Qwen: renormalized top-k softmax, in the
+    #                            activation dtype; Kimi: renormalized sigmoid scores x routed_scaling_factor, fp32)
+    scores: torch.Tensor  # (N, E) fp32: every expert's score before top-k (Qwen: softmax probability; Kimi: sigmoid)
+
+
+class LinearInput(NamedTuple):
+    """One input tensor of a decoder layer and the linears that read it (names relative to the layer)."""
+
+    readers: tuple[str, ...]  # e.g. ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+    expert: int | None = None  # the routed expert whose tokens these are; None: every token of the layer
+
+
+class SwiGLUNames(NamedTuple):
+    """One SwiGLU of a decoder layer (a routed expert, a shared expert, or the dense MLP), by module name."""
+
+    name: str  # e.g. "mlp.experts.3", "mlp.shared_experts", "mlp"
+    expert: int | None  # the routed expert's index e; None for a shared expert or a dense MLP
+    gate_proj: str
+    up_proj: str
+    down_proj: str
+
+
+@dataclass
+class LayerStructure:
+    """A decoder layer as a quantizer sees it, as data (layer_structure): names relative to the layer."""
+
+    attention: list[str]  # the attention's linears
+    swiglus: list[SwiGLUNames]  # routed experts in index order, then shared experts; or the dense MLP
+    router: str | None  # the router module (kept float, returns Routing); None in a dense layer
+    inputs: list[LinearInput]  # every nn.Linear of the layer exactly once, grouped by the tensor it reads
+    _owner: dict = field(init=False, repr=False)
+
+    def __post_init__(self):
+        self._owner = {lin: s for s in self.swiglus for lin in (s.gate_proj, s.up_proj, s.down_proj)}
+
+    @property
+    def experts(self) -> list[SwiGLUNames]:
+        """The routed experts, in index order."""
+        return [s for s in self.swiglus if s.expert is not None]
+
+    def swiglu_of(self, linear: str) -> SwiGLUNames | None:
+        """The SwiGLU a linear belongs to (None for attention linears)."""
+        return self._owner.get(linear)
+
+    def expert_of(self, name: str) -> int | None:
+        """The routed expert a linear belongs to, or None (attention, shared expert, dense MLP)."""
+        s = self._owner.get(name)
+        return None if s is None else s.expert
+
+
+def layer_structure(layer: nn.Module) -> LayerStructure:
+    """Decoder layer `layer` (either family, loaded or on the meta device) as data: which linears read which
+    input (the attention's groups from its `input_groups()`; an expert's, shared expert's or dense MLP's gate_proj
+    and up_proj share its input, its down_proj reads its own), the routed experts with their index, and the
+    router. Raises if a linear of the layer (float or packed) is missing from the description."""
+    attention = [[f"self_attn.{n}" for n in group] for group in layer.self_attn.input_groups()]
+    index = {id(e): j for j, e in enumerate(getattr(layer.mlp, "experts", ()))}
+    swiglus = [SwiGLUNames(n, index.get(id(m)), f"{n}.gate_proj", f"{n}.up_proj", f"{n}.down_proj")
+               for n, m in layer.named_modules() if isinstance(m, SwiGLU)]
+    inputs = [LinearInput(tuple(group)) for group in attention]
+    for s in swiglus:
+        inputs += [LinearInput((s.gate_proj, s.up_proj), s.expert), LinearInput((s.down_proj,), s.expert)]
+    router = mlp_readers(layer)[1]
+    described = sorted(n for i in inputs for n in i.readers)
+    linears = sorted(n for n, m in layer.named_modules() if isinstance(m, (nn.Linear, QuantLinear)))
+    if described != linears:
+        raise ValueError(f"layer_structure: the description lists {described} but the layer's linears are "
+                         f"{linears}; describe every linear (the attention's input_groups(), SwiGLU)")
+    return LayerStructure([n for group in attention for n in group], swiglus, router, inputs)
+
+
 def run_experts(experts: nn.ModuleList, x, topk_idx, topk_w):
     """The reference expert loop: gather each expert's routed tokens, run it, scatter-add weighted outputs.
     x (N, D), topk_idx (N, k) long, topk_w (N, k) -> (N, D). Experts are visited in index order and their tokens
@@ -621,6 +696,11 @@ class QwenAttention(nn.Module):
         self.q_norm = RMSNorm(self.hd, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps)
 
+    @staticmethod
+    def input_groups() -> list[tuple[str, ...]]:
+        """The linears grouped by the tensor they read (layer_structure): q, k, v read the layer's input."""
+        return [("q_proj", "k_proj", "v_proj"), ("o_proj",)]
+
     def forward(self, x, ctx: DecoderInputs):
         B, T, _ = x.shape
         q = self.q_norm(self.q_proj(x).view(B, T, self.nh, self.hd)).transpose(1, 2)  # (B, nh, T, hd)
@@ -642,11 +722,11 @@ class QwenRouter(nn.Module):
         self.top_k = cfg.num_experts_per_tok
         self.weight = nn.Parameter(torch.zeros(cfg.num_experts, cfg.hidden_size))
 
-    def forward(self, x):  # x (N, D) -> topk_idx (N, k), topk_w (N, k), probs (N, E) fp32
+    def forward(self, x) -> Routing:  # x (N, D) -> topk_idx (N, k), topk_weight (N, k), scores = probs (N, E) fp32
         probs = torch.softmax(upcast(F.linear(x, self.weight)), dim=-1)
         topk_p, topk_idx = torch.topk(probs, self.top_k, dim=-1)
         topk_w = (topk_p / topk_p.sum(-1, keepdim=True)).to(x.dtype)
-        return topk_idx, topk_w, probs
+        return Routing(topk_idx, topk_w, probs)
 
 
 class QwenMoE(nn.Module):
@@ -1101,6 +1181,13 @@ class MLAttention(nn.Module):
         self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, self.nh * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
         self.o_proj = nn.Linear(self.nh * cfg.v_head_dim, H, bias=bias)
 
+    def input_groups(self) -> list[tuple[str, ...]]:
+        """The linears grouped by the tensor they read (layer_structure): the query's first linear and
+        kv_a_proj_with_mqa read the layer's input; q_b_proj and kv_b_proj read their norms' outputs."""
+        if self.cfg.q_lora_rank is None:
+            return [("q_proj", "kv_a_proj_with_mqa"), ("kv_b_proj",), ("o_proj",)]
+        return [("q_a_proj", "kv_a_proj_with_mqa"), ("q_b_proj",), ("kv_b_proj",), ("o_proj",)]
+
     def forward(self, x, ctx: DecoderInputs):
         c, (B, T, _) = self.cfg, x.shape
         q = self.q_proj(x) if c.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
@@ -1124,7 +1211,7 @@ class KimiRouter(nn.Module):
     """DeepSeek-V3 `noaux_tc` routing, all in fp32: s = sigmoid(x W^T); the correction bias b shifts s only to
     *choose* experts (group-limited: keep the topk_group groups with the largest sum of their top-2 s + b, then
     top-k of s + b inside them); the chosen experts are weighted by their unbiased s, renormalized to sum to 1,
-    times routed_scaling_factor. Returns topk_idx (N, k), topk_w (N, k) fp32, s (N, E) fp32."""
+    times routed_scaling_factor. Returns Routing: topk_idx (N, k), topk_weight (N, k) fp32, scores = s (N, E) fp32."""
 
     def __init__(self, cfg: KimiTextConfig):
         super().__init__()
@@ -1146,7 +1233,7 @@ class KimiRouter(nn.Module):
         topk_w = s.gather(1, topk_idx)
         if c.norm_topk_prob and c.num_experts_per_tok > 1:
             topk_w = topk_w / (topk_w.sum(-1, keepdim=True) + 1e-20)
-        return topk_idx, topk_w * c.routed_scaling_factor, s
+        return Routing(topk_idx, topk_w * c.routed_scaling_factor, s)
 
 
 class KimiMoE(nn.Module):
