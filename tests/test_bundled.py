@@ -58,11 +58,12 @@ def test_bundled_qwen_matches_transformers():
 
 def test_w8_rtn_on_bundled_model_stays_close_to_float(tmp_path):
     import calibrate
-    import gptq
+    import layerwise
+    import methods
 
     calibrate.calibrate(QWEN, n=8, seed=0, out=str(tmp_path / "calib"), gamma=False, command="test")
-    gptq.quantize_model(QWEN, str(tmp_path / "calib"), str(tmp_path / "q"),
-                        gptq.QuantArgs(method="rtn", bits=8, group_size=32), command="test")
+    layerwise.quantize_model(QWEN, str(tmp_path / "calib"), str(tmp_path / "q"),
+                             methods.QuantArgs(method="rtn", bits=8, group_size=32), command="test")
     r = evaluation.evaluate(str(tmp_path / "q"), reference=QWEN, n=60, max_new_tokens=6)
     assert r["kl"]["all"] < 1e-4, r["kl"]
 
@@ -84,19 +85,20 @@ PRESETS = [("rtn", 3, 16), ("gptq", 3, 16), ("awq", 3, 16), ("veq-me", 3, 16), (
 
 
 def test_presets_cover_every_method():
-    import gptq
+    import methods
 
-    assert sorted(m for m, _, _ in PRESETS) == sorted(gptq.METHODS)
+    assert sorted(m for m, _, _ in PRESETS) == sorted(methods.METHODS)
 
 
 @pytest.mark.parametrize("method, bits, abits", PRESETS, ids=[p[0] for p in PRESETS])
 @pytest.mark.parametrize("name", ["qwen", "kimi"])
 def test_every_preset_runs_on_the_bundled_models(name, method, bits, abits, macs_calib, tmp_path):
     """End to end through the driver, then the packed checkpoint answers like the float model on a few samples."""
-    import gptq
+    import layerwise
+    import methods
 
     path = {"qwen": QWEN, "kimi": KIMI}[name]
-    gptq.quantize_model(path, macs_calib[name], str(tmp_path / "q"),
-                        gptq.QuantArgs(method=method, bits=bits, abits=abits, group_size=32), command="test")
+    layerwise.quantize_model(path, macs_calib[name], str(tmp_path / "q"),
+                             methods.QuantArgs(method=method, bits=bits, abits=abits, group_size=32), command="test")
     r = evaluation.evaluate(str(tmp_path / "q"), reference=path, n=6, seed=3, max_new_tokens=3)
     assert r["top1"]["all"] >= 0.8 and r["kl"]["all"] < 0.1, (method, r["kl"], r["top1"])

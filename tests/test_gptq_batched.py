@@ -4,7 +4,7 @@ Oracles: gptq() on each expert: the same codes, except in rows where the referen
 tie. There w/s is a half-integer up to float rounding, either code is as good, and any reordering of the float
 sums picks one at random; from there on that row follows another path. The tests find the first differing
 column of every such row and check that it is a tie, recomputing the reference's w there in float64 (the
-"left-looking" identity of gptq.py's batched section: w_j = W_j + Σ_{i<j} (W - Ŵ)_i R_ij / R_jj). Symmetric
+"left-looking" identity of gptq_batched.py's docstring: w_j = W_j + Σ_{i<j} (W - Ŵ)_i R_ij / R_jj). Symmetric
 grids with groups produce such ties by construction (a group's most negative weight, when it is the group's
 first column, is exactly -(2^bits - 1)/2 steps), so they are the ones that differ. Further oracles: GPTQ's loss
 identity ½ tr(ΔW (H + damp·I) ΔWᵀ); R Rᵀ = H + damp·I and R⁻¹ = gptq()'s Hinv; per-expert damping escalation
@@ -20,6 +20,7 @@ import torch
 
 import gptq
 from gptq import GPTQError, dequantize
+from gptq_batched import CPU_EXPERT_CHUNK, damped_reverse_cholesky, gptq_batched, gptq_batched_shared, reverse_cholesky
 from test_gptq import correlated, gen, hessian_of, indefinite_hessian
 
 
@@ -65,7 +66,7 @@ def assert_equal_up_to_ties(W, H, ref, bat, *, bits, group_size, tol, perm=None)
 
 def compare(W, H, tol, **kw):
     """gptq_batched vs gptq() per expert; returns the number of rows that differ (at ties), in all experts."""
-    batched = gptq.gptq_batched(W, H, **kw)
+    batched = gptq_batched(W, H, **kw)
     perms = [torch.argsort(torch.diagonal(H[e]), descending=True, stable=True) if kw.get("act_order") else None
              for e in range(W.shape[0])]
     return sum(assert_equal_up_to_ties(W[e], H[e], gptq.gptq(W[e], H[e], **kw), batched[e], bits=kw["bits"],
@@ -124,7 +125,7 @@ def test_larger_random_inputs(bits, sym):
     # 0-2 rows of 288 asymmetric, 2-3 symmetric, at 1 and 2 threads).
     W, H = problem(E=3, out=96, d=512, dtype=torch.float32, seed=1)
     kw = dict(bits=bits, group_size=128, sym=sym)
-    batched = gptq.gptq_batched(W, H, **kw)
+    batched = gptq_batched(W, H, **kw)
     rows = equal = total = 0
     for e in range(3):
         ref = gptq.gptq(W[e], H[e], **kw)
@@ -140,9 +141,9 @@ def test_larger_random_inputs(bits, sym):
 def test_expert_chunks_do_not_change_the_result():
     # the sweep takes expert_chunk experts at a time (16 on a CPU): every expert's arithmetic is the same
     W, H = problem(E=7, out=40, d=96, dtype=torch.float32, seed=3)
-    ref = gptq.gptq_batched(W, H, bits=3, group_size=32, expert_chunk=7)
+    ref = gptq_batched(W, H, bits=3, group_size=32, expert_chunk=7)
     for chunk in (1, 3, 16):
-        for a, b in zip(ref, gptq.gptq_batched(W, H, bits=3, group_size=32, expert_chunk=chunk)):
+        for a, b in zip(ref, gptq_batched(W, H, bits=3, group_size=32, expert_chunk=chunk)):
             assert torch.equal(a.codes, b.codes) and torch.equal(a.W_hat, b.W_hat)
             assert torch.equal(a.row_loss, b.row_loss) and torch.equal(a.scale, b.scale)
 
@@ -151,7 +152,7 @@ def test_shared_hessian_matches_gptq_shared():
     W, H = problem(E=3, out=16, d=48)
     gate, up = W[:, :10], W[:, 10:]
     for kw in (dict(group_size=16), dict(group_size=-1, sym=True)):
-        shared = gptq.gptq_batched_shared([gate, up], H, bits=3, **kw)  # [gate results, up results]
+        shared = gptq_batched_shared([gate, up], H, bits=3, **kw)  # [gate results, up results]
         for e in range(3):
             for r, ref in zip((shared[0][e], shared[1][e]), gptq.gptq_shared([gate[e], up[e]], H[e], bits=3, **kw)):
                 assert torch.equal(r.codes, ref.codes) and r.damp == pytest.approx(ref.damp, rel=1e-12)
@@ -164,7 +165,7 @@ def test_dead_columns_per_expert():
         X[:, cols] = 0
     H = torch.stack([hessian_of(X) for X in Xs])
     W = torch.randn(3, 8, 32, generator=gen(6), dtype=torch.float64)
-    batched = gptq.gptq_batched(W, H, bits=4, group_size=16)
+    batched = gptq_batched(W, H, bits=4, group_size=16)
     assert [r.n_dead for r in batched] == [2, 0, 3]
     assert bool((batched[2].W_hat[:, [0, 1, 31]] == 0).all())
     assert compare(W, H, 1e-9, bits=4, group_size=16) == 0
@@ -175,7 +176,7 @@ def test_dead_columns_per_expert():
 def test_loss_is_half_the_damped_quadratic_form(kw):
     # the OBS/GPTQ identity, exact in exact arithmetic, for every expert
     W, H = problem(E=3, out=12, d=48)
-    for r, W_e, H_e in zip(gptq.gptq_batched(W, H, bits=3, **kw), W, H):
+    for r, W_e, H_e in zip(gptq_batched(W, H, bits=3, **kw), W, H):
         dW = W_e - r.W_hat
         quad = float(((dW @ (H_e + r.damp * torch.eye(48, dtype=torch.float64))) * dW).sum()) / 2
         assert r.loss == pytest.approx(quad, rel=1e-9)
@@ -188,7 +189,7 @@ def test_loss_is_half_the_damped_quadratic_form(kw):
 def test_reverse_cholesky(n, block):
     A = torch.stack([hessian_of(correlated(n=4 * n, d=n, seed=s)) + 0.1 * torch.eye(n, dtype=torch.float64)
                      for s in range(2)])
-    R, ok = gptq.reverse_cholesky(A.clone(), block=block)
+    R, ok = reverse_cholesky(A.clone(), block=block)
     assert bool(ok.all()) and torch.equal(R, R.triu())
     torch.testing.assert_close(R @ R.transpose(1, 2), A, rtol=1e-12, atol=1e-12)
     flipped = torch.linalg.cholesky(A.flip((-2, -1))).flip((-2, -1))  # J chol(J A J) J
@@ -197,7 +198,7 @@ def test_reverse_cholesky(n, block):
 
 def test_reverse_factor_inverts_to_gptq_hinv():
     _, H = problem(E=2, d=40)
-    R, damp, retries = gptq.damped_reverse_cholesky(H, percdamp=0.01)
+    R, damp, retries = damped_reverse_cholesky(H, percdamp=0.01)
     for e in range(2):
         U, damp_ref, retries_ref = gptq.damped_inverse_cholesky(H[e], percdamp=0.01)
         assert float(damp[e]) == pytest.approx(damp_ref, rel=1e-15) and int(retries[e]) == retries_ref == 0
@@ -209,7 +210,7 @@ def test_damping_escalates_per_expert():
     H = torch.stack([hessian_of(correlated(n=64, d=16)), indefinite_hessian(16, neg=-0.03),
                      indefinite_hessian(16, neg=-0.5)])
     W = torch.randn(3, 4, 16, generator=gen(8), dtype=torch.float64)
-    batched = gptq.gptq_batched(W, H, bits=4, group_size=-1)
+    batched = gptq_batched(W, H, bits=4, group_size=-1)
     assert [r.retries for r in batched] == [0, 1, 2]
     assert compare(W, H, 1e-9, bits=4, group_size=-1) == 0
 
@@ -218,7 +219,7 @@ def test_cholesky_failure_names_the_expert():
     H = torch.stack([hessian_of(correlated(n=64, d=16)), indefinite_hessian(16, neg=-100.0)])
     names = ["layers.0.mlp.experts.0.down_proj", "layers.0.mlp.experts.1.down_proj"]
     with pytest.raises(GPTQError, match=r"failed for layers\.0\.mlp\.experts\.1\.down_proj with damping") as e:
-        gptq.gptq_batched(torch.randn(2, 4, 16, dtype=torch.float64), H, bits=4, group_size=-1, names=names)
+        gptq_batched(torch.randn(2, 4, 16, dtype=torch.float64), H, bits=4, group_size=-1, names=names)
     assert "experts.0" not in str(e.value)
 
 
@@ -244,34 +245,34 @@ def test_quant_params_on_stacked_groups():
 def test_bad_arguments_raise():
     W, H = torch.randn(2, 4, 8), torch.eye(8).expand(2, 8, 8).clone()
     with pytest.raises(ValueError, match="act_order with group_size=128 needs static_groups=True"):
-        gptq.gptq_batched(W, H, bits=4, act_order=True)
+        gptq_batched(W, H, bits=4, act_order=True)
     with pytest.raises(ValueError, match=r"W \(2, 4, 8\) must be \(E, out, in\) and H \(2, 9, 9\)"):
-        gptq.gptq_batched(W, torch.eye(9).expand(2, 9, 9), bits=4)
+        gptq_batched(W, torch.eye(9).expand(2, 9, 9), bits=4)
     with pytest.raises(ValueError, match=r"W \[\(4, 8\)\] must be \(E, out, in\) stacks"):
-        gptq.gptq_batched(W[0], H, bits=4)
+        gptq_batched(W[0], H, bits=4)
     with pytest.raises(ValueError, match="expert_chunk=-1 positive"):
-        gptq.gptq_batched(W, H, bits=4, expert_chunk=-1)
+        gptq_batched(W, H, bits=4, expert_chunk=-1)
     with pytest.raises(ValueError, match="1 names for 2 matrices"):
-        gptq.gptq_batched(W, H, bits=4, names=["a"])
+        gptq_batched(W, H, bits=4, names=["a"])
     # NaN/inf are found through their effects (a failed factorization, a non-finite loss): every kind is named
     for where in ((1, 2, 2), (1, 0, 7), (1, 6, 3)):  # H: diagonal, upper and lower triangle (symmetric pair)
         bad = H.clone()
         bad[where], bad[(where[0], where[2], where[1])] = float("nan"), float("nan")
         with pytest.raises(ValueError, match="H has NaN/inf entries for up_proj.1"):
-            gptq.gptq_batched(W, bad, bits=4, names=["up_proj.0", "up_proj.1"])
+            gptq_batched(W, bad, bits=4, names=["up_proj.0", "up_proj.1"])
     for v in (float("nan"), float("inf"), -float("inf")):
         bad = W.clone()
         bad[0, 3, 5] = v
         with pytest.raises(ValueError, match="W has NaN/inf entries for up_proj.0"):
-            gptq.gptq_batched(bad, H, bits=4, group_size=-1, names=["up_proj.0", "up_proj.1"])
+            gptq_batched(bad, H, bits=4, group_size=-1, names=["up_proj.0", "up_proj.1"])
 
 
 def test_inputs_are_not_modified():
     W, H = problem(E=2, out=8, d=32)
     H[1, 5, 5] = 0  # a dead column: handled on copies
     W0, H0 = W.clone(), H.clone()
-    gptq.gptq_batched(W, H, bits=3, group_size=16)
-    gptq.gptq_batched_shared([W[:, :4], W[:, 4:]], H, bits=3, group_size=16)
+    gptq_batched(W, H, bits=3, group_size=16)
+    gptq_batched_shared([W[:, :4], W[:, 4:]], H, bits=3, group_size=16)
     assert torch.equal(W, W0) and torch.equal(H, H0)
 
 
@@ -281,10 +282,10 @@ def test_op_count_does_not_depend_on_the_number_of_experts():
     def ops(E, chunk=None):
         W, H = problem(E=E, out=8, d=48, dtype=torch.float32)
         with OpCounter() as counter:
-            gptq.gptq_batched(W, H, bits=3, group_size=16, expert_chunk=chunk)
+            gptq_batched(W, H, bits=3, group_size=16, expert_chunk=chunk)
         return counter.n
 
     one = ops(1)
     assert ops(40, chunk=40) == one  # all experts in one sweep (the default off the CPU)
     chunked = ops(40)  # on a CPU the sweep takes CPU_EXPERT_CHUNK = 16 experts at a time: 3 sweeps
-    assert gptq.CPU_EXPERT_CHUNK == 16 and one < chunked < 3 * one
+    assert CPU_EXPERT_CHUNK == 16 and one < chunked < 3 * one

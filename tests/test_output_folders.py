@@ -8,6 +8,7 @@ import shutil
 import pytest
 
 import calibrate
+import export
 import gptq
 import model
 
@@ -103,12 +104,12 @@ def test_fake_quant_refuses_a_user_folder(ckpt, calib, tmp_path):
     quantize(ckpt, calib, tmp_path / "q")
     dst = user_folder(tmp_path / "fq")
     with pytest.raises(model.OutputError, match="--overwrite"):
-        gptq.export_fake_quant(str(tmp_path / "q"), dst)
+        export.export_fake_quant(str(tmp_path / "q"), dst)
     assert snapshot(dst) == {"thesis.tex": b"three years of work"}
     for bad in (tmp_path / "q", tmp_path):
         with pytest.raises(model.OutputError, match="would replace the quantized folder"):
-            gptq.export_fake_quant(str(tmp_path / "q"), str(bad), overwrite=True)
-    gptq.export_fake_quant(str(tmp_path / "q"), dst, overwrite=True)
+            export.export_fake_quant(str(tmp_path / "q"), str(bad), overwrite=True)
+    export.export_fake_quant(str(tmp_path / "q"), dst, overwrite=True)
     assert model.output_kind(dst) == "fake-quant" and "thesis.tex" not in os.listdir(dst)
 
 

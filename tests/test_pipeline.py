@@ -1,5 +1,5 @@
-"""The gptq.py driver end to end on a tiny random Qwen3-VL-MoE: invariants between methods, resume, the
-packed and fake-quant outputs, starved experts, scale folding."""
+"""The driver behind gptq.py (layerwise.py) end to end on a tiny random Qwen3-VL-MoE: invariants between methods,
+resume, the packed and fake-quant outputs, starved experts, scale folding."""
 
 import hashlib
 import json
@@ -10,7 +10,11 @@ import torch
 
 import calibrate
 import data
+import export
 import gptq
+from gptq_batched import gptq_batched
+import layerwise
+import methods
 import model
 
 
@@ -22,8 +26,8 @@ def calib(tiny_qwen, tmp_path_factory):
 
 
 def run(tiny_qwen, calib, out, **kw):
-    q = gptq.QuantArgs(**{"bits": 3, "group_size": 16, **kw})
-    return gptq.quantize_model(tiny_qwen, calib, str(out), q, command="test")
+    q = methods.QuantArgs(**{"bits": 3, "group_size": 16, **kw})
+    return layerwise.quantize_model(tiny_qwen, calib, str(out), q, command="test")
 
 
 def digest(path):
@@ -45,20 +49,20 @@ def test_veq_ma_with_gamma_1_and_lambda_0_is_exactly_gptq(tiny_qwen, calib, tmp_
 
 def test_resume_equals_uninterrupted(tiny_qwen, calib, tmp_path, monkeypatch):
     run(tiny_qwen, calib, tmp_path / "full", method="gptq")
-    original = gptq.print_layer
+    original = layerwise.print_layer
 
     def crash_after_layer_1(i, *a, **k):
         original(i, *a, **k)
         if i == 1:
             raise KeyboardInterrupt("simulated interruption")
 
-    monkeypatch.setattr(gptq, "print_layer", crash_after_layer_1)
+    monkeypatch.setattr(layerwise, "print_layer", crash_after_layer_1)
     with pytest.raises(KeyboardInterrupt):
         run(tiny_qwen, calib, tmp_path / "resumed", method="gptq")
     assert not os.path.exists(tmp_path / "resumed")  # nothing half-written at the final path
-    monkeypatch.setattr(gptq, "print_layer", original)
-    q = gptq.QuantArgs(method="gptq", bits=3, group_size=16)
-    gptq.quantize_model(tiny_qwen, calib, str(tmp_path / "resumed"), q, resume=True, command="test")
+    monkeypatch.setattr(layerwise, "print_layer", original)
+    q = methods.QuantArgs(method="gptq", bits=3, group_size=16)
+    layerwise.quantize_model(tiny_qwen, calib, str(tmp_path / "resumed"), q, resume=True, command="test")
     assert digest(tmp_path / "full") == digest(tmp_path / "resumed")
 
 
@@ -92,7 +96,7 @@ def packed_vs_transformers_fake_quant(tmp_path):
     prompt; also returns the encoded prompt."""
     from transformers import Qwen3VLMoeForConditionalGeneration
 
-    gptq.export_fake_quant(str(tmp_path / "q"), str(tmp_path / "fq"))
+    export.export_fake_quant(str(tmp_path / "q"), str(tmp_path / "fq"))
     packed = model.load_model(str(tmp_path / "q"))
     hf = Qwen3VLMoeForConditionalGeneration.from_pretrained(str(tmp_path / "fq"), dtype=torch.float32).eval()
     proc = data.load_processor(str(tmp_path / "q"))
@@ -149,28 +153,27 @@ def test_w8_rtn_stays_close_to_float(tiny_qwen, calib, tmp_path):
 @pytest.mark.parametrize("method", ["awq", "smoothquant", "ecs", "ecs-faq"])
 def test_scale_folding_leaves_the_float_layer_unchanged(tiny_qwen, calib, method):
     m = model.load_model(tiny_qwen)
-    acts = gptq.embed_samples(m, data.load_processor(tiny_qwen),
+    acts = layerwise.embed_samples(m, data.load_processor(tiny_qwen),
                               calibrate.calibration_samples(calibrate.load(calib)), "cpu")
-    before = gptq.run_layer(m, 0, acts)
-    q = gptq.QuantArgs(method=method, bits=3, group_size=16, abits=8 if method.startswith("ecs") else 16)
-    fusion = gptq.layer_fusion_weights(m.layers[0], acts, q.eta) if method == "ecs-faq" else None
-    rep = gptq.search_and_fold(m.layers[0], m.scaling_groups(0), acts, q, fusion=fusion)
+    before = layerwise.run_layer(m, 0, acts)
+    q = methods.QuantArgs(method=method, bits=3, group_size=16, abits=8 if method.startswith("ecs") else 16)
+    fusion = layerwise.layer_fusion_weights(m.layers[0], acts, q.eta) if method == "ecs-faq" else None
+    rep = layerwise.search_and_fold(m.layers[0], m.scaling_groups(0), acts, q, fusion=fusion)
     assert "post_attention_layernorm" in rep and "input_layernorm" in rep
-    after = gptq.run_layer(m, 0, acts)
+    after = layerwise.run_layer(m, 0, acts)
     for a, b in zip(before, after):
         assert (a.x - b.x).abs().max() <= 1e-4 * a.x.abs().max()
 
 
 def test_veq_me_with_equal_importance_is_exactly_awq(tiny_qwen, calib):
     results = []
-    equal = lambda consumers: [7.0] * len(gptq.expert_importance(consumers, (torch.ones(99), torch.ones(99), 1, 1),
-                                                                 1.0, 1.0, gptq.QuantArgs()))  # noqa: E731
+    equal = lambda experts: [7.0] * len(experts)  # noqa: E731
     for method, importance in (("awq", None), ("veq-me", equal)):
         m = model.load_model(tiny_qwen)
-        acts = gptq.embed_samples(m, data.load_processor(tiny_qwen),
+        acts = layerwise.embed_samples(m, data.load_processor(tiny_qwen),
                                   calibrate.calibration_samples(calibrate.load(calib)), "cpu")
-        q = gptq.QuantArgs(method=method, bits=3, group_size=16)
-        rep = gptq.search_and_fold(m.layers[0], m.scaling_groups(0), acts, q, importance=importance)
+        q = methods.QuantArgs(method=method, bits=3, group_size=16)
+        rep = layerwise.search_and_fold(m.layers[0], m.scaling_groups(0), acts, q, importance=importance)
         results.append((rep, {k: v.clone() for k, v in m.layers[0].state_dict().items()}))
     (rep_a, sd_a), (rep_v, sd_v) = results
     assert rep_a == rep_v
@@ -178,13 +181,12 @@ def test_veq_me_with_equal_importance_is_exactly_awq(tiny_qwen, calib):
 
 
 def test_veq_me_importance_is_gamma_n_text_plus_beta_n_vis():
-    q = gptq.QuantArgs(method="veq-me")
+    q = methods.QuantArgs(method="veq-me")
     counts = (torch.tensor([3.0, 0.0]), torch.tensor([1.0, 5.0]), 10, 20)
-    consumers = ["mlp.experts.0.gate_proj", "mlp.experts.0.up_proj", "mlp.experts.1.gate_proj",
-                 "mlp.experts.1.up_proj", "mlp.shared_experts.gate_proj", "mlp.shared_experts.up_proj"]
-    assert gptq.expert_importance(consumers, counts, 2.0, 0.5, q) == [2 * 3 + 0.5 * 1, 0.5 * 5, 2 * 10 + 0.5 * 20]
-    q_ablate = gptq.QuantArgs(method="veq-me", use_gamma=False, use_beta=False)
-    assert gptq.expert_importance(consumers, counts, 2.0, 0.5, q_ablate) == [4.0, 5.0, 30.0]
+    experts = [0, 1, None]  # two routed experts, then a shared expert (it reads every token)
+    assert methods.expert_importance(experts, counts, 2.0, 0.5, q) == [2 * 3 + 0.5 * 1, 0.5 * 5, 2 * 10 + 0.5 * 20]
+    q_ablate = methods.QuantArgs(method="veq-me", use_gamma=False, use_beta=False)
+    assert methods.expert_importance(experts, counts, 2.0, 0.5, q_ablate) == [4.0, 5.0, 30.0]
 
 
 @pytest.mark.parametrize("bits", [3, 4])
@@ -199,8 +201,8 @@ def test_batched_experts_match_the_per_expert_loop_on_the_bundled_model(bits, tm
     calibrate.calibrate(qwen, n=6, seed=0, out=str(tmp_path / "c"), command="test")
     outs, reps = [], []
     for batched in (False, True):
-        q = gptq.QuantArgs(method="veq-ma", bits=bits, group_size=32, batched_experts=batched)
-        reps.append(gptq.quantize_model(qwen, str(tmp_path / "c"), str(tmp_path / f"q{batched}"), q, command="t"))
+        q = methods.QuantArgs(method="veq-ma", bits=bits, group_size=32, batched_experts=batched)
+        reps.append(layerwise.quantize_model(qwen, str(tmp_path / "c"), str(tmp_path / f"q{batched}"), q, command="t"))
         ck = model.Checkpoint(str(tmp_path / f"q{batched}"))
         outs.append({k: ck.get(k) for k in ck.keys()})
     equal = total = 0
@@ -250,13 +252,13 @@ def test_faq_weights_from_the_layer_attention(tiny_qwen, calib):
     """The probs hook does not change the layer's output; FAQ weights are finite, >= 1 − η and mean 1 per
     modality over the calibration set, and differ from 1 (the attention is not uniform)."""
     m = model.load_model(tiny_qwen)
-    acts = gptq.embed_samples(m, data.load_processor(tiny_qwen),
+    acts = layerwise.embed_samples(m, data.load_processor(tiny_qwen),
                               calibrate.calibration_samples(calibrate.load(calib)), "cpu")
-    before = gptq.run_layer(m, 1, acts)
-    w = gptq.layer_fusion_weights(m.layers[1], acts, eta=0.5)
+    before = layerwise.run_layer(m, 1, acts)
+    w = layerwise.layer_fusion_weights(m.layers[1], acts, eta=0.5)
     assert not hasattr(m.layers[1].self_attn, "probs_hook")
     m.layers[1].self_attn.probs_hook = lambda p: None
-    for a, b in zip(before, gptq.run_layer(m, 1, acts)):
+    for a, b in zip(before, layerwise.run_layer(m, 1, acts)):
         assert (a.x - b.x).abs().max() <= 1e-5 * a.x.abs().max()
     allw, vis = torch.cat(w), torch.cat([a.is_vis for a in acts])
     assert [len(x) for x in w] == [a.x.shape[1] for a in acts]
@@ -273,7 +275,7 @@ def test_ecmfq_needs_a_macs_calibration_set(tiny_qwen, calib, tmp_path):
 def test_dequantize_once_gives_the_same_outputs(tiny_qwen, calib, tmp_path):
     run(tiny_qwen, calib, tmp_path / "q", method="rtn", bits=4, abits=8)
     m = model.load_model(str(tmp_path / "q"))
-    acts = gptq.embed_samples(m, data.load_processor(tiny_qwen),
+    acts = layerwise.embed_samples(m, data.load_processor(tiny_qwen),
                               calibrate.calibration_samples(calibrate.load(calib)), "cpu")
     with torch.no_grad():
         plain = [m.layers[1](a.x, a.ctx) for a in acts]
@@ -297,18 +299,18 @@ def test_batched_solver_on_the_bundled_models_real_hessians(name, tmp_path, monk
 
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", name)
     calibrate.calibrate(path, n=6, seed=0, out=str(tmp_path / "c"), command="test")
-    real = gptq.quantize_linears
+    real = layerwise.quantize_linears
 
     def capture(layer, cap, q, prefix):
-        keys = [k for k in gptq.input_groups(layer, cap, prefix) if gptq._EXPERT.match(k) and k in cap.H]
+        keys = [i.readers[0] for i in cap.structure.inputs if i.expert is not None and i.readers[0] in cap.H]
         if not keys:  # a dense layer (Kimi's first): go on to the first MoE layer
             return real(layer, cap, q, prefix)
         raise _Captured({k: (cap.H[k].finalize(dtype=torch.float32), layer.get_submodule(k).weight.float())
                          for k in keys})
 
-    monkeypatch.setattr(gptq, "quantize_linears", capture)
+    monkeypatch.setattr(layerwise, "quantize_linears", capture)
     with pytest.raises(_Captured) as got:
-        gptq.quantize_model(path, str(tmp_path / "c"), str(tmp_path / "q"), gptq.QuantArgs(method="gptq"),
+        layerwise.quantize_model(path, str(tmp_path / "c"), str(tmp_path / "q"), methods.QuantArgs(method="gptq"),
                             command="t")
     rows = codes = total = 0
     for role in ("gate_proj", "down_proj"):  # gate_proj's Hessian is also up_proj's; down_proj has its own
@@ -316,7 +318,7 @@ def test_batched_solver_on_the_bundled_models_real_hessians(name, tmp_path, monk
         W, H = (torch.stack([got.value.args[0][k][j] for k in keys]) for j in (1, 0))
         for bits, group_size in ((3, 32), (4, 32), (4, -1)):
             kw = dict(bits=bits, group_size=group_size)
-            for e, b in enumerate(gptq.gptq_batched(W, H, **kw)):
+            for e, b in enumerate(gptq_batched(W, H, **kw)):
                 ref = gptq.gptq(W[e], H[e], **kw)
                 rows += assert_equal_up_to_ties(W[e], H[e], ref, b, bits=bits, group_size=group_size, tol=1e-3)
                 codes, total = codes + int((ref.codes != b.codes).sum()), total + ref.codes.numel()

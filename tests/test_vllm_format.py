@@ -30,7 +30,9 @@ import torch.nn as nn
 
 import calibrate
 import data
-import gptq
+import export
+import layerwise
+import methods
 import model
 
 ct = pytest.importorskip("compressed_tensors", reason="test extra: pip install compressed-tensors")
@@ -379,7 +381,7 @@ def outputs(tmp_path_factory):
         calibrate.calibrate(path, n=2, seed=0, out=cal, gamma=False, command="test")
         for scheme, kw in SCHEMES.items():
             q = str(tmp_path_factory.mktemp("q") / f"{name}-{scheme}")
-            gptq.quantize_model(path, cal, q, gptq.QuantArgs(method="rtn", **kw), command="test")
+            layerwise.quantize_model(path, cal, q, methods.QuantArgs(method="rtn", **kw), command="test")
             out[name, scheme] = (path, q)
     return out
 
@@ -466,8 +468,8 @@ def test_kimi_with_q_lora_rank_keeps_fused_qkv_a_proj_uniform(tmp_path):
 
     path, _ = make_tiny_kimi(tmp_path / "kimi-qlora", seed=1, text=dict(q_lora_rank=24))
     calibrate.calibrate(path, n=2, seed=0, out=str(tmp_path / "cal"), gamma=False, command="test")
-    gptq.quantize_model(path, str(tmp_path / "cal"), str(tmp_path / "q"),
-                        gptq.QuantArgs(method="rtn", bits=4, group_size=8, sym=True), command="test")
+    layerwise.quantize_model(path, str(tmp_path / "cal"), str(tmp_path / "q"),
+                             methods.QuantArgs(method="rtn", bits=4, group_size=8, sym=True), command="test")
     fm = model.load_model(path)
     layers = {ly.name: ly for ly in vllm_layers(fm, vllm_arch(model.load_config(path)))}
     fused = layers["language_model.model.layers.1.self_attn.fused_qkv_a_proj"]
@@ -488,7 +490,7 @@ def test_kimi_with_q_lora_rank_keeps_fused_qkv_a_proj_uniform(tmp_path):
 def test_which_settings_vllm_runs(kw, runs):
     """README's table, as code: the config gptq.py writes for each setting parses, and vLLM 0.33 has a CUDA MoE
     kernel for it or not."""
-    qc = gptq.quantization_config(gptq.QuantArgs(**kw), ignore=[])
+    qc = export.quantization_config(methods.QuantArgs(**kw), ignore=[])
     assert config_problems(qc) == []
     assert (vllm_kernel_problems(qc) == []) == runs
 
@@ -565,7 +567,7 @@ def test_llm_compressor_checkpoint_loads_in_model_py(name, sym, tmp_path, float_
     # the same config and names our writer produces: vLLM's rules hold for it too
     assert format_problems(dst, float_models[name]) == []
     assert sorted(e for e in qc["ignore"] if e.endswith("mlp.gate")) == sorted(
-        e for e in gptq.ignored_modules(float_models[name]) if e.endswith("mlp.gate"))
+        e for e in export.ignored_modules(float_models[name]) if e.endswith("mlp.gate"))
     packed = model.load_model(dst)
     assert isinstance(packed.layers[1].mlp.experts[0].down_proj, model.QuantLinear)
     ours, ref = image_logits(packed, dst), image_logits(decompressed_reference(src, dst, args), dst)
@@ -580,8 +582,8 @@ def test_quantized_vision_tower(name, tmp_path, float_models):
     without it (models/kimi_vl.py), so vLLM expects them float."""
     cal, out = str(tmp_path / "cal"), str(tmp_path / "q")
     calibrate.calibrate(BUNDLED[name], n=2, seed=0, out=cal, gamma=False, command="test")
-    gptq.quantize_model(BUNDLED[name], cal, out, gptq.QuantArgs(method="rtn", bits=4, group_size=32, sym=True,
-                                                                quantize_vision=True), command="test")
+    layerwise.quantize_model(BUNDLED[name], cal, out, methods.QuantArgs(method="rtn", bits=4, group_size=32, sym=True,
+                                                                         quantize_vision=True), command="test")
     problems = format_problems(out, float_models[name])
     if name == "qwen":
         assert problems == []
