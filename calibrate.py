@@ -16,8 +16,8 @@ Writes `calib/stats.safetensors` (tensors) and `calib/calib.json` (everything el
 were used, so gptq.py reads back exactly the same set); never pickle. The folder is written atomically.
 Selection: `random` (the first n samples of the seeded stream / a seeded draw from a file), or `macs`: a pool
 of pool-factor x n candidates from the same source, profiled with one float pass each here (macs_profile) and
-scored and selected greedily by macs.py; calib.json then records the pool size and the chosen indices, and the summary compares the
-experts left with zero / few tokens against a random draw of n from the same pool.
+scored and selected greedily by macs.py; calib.json then records the pool size and the chosen indices, and the
+summary compares the experts left with zero / few tokens against a random draw of n from the same pool.
 Does not: handle video.
 """
 

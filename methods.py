@@ -133,7 +133,8 @@ def _search_report(r: ecs.ScaleResult) -> dict:
 
 
 def awq_search(g: ScalingGroup, q: QuantArgs):
-    """AWQ: s = x̄^α / sqrt(max x̄ · min x̄), α on a grid of 20, min of the consumers' output error (ecs.awq_scale)."""
+    """AWQ: s = x̄^α / sqrt(max x̄ · min x̄), α on a grid of 20, the least output error of the consumers
+    (ecs.awq_scale)."""
     r = ecs.awq_scale(g.X, g.readers, bits=q.bits, group_size=q.group_size, sym=q.sym, abits=q.abits)
     return r.s, _search_report(r)
 
