@@ -19,7 +19,7 @@ sum is simpler and, in float64, exact to rounding.) The factor 2/Σw does not ch
 is relative to mean(diag H) and the update rule is scale-invariant); it fixes the scale of reported losses.
 
 FAQ's weights are computed here from attention probabilities (fusion_scores, fusion_weights); which tokens
-get them is the driver's choice (gptq.token_weights).
+get them is the method's choice (methods.faq_weights).
 
 Does not: capture activations or attention (the driver hooks the model), or fall back when an expert got no
 tokens (finalize() raises; the caller decides, and reports, what to do).

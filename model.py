@@ -15,8 +15,10 @@ What this file does:
   * strict loading with `safetensors.safe_open` (single file or sharded), optionally one decoder layer at a
     time (`load_model(..., lazy_layers=True)` then `model.load_layer(i)` / `model.unload_layer(i)`),
   * greedy generation with a KV cache,
+  * each decoder layer as data for the quantizers: which linears read which input, the experts, the router
+    (layer_structure), what the router returns (Routing), where scales fold exactly (scaling_groups),
   * packed quantized weights (compressed-tensors `pack-quantized`: pack_int32/unpack_int32, QuantLinear), run by
-    dequantizing on the fly; quantization methods themselves live in gptq.py / ecs.py.
+    dequantizing on the fly; quantization methods themselves live in methods.py, gptq.py, ecs.py.
 What it does not do: video inputs, training-time features (dropout, aux losses), sampling.
 
 Run:  python model.py --model DIR --image IMG --prompt "What is in the picture?"
