@@ -325,9 +325,9 @@ def main(argv=None):
     import layerwise
     import methods
 
+    listing = "; ".join(f"{m.name}: {m.description}" for m in methods.METHODS.values())
     p = argparse.ArgumentParser(description="Quantize an MoE VLM layer by layer (layerwise.py).",
-                                epilog="methods: " + "; ".join(f"{m.name}: {m.description}"
-                                                               for m in methods.METHODS.values()))
+                                epilog=f"methods (§: docs/methods.md): {listing}")
     p.add_argument("--model", default=calibrate.DEFAULT_MODEL, help="float checkpoint folder")
     p.add_argument("--calib", default="calib", help="calibration folder written by calibrate.py")
     p.add_argument("--out", default="quantized",
