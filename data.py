@@ -13,14 +13,14 @@ converted to RGB, transparency composited on white) or paths.
 
 Specs: docs/architectures.md §3 (checked against transformers' processors in tests/).
 Not handled: videos, tool calls, "thinking" templates.
-This file never imports model.py.
+The samples themselves (the shapes benchmark, dataset readers, load_samples) are samples.py's; data.X reaches
+their public names too. This file never imports model.py.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import json
 import math
 import os
 import re
@@ -30,9 +30,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-
-class DataError(ValueError):
-    """Bad input data; the message names the file/sample/line."""
+# The samples are samples.py's; data.X reaches every public name there too.
+from samples import (COLORS, DataError, draw_scene, IMAGE_TYPES, load_samples, NUMBERS, read_coco_captions,
+                     read_json, read_jsonl, read_llava, Sample, SAMPLE_FIELDS, SHAPES, shapes_benchmark,
+                     SHAPES_SPECS, shapes_vocabulary, SPLIT_SEEDS, TEXT_TYPES)  # noqa: F401
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -207,7 +208,7 @@ def tiktoken_bpe(tokens: list[bytes], pat_str: str, special_tokens: dict[str, in
 def kimi_special_tokens(config_path: str, n_ranks: int) -> dict[str, int]:
     """Kimi's special tokens (TikTokenTokenizer.__init__): ids n_ranks .. n_ranks+257, named by
     tokenizer_config.json's added_tokens_decoder, `<|reserved_token_{id}|>` where it names none."""
-    cfg = _read_json(config_path, "the tokenizer's special tokens (added_tokens_decoder)")
+    cfg = read_json(config_path, "the tokenizer's special tokens (added_tokens_decoder)")
     ids = range(n_ranks, n_ranks + KIMI_NUM_RESERVED_SPECIAL)
     named = {}
     for key, tok in (cfg.get("added_tokens_decoder") or {}).items():
@@ -269,16 +270,6 @@ class Tokenizer:
         return i
 
 
-def _read_json(path: str, what: str) -> dict | list:
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: not found ({what})")
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: not valid JSON ({e})") from e
-
-
 def shipped_chat_template(checkpoint_dir: str) -> str:
     """The chat template a checkpoint folder ships (chat_template.jinja, chat_template.json or
     tokenizer_config.json, in that order), or "" when it has none. Read only to detect variants."""
@@ -289,7 +280,7 @@ def shipped_chat_template(checkpoint_dir: str) -> str:
     for name in ("chat_template.json", "tokenizer_config.json"):
         path = os.path.join(checkpoint_dir, name)
         if os.path.isfile(path):
-            template = _read_json(path, "the checkpoint's chat template").get("chat_template")
+            template = read_json(path, "the checkpoint's chat template").get("chat_template")
             if isinstance(template, str):
                 return template
     return ""
@@ -349,7 +340,7 @@ class QwenImageConfig:
 
     @classmethod
     def from_file(cls, path: str) -> "QwenImageConfig":
-        d = _read_json(path, "the checkpoint's image preprocessing settings")
+        d = read_json(path, "the checkpoint's image preprocessing settings")
         size = d.get("size") or {}
         return cls(
             patch_size=d.get("patch_size", 16), temporal_patch_size=d.get("temporal_patch_size", 2),
@@ -370,7 +361,7 @@ class QwenProcessor(ChatProcessor):
     def __init__(self, checkpoint_dir: str):
         self.tokenizer = Tokenizer(checkpoint_dir)
         self.image_cfg = QwenImageConfig.from_file(os.path.join(checkpoint_dir, "preprocessor_config.json"))
-        cfg = _read_json(os.path.join(checkpoint_dir, "config.json"), "model config")
+        cfg = read_json(os.path.join(checkpoint_dir, "config.json"), "model config")
         self.image_token_id = cfg.get("image_token_id", self.tokenizer.token_id("<|image_pad|>"))
         self.stop_ids = [self.tokenizer.token_id("<|im_end|>"), self.tokenizer.token_id("<|endoftext|>")]
         # Qwen3-VL *-Thinking checkpoints' template opens the answer with "<think>\n" (the Instruct one does not)
@@ -429,7 +420,7 @@ class KimiImageConfig:
 
     @classmethod
     def from_file(cls, path: str) -> "KimiImageConfig":
-        d = _read_json(path, "the checkpoint's image preprocessing settings")
+        d = read_json(path, "the checkpoint's image preprocessing settings")
         if d.get("pad_input", True) is not True:
             raise DataError(f"{path}: pad_input={d['pad_input']!r} (center-crop) is not supported; "
                             "Kimi-VL-A3B-Instruct pads (pad_input true)")
@@ -453,7 +444,7 @@ class KimiProcessor(ChatProcessor):
     def __init__(self, checkpoint_dir: str):
         self.tokenizer = Tokenizer(checkpoint_dir, pat_str=KIMI_PAT_STR)
         self.image_cfg = KimiImageConfig.from_file(os.path.join(checkpoint_dir, "preprocessor_config.json"))
-        cfg = _read_json(os.path.join(checkpoint_dir, "config.json"), "model config")
+        cfg = read_json(os.path.join(checkpoint_dir, "config.json"), "model config")
         self.image_token_id = cfg.get("media_placeholder_token_id", self.tokenizer.token_id("<|media_pad|>"))
         self.stop_ids = [self.tokenizer.token_id("<|im_end|>"), self.tokenizer.token_id("[EOS]")]
 
@@ -508,7 +499,7 @@ PROCESSORS = {"qwen3_vl_moe": QwenProcessor, "kimi_vl": KimiProcessor}
 
 
 def load_processor(checkpoint_dir: str):
-    cfg = _read_json(os.path.join(checkpoint_dir, "config.json"), "model config")
+    cfg = read_json(os.path.join(checkpoint_dir, "config.json"), "model config")
     kind = cfg.get("model_type")
     if kind not in PROCESSORS:
         raise DataError(f"{checkpoint_dir}/config.json: model_type {kind!r} has no processor; "
@@ -532,171 +523,6 @@ def pad_batch(encoded: list[dict], pad_id: int = 0, side: str = "left") -> dict:
         if parts:
             out[k] = torch.cat(parts)
     return out
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The bundled synthetic benchmark ("shapes"): deterministic scenes drawn with pillow, and questions whose
-# single-word answers need the vision tower (colour, shape, count, position) and the language model
-# (relations, arithmetic). Used to train the bundled tiny models and to measure what quantization costs them.
-
-SHAPES = ("circle", "square", "triangle")
-COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (50, 80, 220), "yellow": (230, 210, 40),
-          "purple": (150, 60, 190), "white": (245, 245, 245)}
-NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
-           "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen")
-IMAGE_TYPES = ("color", "shape", "count", "exists", "position", "relation")
-TEXT_TYPES = ("arithmetic", "order")
-SPLIT_SEEDS = {"train": 0, "test": 1_000_003}  # disjoint random streams: the held-out split is fixed
-
-
-@dataclass
-class Sample:
-    """One benchmark item. image is None for text-only items; choices is set for multiple choice."""
-
-    question: str
-    answer: str
-    type: str
-    image: Image.Image | None = None
-    choices: list | None = None
-    objects: list | None = None  # the scene behind a synthetic image (shape, color, x, y, r per object)
-
-    @property
-    def modality(self) -> str:
-        return "text" if self.image is None else "image"
-
-
-def _scene(rng, size=64):
-    """1-4 non-overlapping objects; centres at least 7 px apart in x and in y, so left/right/top/bottom
-    between any two objects is never ambiguous."""
-    n = int(rng.integers(1, 5))
-    objs, tries = [], 0
-    while len(objs) < n:
-        tries += 1
-        if tries > 200:  # an early object blocked the rest: start the scene over
-            objs, tries = [], 0
-        r = int(rng.integers(8, 12))
-        x, y = int(rng.integers(r, size - r)), int(rng.integers(r, size - r))
-        if all(abs(x - o["x"]) >= 7 and abs(y - o["y"]) >= 7 and math.hypot(x - o["x"], y - o["y"]) > r + o["r"] + 1
-               for o in objs):
-            objs.append(dict(shape=SHAPES[rng.integers(3)], color=list(COLORS)[rng.integers(len(COLORS))],
-                             x=x, y=y, r=r))
-    return objs
-
-
-def draw_scene(objs, size=64, labels: bool = False) -> Image.Image:
-    """The scene on a grey background; with labels=True, an "L" image whose pixels hold 0 for background and
-    1 + shape_index * len(COLORS) + color_index under each object (a segmentation map for training probes)."""
-    from PIL import ImageDraw
-
-    im = Image.new("L", (size, size), 0) if labels else Image.new("RGB", (size, size), (128, 128, 128))
-    d = ImageDraw.Draw(im)
-    for o in objs:
-        x, y, r = o["x"], o["y"], o["r"]
-        c = (1 + SHAPES.index(o["shape"]) * len(COLORS) + list(COLORS).index(o["color"])) if labels \
-            else COLORS[o["color"]]
-        if o["shape"] == "circle":
-            d.ellipse([x - r, y - r, x + r, y + r], fill=c)
-        elif o["shape"] == "square":
-            d.rectangle([x - r + 2, y - r + 2, x + r - 2, y + r - 2], fill=c)
-        else:
-            d.polygon([(x, y - r), (x - r, y + r - 1), (x + r, y + r - 1)], fill=c)
-    return im
-
-
-def _unique(objs, key):
-    """Objects whose `key` value occurs once in the scene."""
-    return [o for o in objs if sum(p[key] == o[key] for p in objs) == 1]
-
-
-def _image_question(rng, objs, qtype):
-    """(question, answer) of type qtype for the scene, or None when the scene cannot pose it."""
-    if qtype == "color":
-        u = _unique(objs, "shape")
-        return u and (f"what color is the {(o := u[rng.integers(len(u))])['shape']} ?", o["color"])
-    if qtype == "shape":
-        u = _unique(objs, "color")
-        return u and (f"what shape is the {(o := u[rng.integers(len(u))])['color']} object ?", o["shape"])
-    if qtype == "count":
-        if rng.random() < 0.5:
-            return "how many objects are there ?", NUMBERS[len(objs)]
-        s = SHAPES[rng.integers(3)]
-        return f"how many {s}s are there ?", NUMBERS[sum(o["shape"] == s for o in objs)]
-    if qtype == "exists":
-        o = objs[rng.integers(len(objs))]
-        if rng.random() < 0.5:
-            return f"is there a {o['color']} {o['shape']} ?", "yes"
-        # hard negative: right colour with another shape, or right shape with another colour
-        shape, color = o["shape"], o["color"]
-        if rng.random() < 0.5:
-            shape = SHAPES[(SHAPES.index(shape) + 1 + rng.integers(2)) % 3]
-        else:
-            color = list(COLORS)[(list(COLORS).index(color) + 1 + rng.integers(len(COLORS) - 1)) % len(COLORS)]
-        present = any(p["shape"] == shape and p["color"] == color for p in objs)
-        return f"is there a {color} {shape} ?", "yes" if present else "no"
-    if qtype == "position":
-        if len(objs) < 2:
-            return None
-        side = ("left", "right", "top", "bottom")[rng.integers(4)]
-        key, pick = {"left": ("x", min), "right": ("x", max), "top": ("y", min), "bottom": ("y", max)}[side]
-        o = pick(objs, key=lambda p: p[key])
-        attr = ("shape", "color")[rng.integers(2)]
-        return f"what {attr} is the {side}most object ?", o[attr]
-    if qtype == "relation":  # nearest object on one side of a uniquely described anchor
-        u = [o for o in objs if sum(p["shape"] == o["shape"] and p["color"] == o["color"] for p in objs) == 1]
-        if len(objs) < 2 or not u:
-            return None
-        a = u[rng.integers(len(u))]
-        side = ("left of", "right of", "above", "below")[rng.integers(4)]
-        key, sign = {"left of": ("x", -1), "right of": ("x", 1), "above": ("y", -1), "below": ("y", 1)}[side]
-        cands = [o for o in objs if o is not a and sign * (o[key] - a[key]) > 0]
-        if not cands:
-            return None
-        o = min(cands, key=lambda p: abs(p[key] - a[key]))
-        attr = ("shape", "color")[rng.integers(2)]
-        return f"what {attr} is the object {side} the {a['color']} {a['shape']} ?", o[attr]
-    raise ValueError(f"unknown image question type {qtype!r}")
-
-
-def _text_question(rng, qtype):
-    if qtype == "arithmetic":
-        a, b = int(rng.integers(0, 10)), int(rng.integers(0, 10))
-        if rng.random() < 0.5 or a < b:
-            return f"what is {NUMBERS[a]} plus {NUMBERS[b]} ?", NUMBERS[a + b]
-        return f"what is {NUMBERS[a]} minus {NUMBERS[b]} ?", NUMBERS[a - b]
-    if qtype == "order":
-        a = int(rng.integers(1, 17))
-        word = ("after", "before")[rng.integers(2)]
-        return f"what number comes {word} {NUMBERS[a]} ?", NUMBERS[a + 1 if word == "after" else a - 1]
-    raise ValueError(f"unknown text question type {qtype!r}")
-
-
-def shapes_benchmark(n: int, seed: int = 0, split: str = "test", text_fraction: float = 0.2) -> list[Sample]:
-    """n deterministic samples of the given split ("train" or "test"; disjoint random streams), about
-    `text_fraction` of them text-only, image question types in equal proportion."""
-    if split not in SPLIT_SEEDS:
-        raise DataError(f"--split {split!r}: expected one of {sorted(SPLIT_SEEDS)}")
-    rng = np.random.default_rng([SPLIT_SEEDS[split], seed])
-    out = []
-    while len(out) < n:
-        if rng.random() < text_fraction:
-            qtype = TEXT_TYPES[rng.integers(len(TEXT_TYPES))]
-            q, a = _text_question(rng, qtype)
-            out.append(Sample(q, a, qtype))
-            continue
-        qtype = IMAGE_TYPES[len(out) % len(IMAGE_TYPES)]
-        objs = _scene(rng)
-        qa = _image_question(rng, objs, qtype)
-        if qa:
-            out.append(Sample(qa[0], qa[1], qtype, image=draw_scene(objs), objects=objs))
-    return out
-
-
-def shapes_vocabulary() -> list[str]:
-    """Every word the benchmark can ask or answer (used to train the tiny models' tokenizers)."""
-    words = set(SHAPES) | set(COLORS) | set(NUMBERS) | {s + "s" for s in SHAPES}
-    for s in shapes_benchmark(3000, split="train"):
-        words |= set(s.question.split()) | {s.answer}
-    return sorted(words)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -750,102 +576,3 @@ def encode_qa_batch(proc, samples: list[Sample]) -> dict:
 def vision_inputs(batch: dict) -> dict:
     """The image tensors of an encoded batch, under the names the model's forward takes."""
     return {k: batch[k] for k in ("pixel_values", "image_grid_thw", "image_grid_hws") if k in batch}
-
-
-SAMPLE_FIELDS = {"image", "question", "answer", "choices", "type", "id"}
-
-
-def _resolve_image(path, root, where):
-    full = path if os.path.isabs(path) else os.path.join(root, path)
-    if not os.path.isfile(full):
-        raise DataError(f"{where}: image {full!r} not found (paths are relative to the data file's folder or "
-                        "--image-root)")
-    return full
-
-
-def read_jsonl(path: str, image_root: str | None = None) -> list[Sample]:
-    """One JSON object per line: {"image": path?, "question": str, "answer": str, "choices": [str]?,
-    "type": str?, "id": any?}. Images are relative to the file's folder (or image_root)."""
-    root = image_root or os.path.dirname(os.path.abspath(path))
-    out = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{n}"
-            try:
-                d = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: not valid JSON ({e})") from e
-            if not isinstance(d, dict) or "question" not in d or "answer" not in d:
-                raise DataError(f"{where}: each line needs at least \"question\" and \"answer\"")
-            unknown = set(d) - SAMPLE_FIELDS
-            if unknown:
-                raise DataError(f"{where}: unknown field(s) {sorted(unknown)}; allowed: {sorted(SAMPLE_FIELDS)}")
-            image = _resolve_image(d["image"], root, where) if d.get("image") else None
-            out.append(Sample(str(d["question"]), str(d["answer"]), d.get("type", "jsonl"), image=image,
-                              choices=d.get("choices")))
-    return out
-
-
-def read_llava(path: str, image_root: str | None = None) -> list[Sample]:
-    """LLaVA / ShareGPT JSON: a list of {"image": path?, "conversations": [{"from": "human", "value":
-    "<image>\\nquestion"}, {"from": "gpt", "value": answer}, ...]}; the first human/gpt turn becomes a sample."""
-    root = image_root or os.path.dirname(os.path.abspath(path))
-    items = _read_json(path, "LLaVA / ShareGPT samples")
-    if not isinstance(items, list):
-        raise DataError(f"{path}: expected a JSON list of samples")
-    out = []
-    for n, d in enumerate(items):
-        where = f"{path}: item {n}"
-        conv = d.get("conversations") if isinstance(d, dict) else None
-        if not conv or len(conv) < 2 or conv[0].get("from") != "human" or conv[1].get("from") != "gpt":
-            raise DataError(f"{where}: expected \"conversations\" starting with a human turn then a gpt turn")
-        question = conv[0]["value"].replace("<image>", "").strip()
-        image = _resolve_image(d["image"], root, where) if d.get("image") else None
-        out.append(Sample(question, conv[1]["value"].strip(), "llava", image=image))
-    return out
-
-
-def read_coco_captions(path: str, image_root: str | None = None,
-                       prompt: str = "Describe this image in one sentence.") -> list[Sample]:
-    """COCO captions: annotations/captions_*.json ({"images": [{"id", "file_name"}], "annotations":
-    [{"image_id", "caption"}]}); images in image_root (default: ../<split name> next to annotations/, e.g.
-    val2017/). The first caption of each image is the reference answer."""
-    d = _read_json(path, "COCO captions annotations")
-    if not isinstance(d, dict) or "images" not in d or "annotations" not in d:
-        raise DataError(f"{path}: not a COCO captions file (needs \"images\" and \"annotations\")")
-    split = os.path.basename(path).replace("captions_", "").replace(".json", "")
-    root = image_root or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(path))), split)
-    first = {}
-    for a in d["annotations"]:
-        first.setdefault(a["image_id"], a["caption"].strip())
-    return [Sample(prompt, first[im["id"]], "caption",
-                   image=_resolve_image(im["file_name"], root, f"{path}: image id {im['id']}"))
-            for im in d["images"] if im["id"] in first]
-
-
-SHAPES_SPECS = {"shapes": 0.2, "shapes-image": 0.0, "shapes-text": 1.0}  # --data name -> share of text-only
-
-
-def load_samples(spec: str = "shapes", n: int | None = None, seed: int = 0, split: str = "test",
-                 image_root: str | None = None) -> list[Sample]:
-    """`shapes` (the bundled benchmark; `shapes-image` / `shapes-text`: its image / text-only questions alone),
-    a .jsonl file, a LLaVA/ShareGPT .json list, or a COCO captions .json.
-    For files, n samples are drawn without replacement with `seed` (all of them when n is None)."""
-    if spec in SHAPES_SPECS:
-        return shapes_benchmark(n or 500, seed=seed, split=split, text_fraction=SHAPES_SPECS[spec])
-    if not os.path.isfile(spec):
-        raise DataError(f"--data {spec!r}: not one of {sorted(SHAPES_SPECS)} and not an existing file")
-    if spec.endswith(".jsonl"):
-        samples = read_jsonl(spec, image_root)
-    elif os.path.basename(spec).startswith("captions_"):
-        samples = read_coco_captions(spec, image_root)
-    elif spec.endswith(".json"):
-        samples = read_llava(spec, image_root)
-    else:
-        raise DataError(f"--data {spec!r}: unknown format; use .jsonl, a LLaVA .json list or COCO captions_*.json")
-    if n is not None and n < len(samples):
-        idx = np.random.default_rng(seed).choice(len(samples), size=n, replace=False)
-        samples = [samples[i] for i in sorted(idx)]
-    return samples
