@@ -15,8 +15,8 @@ For each decoder layer l (its inputs produced by the already-quantized layers < 
 Router, norms, embeddings and lm_head stay in float; --quantize-vision quantizes the vision tower first.
 Then export.write_output assembles OUT/. docs/methods.md §1.3 is the spec.
 
-Model structure comes from model.py as data (model.layer_structure, model.Routing, m.scaling_groups); nothing
-here parses module names. Does not: define methods (methods.py), solve (gptq.py, gptq_batched.py), accumulate
+Model structure comes from the model code as data (model.layer_structure, model.Routing, m.scaling_groups);
+nothing here parses module names. Does not: define methods (methods.py), solve (gptq.py, gptq_batched.py), accumulate
 Hessians (hessian.py), search scales (ecs.py), or write the output folder (export.py).
 """
 
