@@ -20,6 +20,10 @@ from checkpoint import assign, resolve
 from packed import QuantLinear
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Kernels and modules: norms, rotary embeddings, attention, SwiGLU, the decoder layer.
+
+
 def upcast(x):
     """x in at least float32: the references compute norms, softmaxes and rotations in fp32; a float64 model
     (used by tests as a high-precision recomputation) stays float64."""
@@ -149,6 +153,11 @@ def text_model(cfg, attention: type, moe: type) -> TextModel:
         for i in range(cfg.num_hidden_layers)])
 
 
+# ----------------------------------------------------------------------------------------------------------
+# A decoder layer as data, for the quantizers: where scales fold (swiglu_groups, mlp_readers; the families'
+# scaling_groups), what a router returns (Routing), which linears read which input (layer_structure).
+
+
 def swiglu_groups(layer: nn.Module) -> list[tuple[str, list[str], None]]:
     """(up_proj -> down_proj) scaling groups of every SwiGLU in a layer: a per-channel scale folded into
     up_proj's output rows is undone exactly by down_proj's input columns (silu(g) * u/s * s = silu(g) * u)."""
@@ -235,6 +244,10 @@ def layer_structure(layer: nn.Module) -> LayerStructure:
         raise ValueError(f"layer_structure: the description lists {described} but the layer's linears are "
                          f"{linears}; describe every linear (the attention's input_groups(), SwiGLU)")
     return LayerStructure([n for group in attention for n in group], swiglus, router, inputs)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The forward's machinery: the expert loop, masks, the KV cache, and MoEVLM, the base of both model classes.
 
 
 def run_experts(experts: nn.ModuleList, x, topk_idx, topk_w):
