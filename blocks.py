@@ -342,9 +342,11 @@ class MoEVLM(nn.Module):
     def load_keys(self, keys):
         for k in keys:
             t = self.sources[k][1]()
-            # copy: never alias the mmap'd file; float tensors take the requested dtype (or fp32, see keep_fp32)
+            # copy: never alias the mmap'd file; float tensors take the requested dtype (or fp32, see keep_fp32);
+            # contiguous: a weight read from the Hub's fused experts is a transposed view, and a linear on a
+            # transposed weight takes another matmul kernel (other rounding) than the per-expert layout's
             dtype = (torch.float32 if k.endswith(self.keep_fp32) else self._dtype) if t.is_floating_point() else t.dtype
-            t = t.to(device=self._device, dtype=dtype, copy=True)
+            t = t.to(device=self._device, dtype=dtype, copy=True, memory_format=torch.contiguous_format)
             assign(self, k, t)
 
     @property

@@ -75,29 +75,37 @@ def as_checkpoint_dir(tmp_path, config: dict) -> str:
 # 1. configs
 
 
+QWEN_TEXT_FIELDS = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                    "head_dim", "intermediate_size", "moe_intermediate_size", "num_experts_per_tok", "rms_norm_eps",
+                    "decoder_sparse_step", "mlp_only_layers", "attention_bias"]  # same name in config.json and ours
+QWEN_VISION_FIELDS = ["depth", "hidden_size", "num_heads", "intermediate_size", "patch_size", "temporal_patch_size",
+                      "spatial_merge_size", "in_channels", "out_hidden_size", "num_position_embeddings",
+                      "deepstack_visual_indexes", "hidden_act"]
+QWEN_TOP_FIELDS = ["image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id",
+                   "tie_word_embeddings"]
+
+
+def assert_qwen_fields(cfg, raw, experts_key: str):
+    """Every field of a real Qwen3-VL-MoE config.json that model.py reads, compared one by one."""
+    t, v = raw["text_config"], raw["vision_config"]
+    for key in QWEN_TEXT_FIELDS:
+        assert getattr(cfg.text, key) == t[key], key
+    assert cfg.text.num_experts == t[experts_key]
+    for key in QWEN_VISION_FIELDS:
+        assert getattr(cfg.vision, key) == v[key], key
+    for key in QWEN_TOP_FIELDS:
+        assert getattr(cfg, key) == raw[key], key
+
+
 def test_qwen30b_config_fields_map_one_to_one():
     raw = read(os.path.join(QWEN30, "config.json"))
     cfg = M.Qwen3VLMoeConfig.from_dict(raw)
     t, v = raw["text_config"], raw["vision_config"]
-    for ours, key in [("vocab_size", "vocab_size"), ("hidden_size", "hidden_size"),
-                      ("num_hidden_layers", "num_hidden_layers"), ("num_attention_heads", "num_attention_heads"),
-                      ("num_key_value_heads", "num_key_value_heads"), ("head_dim", "head_dim"),
-                      ("intermediate_size", "intermediate_size"), ("moe_intermediate_size", "moe_intermediate_size"),
-                      ("num_experts", "num_experts"), ("num_experts_per_tok", "num_experts_per_tok"),
-                      ("rms_norm_eps", "rms_norm_eps"), ("rope_theta", "rope_theta"),
-                      ("decoder_sparse_step", "decoder_sparse_step"), ("mlp_only_layers", "mlp_only_layers"),
-                      ("attention_bias", "attention_bias")]:
-        assert getattr(cfg.text, ours) == t[key], ours
+    assert_qwen_fields(cfg, raw, "num_experts")
+    assert cfg.text.rope_theta == t["rope_theta"]
     assert cfg.text.mrope_section == t["rope_scaling"]["mrope_section"]
     assert t["rope_scaling"]["mrope_interleaved"] is True and t["rope_scaling"]["rope_type"] == "default"
-    for key in ["depth", "hidden_size", "num_heads", "intermediate_size", "patch_size", "temporal_patch_size",
-                "spatial_merge_size", "in_channels", "out_hidden_size", "num_position_embeddings",
-                "deepstack_visual_indexes", "hidden_act"]:
-        assert getattr(cfg.vision, key) == v[key], key
     assert "rope_theta" not in v and cfg.vision.rope_theta == 10000.0  # no vision rope field: the code's 10000
-    for key in ["image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id",
-                "tie_word_embeddings"]:
-        assert getattr(cfg, key) == raw[key], key
     # the published numbers of Qwen3-VL-30B-A3B (model card / docs/architectures.md §1.1)
     assert (cfg.text.num_hidden_layers, cfg.text.num_experts, cfg.text.num_experts_per_tok) == (48, 128, 8)
     assert (cfg.text.hidden_size, cfg.text.num_attention_heads, cfg.text.num_key_value_heads) == (2048, 32, 4)
@@ -436,24 +444,10 @@ def qwen235_cfg(tmp_path_factory):
 
 def test_qwen235b_config_fields_map_one_to_one(qwen235_cfg):
     cfg, raw = qwen235_cfg, read(os.path.join(QWEN235, "config.transformers5.json"))
-    t, v = raw["text_config"], raw["vision_config"]
-    for ours, key in [("vocab_size", "vocab_size"), ("hidden_size", "hidden_size"),
-                      ("num_hidden_layers", "num_hidden_layers"), ("num_attention_heads", "num_attention_heads"),
-                      ("num_key_value_heads", "num_key_value_heads"), ("head_dim", "head_dim"),
-                      ("intermediate_size", "intermediate_size"), ("moe_intermediate_size", "moe_intermediate_size"),
-                      ("num_experts", "num_local_experts"), ("num_experts_per_tok", "num_experts_per_tok"),
-                      ("rms_norm_eps", "rms_norm_eps"), ("decoder_sparse_step", "decoder_sparse_step"),
-                      ("mlp_only_layers", "mlp_only_layers"), ("attention_bias", "attention_bias")]:
-        assert getattr(cfg.text, ours) == t[key], ours
+    t = raw["text_config"]
+    assert_qwen_fields(cfg, raw, "num_local_experts")  # transformers 5's spelling
     assert cfg.text.rope_theta == t["rope_parameters"]["rope_theta"] == 5_000_000
     assert cfg.text.mrope_section == t["rope_parameters"]["mrope_section"] == [24, 20, 20]
-    for key in ["depth", "hidden_size", "num_heads", "intermediate_size", "patch_size", "temporal_patch_size",
-                "spatial_merge_size", "in_channels", "out_hidden_size", "num_position_embeddings",
-                "deepstack_visual_indexes", "hidden_act"]:
-        assert getattr(cfg.vision, key) == v[key], key
-    for key in ["image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id",
-                "tie_word_embeddings"]:
-        assert getattr(cfg, key) == raw[key], key
     # the published numbers of Qwen3-VL-235B-A22B (model card)
     assert (cfg.text.num_hidden_layers, cfg.text.num_experts, cfg.text.num_experts_per_tok) == (94, 128, 8)
     assert (cfg.text.hidden_size, cfg.text.num_attention_heads, cfg.text.num_key_value_heads) == (4096, 64, 4)
