@@ -12,7 +12,8 @@ For each N, in order:
      decoder layer in memory at a time; plain GPTQ does not read gamma). Its own subprocess, not measured;
   3. gptq.quantize_model(method gptq, --bits 4, --group-size 128, batched experts unless --per-expert) in a
      fresh subprocess, so its peak memory is its own: VmHWM (the kernel's peak resident set, from os.wait4's
-     ru_maxrss) and the peak of RssAnon (anonymous memory: tensors), sampled every 0.1 s, over the whole run and
+     ru_maxrss) and the peak of RssAnon (anonymous memory: tensors), sampled every 0.1 s, over the whole run, per
+     layer (up to the driver's line of layer i: the forward of layer i - 1 and the quantization of layer i) and
      over its last phase (after the driver printed its last layer: the closing forward and write_output).
      RSS also counts the pages of the checkpoint files the loader's memory maps hold (RssFile); the loader
      unmaps the shards after each layer (model.Checkpoint.release), so they no longer add up with depth.
@@ -22,8 +23,12 @@ size and the driver's own per-layer seconds (its `layer i/n:` lines: Hessians, s
 the layer's forward), dense and MoE layers apart; then seconds per layer = (T_4 - T_2) / 2 (the marginal cost of
 a layer: load, Hessians, solve, report errors, the quantized layer's forward; layers 2 and 3 are MoE layers in
 both families) and the fixed cost T_2 - 2 s_per_layer, and the extrapolation to the real depth,
-T_2 + (L - 2) s_per_layer (every layer past the first two is an MoE layer in both families). Last line:
-  streaming: peak_n2_gb=<VmHWM N=2> peak_n4_gb=<VmHWM N=4> ratio=<n4/n2> s_per_layer=<s>   (target ratio <= 1.15)
+T_2 + (L - 2) s_per_layer (every layer past the first two is an MoE layer in both families). The difference
+of two runs carries the noise of both (on a shared machine, load that differs between them); so also the
+marginal within the deeper run, from the driver's elapsed seconds at its first MoE layer's line and at its last
+line, and T_4 + (L - 4) times that. Last line:
+  streaming: peak_n2_gb=<VmHWM N=2> peak_n4_gb=<VmHWM N=4> ratio=<n4/n2> s_per_layer=<s> moe_driver_s=<mean of the
+             MoE layers' lines at N=4> [dense_driver_s=<the dense layers' at N=4>]   (target ratio <= 1.15)
 
     OMP_NUM_THREADS=1 python bench/streaming.py [--family qwen|kimi] [--layers 2 4] [--root /tmp/h8] [--samples 16]
                                                 [--per-expert]
@@ -51,7 +56,7 @@ import gptq  # noqa: E402
 import model  # noqa: E402
 from bench.synthetic_checkpoint import FAMILIES, GB, write_checkpoint  # noqa: E402
 
-LAYER_LINE = re.compile(r"layer\s+(\d+)/(\d+):.*, (\d+\.\d)s, elapsed")  # gptq.print_layer
+LAYER_LINE = re.compile(r"layer\s+(\d+)/(\d+):.*, (\d+\.\d)s, elapsed (\d+)s")  # gptq.print_layer
 
 
 def streamed_calibration(ckpt: str, out: str, n: int, seed: int, device: str):
@@ -90,7 +95,7 @@ def run_child(args: list[str], n_layers: int, guard_gb: float) -> dict:
     p = subprocess.Popen([sys.executable, os.path.abspath(__file__), *args], stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, text=True)
     peak = {"phase": 0, "by_phase": {}, "killed": False}
-    layer_s = {}  # layer -> the driver's printed seconds
+    layer_s, elapsed = {}, {}  # layer -> the driver's printed seconds, and its elapsed seconds at that line
 
     def sample():
         while p.poll() is None:
@@ -110,6 +115,7 @@ def run_child(args: list[str], n_layers: int, guard_gb: float) -> dict:
         layer = LAYER_LINE.match(line)
         if layer:
             layer_s[int(layer.group(1))] = float(layer.group(3))
+            elapsed[int(layer.group(1))] = float(layer.group(4))
             peak["phase"] = int(layer.group(1)) + 1
         if line.startswith("{"):
             result = json.loads(line)
@@ -121,7 +127,8 @@ def run_child(args: list[str], n_layers: int, guard_gb: float) -> dict:
     by_phase = peak["by_phase"]
     return {**result, "vmhwm": usage.ru_maxrss * 1e3 / GB, "peak_anon": max(by_phase.values(), default=0),
             "peak_anon_by_layer": [by_phase.get(i, 0) for i in range(n_layers)],
-            "peak_anon_last_phase": by_phase.get(n_layers, 0), "killed": peak["killed"], "layer_seconds": layer_s}
+            "peak_anon_last_phase": by_phase.get(n_layers, 0), "killed": peak["killed"], "layer_seconds": layer_s,
+            "elapsed": elapsed}
 
 
 def dir_bytes(path: str) -> int:
@@ -153,6 +160,8 @@ def measure(n: int, a) -> dict:
     text = model.load_config(ckpt).text
     r["dense_s"] = [s for i, s in sorted(r["layer_seconds"].items()) if not text.is_moe(i)]
     r["moe_s"] = [s for i, s in sorted(r["layer_seconds"].items()) if text.is_moe(i)]
+    first = min(i for i in range(n) if text.is_moe(i))  # the within-run marginal: from the first MoE layer's line
+    r["s_within"] = (r["elapsed"][n - 1] - r["elapsed"][first]) / (n - 1 - first) if n - 1 > first else None
     print(f"N={n}: per-layer seconds of the driver (its layer lines): dense {r['dense_s']}, MoE {r['moe_s']}; "
           f"peak RssAnon per layer (GB): {[round(x, 2) for x in r['peak_anon_by_layer']]}", flush=True)
     return r
@@ -198,6 +207,11 @@ def main():
           f"{r4['vmhwm']:.1f} GB if it stays flat in depth as from N={n2} to N={n4} (one layer in memory; the "
           f"output is {layer_out:.2f} GB of shards per added layer on disk, {r2['out_gb'] + (real - n2) * layer_out:.1f}"
           f" GB at {real})")
+    if r4["s_within"] is not None:
+        print(f"within the N={n4} run, seconds per MoE layer (elapsed at the last layer's line - at the first MoE "
+              f"layer's, over the layers between; one process, so less exposed to load that differs between runs): "
+              f"{r4['s_within']:.1f}; extrapolation T_{n4} + {real - n4} x {r4['s_within']:.1f} = "
+              f"{(r4['seconds'] + (real - n4) * r4['s_within']) / 3600:.2f} h")
     dense = f" dense_driver_s={sum(r4['dense_s']) / len(r4['dense_s']):.1f}" if r4["dense_s"] else ""
     moe = sum(r4["moe_s"]) / max(1, len(r4["moe_s"]))
     print(f"the driver's own per-layer seconds at N={n4} (quantization only, not the layer's forward): dense "
