@@ -22,10 +22,13 @@ Layout: what model.load_model reads from the Hub, config.json in the Hub spellin
 bf16. qwen: each layer's experts as the two fused 3-D tensors `mlp.experts.gate_up_proj` (E, H, 2I) and
 `mlp.experts.down_proj` (E, I, H) (model.checkpoint_state_dict writes them), one shard per decoder layer plus one
 for the rest. kimi: per-expert tensors (`mlp.experts.{e}.gate_proj.weight` ...), and shards filled in order up to
---shard-gb (default 2) at tensor granularity, as transformers' save_pretrained shards (max_shard_size): the
-non-layer tensors first, then the layers, so a layer may straddle two shards. e_score_correction_bias is stored
-in float32: ARCHITECTURES.md §6.4 leaves the real file's dtype unchecked; DeepSeek-V3-family checkpoints keep it
-float32 and model.py reads it as float32 whatever the file holds. Always with model.safetensors.index.json.
+--shard-gb at tensor granularity, as transformers' save_pretrained shards (max_shard_size): the non-layer
+tensors first, then the layers, so a layer may straddle two shards. The real repository has 7 shards (the Hub
+listing of Kimi-VL-A3B-Thinking, tests/fixtures/real/SOURCES.md on branch fixtures; <= 5 GB, transformers 4's
+default, gives 7 for 32.9 GB: --shard-gb 5); the default 2 GB already gives several shards and a split layer at
+2-4 layers. e_score_correction_bias is stored in float32: ARCHITECTURES.md §6.4 leaves the real file's dtype
+unchecked; Kimi-K3 and DeepSeek-V3 checkpoints store it in float32 (vLLM PR #50761), and model.py reads it as
+float32 whatever the file holds. Always with model.safetensors.index.json.
 
 The model is built on the meta device; one unit at a time (the non-layer tensors, then each decoder layer) is
 materialized, initialized, handed to the shard writer and dropped, so memory stays at about one unit plus one
