@@ -1,6 +1,10 @@
 """Layer streaming at real width: peak memory and time of the real driver, gptq.quantize_model, on random
-Qwen3-VL-30B-A3B-width checkpoints of N = 2 and N = 4 decoder layers (bench/synthetic_checkpoint.py: hidden 2048,
-128 experts of 768, top-8; 1.25 GB per layer in bf16, 2.5 GB in the driver's float32).
+real-width checkpoints of N = 2 and N = 4 decoder layers (bench/synthetic_checkpoint.py), --family:
+  qwen  Qwen3-VL-30B-A3B widths (hidden 2048, 128 experts of 768, top-8; 1.25 GB per layer in bf16, 2.5 GB in
+        the driver's float32); small vocabulary and vision tower; the real model has 48 layers.
+  kimi  Kimi-VL-A3B-Instruct at real size: MLA, layer 0 dense (11264), layers >= 1 MoE (64 experts of 1408,
+        top-6, + 2 shared experts; 1.17 GB per layer in bf16), MoonViT, 163840 x 2048 embeddings and lm_head
+        (2.2 GB of non-layer tensors in bf16, 4.5 GB in float32); the real model has 27 layers.
 
 For each N, in order:
   1. the checkpoint (written under --root if absent);
@@ -8,19 +12,28 @@ For each N, in order:
      decoder layer in memory at a time; plain GPTQ does not read gamma). Its own subprocess, not measured;
   3. gptq.quantize_model(method gptq, --bits 4, --group-size 128, batched experts unless --per-expert) in a
      fresh subprocess, so its peak memory is its own: VmHWM (the kernel's peak resident set, from os.wait4's
-     ru_maxrss) and the peak of RssAnon (anonymous memory: tensors), sampled every 0.1 s, over the whole run and
+     ru_maxrss) and the peak of RssAnon (anonymous memory: tensors), sampled every 0.1 s, over the whole run, per
+     layer (up to the driver's line of layer i: the forward of layer i - 1 and the quantization of layer i) and
      over its last phase (after the driver printed its last layer: the closing forward and write_output).
      RSS also counts the pages of the checkpoint files the loader's memory maps hold (RssFile); the loader
      unmaps the shards after each layer (model.Checkpoint.release), so they no longer add up with depth.
      A guard kills the run if the machine's MemAvailable falls below --guard-gb (the machine is shared).
-Prints, per N, the wall time of quantize_model (its report's seconds), VmHWM, the RssAnon peaks and the output
-size; then seconds per layer = (T_4 - T_2) / 2 (the marginal cost of a layer: load, Hessians, solve, report
-errors, the quantized layer's forward) and the fixed cost T_2 - 2 s_per_layer, and the extrapolation to the
-real model's 48 layers. Last line:
-  streaming: peak_n2_gb=<VmHWM N=2> peak_n4_gb=<VmHWM N=4> ratio=<n4/n2> s_per_layer=<s>   (target ratio <= 1.15)
+Prints, per N, the wall time of quantize_model (its report's seconds), VmHWM, the RssAnon peaks, the output
+size and the driver's own per-layer seconds (its `layer i/n:` lines: Hessians, solve, report errors, packing; not
+the layer's forward), dense and MoE layers apart; then seconds per layer = (T_4 - T_2) / 2 (the marginal cost of
+a layer: load, Hessians, solve, report errors, the quantized layer's forward; layers 2 and 3 are MoE layers in
+both families) and the fixed cost T_2 - 2 s_per_layer, and the extrapolation to the real depth,
+T_2 + (L - 2) s_per_layer (every layer past the first two is an MoE layer in both families). The difference
+of two runs carries the noise of both (on a shared machine, load that differs between them); so also the
+marginal within the deeper run, from the driver's elapsed seconds at its first MoE layer's line and at its last
+line, and T_4 + (L - 4) times that. Last line:
+  streaming: peak_n2_gb=<VmHWM N=2> peak_n4_gb=<VmHWM N=4> ratio=<n4/n2> s_per_layer=<s> moe_driver_s=<mean of the
+             MoE layers' lines at N=4> [dense_driver_s=<the dense layers' at N=4>]   (target ratio <= 1.15)
 
-    OMP_NUM_THREADS=1 python bench/streaming.py [--layers 2 4] [--root /tmp/h8] [--samples 16] [--per-expert]
-Disk: 2.5 GB + 5 GB of checkpoints under --root (kept for reruns), plus the quantized outputs.
+    OMP_NUM_THREADS=1 python bench/streaming.py [--family qwen|kimi] [--layers 2 4] [--root /tmp/h8] [--samples 16]
+                                                [--per-expert]
+Disk: qwen 2.5 GB + 5 GB of checkpoints under --root (kept for reruns), plus the quantized outputs; kimi 3.6 + 5.9
+GB, and each output holds the non-layer tensors in float32 (4.5 GB; the driver keeps them in its dtype).
 """
 
 import argparse
@@ -40,10 +53,10 @@ sys.path.insert(0, ROOT)
 
 import calibrate  # noqa: E402
 import gptq  # noqa: E402
-from bench.synthetic_checkpoint import write_checkpoint  # noqa: E402
+import model  # noqa: E402
+from bench.synthetic_checkpoint import FAMILIES, GB, write_checkpoint  # noqa: E402
 
-REAL_LAYERS = 48  # Qwen3-VL-30B-A3B
-GB = 1e9
+LAYER_LINE = re.compile(r"layer\s+(\d+)/(\d+):.*, (\d+\.\d)s, elapsed (\d+)s")  # gptq.print_layer
 
 
 def streamed_calibration(ckpt: str, out: str, n: int, seed: int, device: str):
@@ -76,17 +89,18 @@ def mem_available_gb() -> float:
 
 def run_child(args: list[str], n_layers: int, guard_gb: float) -> dict:
     """Run `python streaming.py <args>` to completion, echoing its output. Returns its last JSON line plus
-    vmhwm (GB, from wait4), peak_anon and peak_anon_last_phase (GB, sampled), killed (bool)."""
+    vmhwm (GB, from wait4), peak_anon, peak_anon_by_layer (phase i: up to the driver's line of layer i, i.e. the
+    forward of layer i - 1 and the quantization of layer i) and peak_anon_last_phase (after the last layer's
+    line) (GB, sampled), layer_seconds (the driver's per-layer seconds), killed (bool)."""
     p = subprocess.Popen([sys.executable, os.path.abspath(__file__), *args], stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, text=True)
-    peak = {"all": 0, "last": 0, "in_last": False, "killed": False}
+    peak = {"phase": 0, "by_phase": {}, "killed": False}
+    layer_s, elapsed = {}, {}  # layer -> the driver's printed seconds, and its elapsed seconds at that line
 
     def sample():
         while p.poll() is None:
-            anon = status_kb(p.pid).get("RssAnon", 0) * 1e3 / GB
-            peak["all"] = max(peak["all"], anon)
-            if peak["in_last"]:
-                peak["last"] = max(peak["last"], anon)
+            anon, phase = status_kb(p.pid).get("RssAnon", 0) * 1e3 / GB, peak["phase"]
+            peak["by_phase"][phase] = max(peak["by_phase"].get(phase, 0), anon)
             if mem_available_gb() < guard_gb:
                 print(f"guard: MemAvailable < {guard_gb} GB, killing the run (pid {p.pid})", flush=True)
                 peak["killed"] = True
@@ -98,9 +112,11 @@ def run_child(args: list[str], n_layers: int, guard_gb: float) -> dict:
     result = {}
     for line in p.stdout:
         print("    " + line, end="", flush=True)
-        layer = re.match(r"layer\s+(\d+)/(\d+):", line)
-        if layer and int(layer.group(1)) + 1 == n_layers:
-            peak["in_last"] = True
+        layer = LAYER_LINE.match(line)
+        if layer:
+            layer_s[int(layer.group(1))] = float(layer.group(3))
+            elapsed[int(layer.group(1))] = float(layer.group(4))
+            peak["phase"] = int(layer.group(1)) + 1
         if line.startswith("{"):
             result = json.loads(line)
     _, status, usage = os.wait4(p.pid, 0)  # this child's own rusage (RUSAGE_CHILDREN would mix the runs)
@@ -108,8 +124,11 @@ def run_child(args: list[str], n_layers: int, guard_gb: float) -> dict:
     watcher.join()
     if p.returncode != 0 and not peak["killed"]:
         raise RuntimeError(f"child {args} exited with {p.returncode}")
-    return {**result, "vmhwm": usage.ru_maxrss * 1e3 / GB, "peak_anon": peak["all"],
-            "peak_anon_last_phase": peak["last"], "killed": peak["killed"]}
+    by_phase = peak["by_phase"]
+    return {**result, "vmhwm": usage.ru_maxrss * 1e3 / GB, "peak_anon": max(by_phase.values(), default=0),
+            "peak_anon_by_layer": [by_phase.get(i, 0) for i in range(n_layers)],
+            "peak_anon_last_phase": by_phase.get(n_layers, 0), "killed": peak["killed"], "layer_seconds": layer_s,
+            "elapsed": elapsed}
 
 
 def dir_bytes(path: str) -> int:
@@ -117,13 +136,14 @@ def dir_bytes(path: str) -> int:
 
 
 def measure(n: int, a) -> dict:
-    ckpt = os.path.join(a.root, f"qwen3-vl-30b-a3b-{n}l")
-    calib = os.path.join(a.root, f"calib-{n}l-{a.samples}")
-    out = os.path.join(a.root, f"quantized-{n}l-w{a.bits}g{a.group_size}-{'loop' if a.per_expert else 'batched'}")
+    tag = f"{FAMILIES[a.family].name}-{n}l"
+    ckpt = os.path.join(a.root, tag)
+    calib = os.path.join(a.root, f"calib-{tag}-{a.samples}")
+    out = os.path.join(a.root, f"quantized-{tag}-w{a.bits}g{a.group_size}-{'loop' if a.per_expert else 'batched'}")
     common = ["--device", a.device, "--threads", str(a.threads)]
     if not os.path.isdir(ckpt):
         t0 = time.time()
-        write_checkpoint(n, ckpt, seed=a.seed, device=a.device)
+        write_checkpoint(n, ckpt, seed=a.seed, device=a.device, family=a.family, real_dir=a.real_dir)
         print(f"N={n}: wrote {ckpt} in {time.time() - t0:.0f}s", flush=True)
     if not os.path.isdir(calib):
         run_child(["--stage", "calib", "--ckpt", ckpt, "--calib", calib, "--samples", str(a.samples),
@@ -137,11 +157,20 @@ def measure(n: int, a) -> dict:
     print(f"N={n}: {r.get('seconds', float('nan')):.0f}s, VmHWM {r['vmhwm']:.2f} GB, peak RssAnon "
           f"{r['peak_anon']:.2f} GB (after the last layer: {r['peak_anon_last_phase']:.2f} GB), output "
           f"{r['out_gb']:.2f} GB" + (" [KILLED by the memory guard]" if r["killed"] else ""), flush=True)
+    text = model.load_config(ckpt).text
+    r["dense_s"] = [s for i, s in sorted(r["layer_seconds"].items()) if not text.is_moe(i)]
+    r["moe_s"] = [s for i, s in sorted(r["layer_seconds"].items()) if text.is_moe(i)]
+    first = min(i for i in range(n) if text.is_moe(i))  # the within-run marginal: from the first MoE layer's line
+    r["s_within"] = (r["elapsed"][n - 1] - r["elapsed"][first]) / (n - 1 - first) if n - 1 > first else None
+    print(f"N={n}: per-layer seconds of the driver (its layer lines): dense {r['dense_s']}, MoE {r['moe_s']}; "
+          f"peak RssAnon per layer (GB): {[round(x, 2) for x in r['peak_anon_by_layer']]}", flush=True)
     return r
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--family", choices=sorted(FAMILIES), default="qwen", help="the real model's widths")
+    p.add_argument("--real-dir", default=None, help="kimi: folder with the real config.json (synthetic_checkpoint)")
     p.add_argument("--layers", type=int, nargs=2, default=[2, 4], help="the two depths compared")
     p.add_argument("--root", default="/tmp/h8", help="where checkpoints, calib and outputs are written")
     p.add_argument("--samples", type=int, default=16, help="calibration samples (bundled shapes, train split)")
@@ -165,6 +194,7 @@ def main():
     (n2, n4), (r2, r4) = a.layers, [measure(n, a) for n in a.layers]
     if r2["killed"] or r4["killed"]:
         sys.exit("streaming: a run was killed by the memory guard, no figures (free memory, or raise --guard-gb)")
+    real = FAMILIES[a.family].real_layers
     s_layer = (r4["seconds"] - r2["seconds"]) / (n4 - n2)
     fixed = r2["seconds"] - n2 * s_layer
     layer_out = (r4["out_gb"] - r2["out_gb"]) / (n4 - n2)
@@ -172,12 +202,22 @@ def main():
     print(f"peak RssAnon N={n2} {r2['peak_anon']:.2f} GB, N={n4} {r4['peak_anon']:.2f} GB "
           f"(ratio {r4['peak_anon'] / r2['peak_anon']:.3f}); VmHWM - RssAnon peak: {r2['vmhwm'] - r2['peak_anon']:.2f}"
           f" and {r4['vmhwm'] - r4['peak_anon']:.2f} GB (file pages of the read checkpoint)")
-    print(f"extrapolation to {REAL_LAYERS} layers: time {REAL_LAYERS} x {s_layer:.1f} + {fixed:.0f} = "
-          f"{(REAL_LAYERS * s_layer + fixed) / 3600:.2f} h; peak memory {r4['vmhwm']:.1f} GB if it stays flat in "
-          f"depth as from N={n2} to N={n4} (one layer in memory; the output is {layer_out:.2f} GB of shards per "
-          f"layer on disk, {REAL_LAYERS * layer_out:.1f} GB at {REAL_LAYERS})")
+    print(f"extrapolation to {real} layers: time T_{n2} + {real - n2} x {s_layer:.1f} = {r2['seconds']:.0f} + "
+          f"{(real - n2) * s_layer:.0f} s = {(r2['seconds'] + (real - n2) * s_layer) / 3600:.2f} h; peak memory "
+          f"{r4['vmhwm']:.1f} GB if it stays flat in depth as from N={n2} to N={n4} (one layer in memory; the "
+          f"output is {layer_out:.2f} GB of shards per added layer on disk, {r2['out_gb'] + (real - n2) * layer_out:.1f}"
+          f" GB at {real})")
+    if r4["s_within"] is not None:
+        print(f"within the N={n4} run, seconds per MoE layer (elapsed at the last layer's line - at the first MoE "
+              f"layer's, over the layers between; one process, so less exposed to load that differs between runs): "
+              f"{r4['s_within']:.1f}; extrapolation T_{n4} + {real - n4} x {r4['s_within']:.1f} = "
+              f"{(r4['seconds'] + (real - n4) * r4['s_within']) / 3600:.2f} h")
+    dense = f" dense_driver_s={sum(r4['dense_s']) / len(r4['dense_s']):.1f}" if r4["dense_s"] else ""
+    moe = sum(r4["moe_s"]) / max(1, len(r4["moe_s"]))
+    print(f"the driver's own per-layer seconds at N={n4} (quantization only, not the layer's forward): dense "
+          f"{r4['dense_s'] or 'none'}, MoE {r4['moe_s']} (mean {moe:.1f})")
     print(f"streaming: peak_n{n2}_gb={r2['vmhwm']:.2f} peak_n{n4}_gb={r4['vmhwm']:.2f} "
-          f"ratio={r4['vmhwm'] / r2['vmhwm']:.3f} s_per_layer={s_layer:.1f}")
+          f"ratio={r4['vmhwm'] / r2['vmhwm']:.3f} s_per_layer={s_layer:.1f} moe_driver_s={moe:.1f}{dense}")
 
 
 if __name__ == "__main__":
