@@ -42,7 +42,7 @@ import calibrate  # noqa: E402
 import data  # noqa: E402
 import gptq  # noqa: E402
 import model  # noqa: E402
-from bench.synthetic_checkpoint import synthetic_config  # noqa: E402
+from bench.synthetic_checkpoint import qwen_config  # noqa: E402
 from bench.timing import best_time, timed  # noqa: E402
 from train_tiny import init_weights  # noqa: E402
 
@@ -147,7 +147,7 @@ def tiny_model(a, tmp: str) -> dict:
 
 def real_layer(device: str):
     """A random Qwen3-VL-30B-A3B decoder layer (float32) and the model (meta) whose text_rope it uses."""
-    cfg = model.Qwen3VLMoeConfig.from_dict(synthetic_config(48))
+    cfg = model.Qwen3VLMoeConfig.from_dict(qwen_config(48))
     with torch.device("meta"):
         m = model.Qwen3VLMoeModel(cfg)
     layer = m.layers[0].to_empty(device=device)
