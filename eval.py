@@ -111,11 +111,16 @@ def paired_difference(a, b, n_boot: int = 2000, seed: int = 0) -> dict:
             "median": d.median().item(), "a_lower_share": (d < 0).double().mean().item(), "n": d.numel()}
 
 
+def answer_kl(lp_model, lp_ref) -> float:
+    """Mean KL(P_ref || P_model) over one sample's answer tokens; both (n_answer_tokens, V) log-probabilities."""
+    return (lp_ref.exp() * (lp_ref - lp_model)).sum(-1).mean().item()
+
+
 def compare(lp_model, lp_ref, golds, samples) -> dict:
     """Token-level comparison on the gold answers; each sample contributes its mean over its answer tokens."""
     kl, top1, ce = [], [], []
     for lm, lr, g in zip(lp_model, lp_ref, golds):
-        kl.append((lr.exp() * (lr - lm)).sum(-1).mean().item())
+        kl.append(answer_kl(lm, lr))
         top1.append((lm.argmax(-1) == lr.argmax(-1)).float().mean().item())
         ce.append((-lm.gather(1, g[:, None]) + lr.gather(1, g[:, None])).mean().item())
     by_mod = {"all": kl, **{mod: [v for v, s in zip(kl, samples) if s.modality == mod] for mod in MODALITIES[1:]}}

@@ -109,10 +109,7 @@ def export_fake_quant(quantized: str, dst: str, inputs=(), overwrite: bool = Fal
     Qwen experts, no quantization_config), so any harness that reads the float model (lmms-eval,
     transformers, SGLang) evaluates the quantized one unchanged. Written to a temporary folder, then renamed
     (only over a previous fake-quant export, unless `overwrite`; never into `quantized` itself or `inputs`)."""
-    if os.path.commonpath([os.path.realpath(quantized), os.path.realpath(dst)]) == os.path.realpath(dst):
-        raise model_lib.OutputError(f"--fake-quant output {dst}: would replace the quantized folder {quantized} "
-                                    "it reads; choose a folder inside it (the default, OUT/fake-quant) or elsewhere")
-    model_lib.check_output_dir(dst, "fake-quant", inputs, overwrite, flag="--fake-quant output")
+    model_lib.check_output_dir(dst, "fake-quant", inputs, overwrite, "--fake-quant output", container=quantized)
     m = model_lib.load_model(quantized, dtype=torch.float32)
     for layer in list(m.layers) + m.vision_modules():
         for name, ql in [(n, mod) for n, mod in layer.named_modules() if isinstance(mod, model_lib.QuantLinear)]:
@@ -134,4 +131,4 @@ def export_fake_quant(quantized: str, dst: str, inputs=(), overwrite: bool = Fal
         if not weights and name not in ("config.json", "report.json", model_lib.OUTPUT_MARKER) \
                 and os.path.isfile(os.path.join(quantized, name)):
             shutil.copy(os.path.join(quantized, name), tmp)
-    model_lib.publish_output_dir(tmp, dst, "fake-quant", inputs, overwrite, flag="--fake-quant output")
+    model_lib.publish_output_dir(tmp, dst, "fake-quant", inputs, overwrite, "--fake-quant output", container=quantized)

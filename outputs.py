@@ -37,24 +37,30 @@ def _inside(path: str, folder: str) -> bool:
     return os.path.commonpath([path, folder]) == folder
 
 
-def check_output_dir(out: str, kind: str, inputs=(), overwrite: bool = False, flag: str = "--out"):
+def check_output_dir(out: str, kind: str, inputs=(), overwrite: bool = False, flag: str = "--out",
+                     container=None):
     """Refuse an output folder that writing `kind` there could destroy; returns its resolved path.
 
     Always refused: a folder that is or contains the working directory, or that is, contains or lies inside
-    one of `inputs` (the model folder, calib/). Refused without `overwrite`: an existing non-empty folder
-    whose marker is not `kind`, and an existing file."""
+    one of `inputs` (the model folder, calib/), or that is or contains `container` (an input the output may
+    live in, as OUT/fake-quant lives in the quantized folder it is exported from). Refused without
+    `overwrite`: an existing non-empty folder whose marker is not `kind`, and an existing file."""
     real = os.path.realpath(out)
     for src in inputs:
         src_real = os.path.realpath(src)
         if _inside(real, src_real) or _inside(src_real, real):
             raise OutputError(f"{flag} {out}: would write into or replace the input folder {src}; "
                               f"choose an output folder outside it")
+    if container is not None and _inside(os.path.realpath(container), real):
+        raise OutputError(f"{flag} {out}: would replace the folder {container} it reads; choose a folder inside "
+                          "it or elsewhere")
     if _inside(os.getcwd(), real):
         raise OutputError(f"{flag} {out}: is the working directory or one of its parents; choose a new folder")
     if os.path.isfile(real):
         raise OutputError(f"{flag} {out}: is a file; choose a folder name")
-    if os.path.isdir(real) and os.listdir(real) and output_kind(real) != kind and not overwrite:
-        what = f"a {output_kind(real)} folder of this tool" if output_kind(real) else "not written by this tool"
+    found = output_kind(real) if os.path.isdir(real) else None
+    if os.path.isdir(real) and os.listdir(real) and found != kind and not overwrite:
+        what = f"a {found} folder of this tool" if found else "not written by this tool"
         raise OutputError(f"{flag} {out}: exists and is {what} (no {OUTPUT_MARKER} of kind {kind!r}); "
                           f"choose another folder, or pass --overwrite to replace it")
     return real
@@ -79,13 +85,14 @@ def temporary_output_dir(out: str, kind: str) -> str:
     return tmp
 
 
-def publish_output_dir(tmp: str, out: str, kind: str, inputs=(), overwrite: bool = False, flag: str = "--out"):
+def publish_output_dir(tmp: str, out: str, kind: str, inputs=(), overwrite: bool = False, flag: str = "--out",
+                       container=None):
     """Rename the finished `tmp` to `out`. The checks of `check_output_dir` are repeated (the folder may have
     appeared while we worked); an old `out` is first renamed aside, so a failure leaves either the old folder
     or the new one in place, never neither."""
     import shutil
 
-    real = check_output_dir(out, kind, inputs, overwrite, flag)
+    real = check_output_dir(out, kind, inputs, overwrite, flag, container)
     if os.path.isdir(real):
         old = tmp + ".old"
         os.rename(real, old)

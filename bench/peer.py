@@ -4,14 +4,15 @@
                          [--n-eval 1000] [--methods gptq,veq-ma] [--peer-python PYTHON] [--threads 1]
 
 Both sides quantize the same linears (the decoder's attention and expert linears; vision tower, routers and
-lm_head float) to W`bits` symmetric with groups of `--group-size`, from the same calibration token sequences (prompt + gold
-answer of the first `--n-calib` image questions of the shapes train split: the peer's traced pipeline takes one
-call signature, so image samples only). Both outputs are compressed-tensors checkpoints that `model.py` loads; each
-is compared with the float model on the same `--n-eval` held-out samples: mean KL per answer token with a
-bootstrap 95% interval, the median, and the paired difference from the peer (ours - peer, with its interval:
-"significant" when the interval excludes 0). Times are the wall seconds of the quantization call on each side
-(`gptq.quantize_model`, which includes loading the layers and writing the output; llm-compressor's `oneshot`
-on a model already loaded, without saving), the best of `--repeats`, at `--threads` torch threads.
+lm_head float) to W`bits` symmetric with groups of `--group-size`, from the same calibration token sequences
+(prompt + gold answer of the first `--n-calib` image questions of the shapes train split: the peer's traced
+pipeline takes one call signature, so image samples only). Both outputs are compressed-tensors checkpoints that
+`model.py` loads; each is compared with the float model on the same `--n-eval` held-out samples: mean KL per
+answer token with a bootstrap 95% interval, the median, and the paired difference from the peer (ours - peer,
+with its interval: "significant" when the interval excludes 0). Times are the wall seconds of the
+quantization call on each side (`gptq.quantize_model`, which includes loading the layers and writing the
+output; llm-compressor's `oneshot` on a model already loaded, without saving), the best of `--repeats`, at
+`--threads` torch threads.
 
 llm-compressor is optional: it is run in a subprocess with `--peer-python` (default: this interpreter), so it
 can live in its own virtual environment (it pins its own transformers); without it the bench says so and
@@ -105,7 +106,7 @@ def run_peer(python: str, model: str, calib: str, bits: int, group_size: int, ou
 
 def kl_per_sample(folder: str, proc, samples, ref_logprobs) -> torch.Tensor:
     lq = evaluation.answer_logprobs(modeling.load_model(folder), proc, samples)
-    return torch.tensor([(a.exp() * (a - b)).sum(-1).mean().item() for a, b in zip(ref_logprobs, lq)])
+    return torch.tensor([evaluation.answer_kl(q, r) for q, r in zip(lq, ref_logprobs)])
 
 
 def row(name: str, kl: torch.Tensor, img: torch.Tensor, seconds: float | None, peer: dict | None) -> str:

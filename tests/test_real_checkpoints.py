@@ -268,6 +268,15 @@ def hf_ids(hf, msgs, gen):
     return list(out[0] if out and isinstance(out[0], list) else out)
 
 
+def assert_renders_as_template(chat_text, tokenizer, hf, msgs, gen):
+    """data.py's prompt text and ids equal the real template rendered by transformers; returns (text, ids)."""
+    text = hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+    assert chat_text(msgs, add_generation_prompt=gen) == text
+    ids = hf_ids(hf, msgs, gen)
+    assert tokenizer.encode(text) == ids
+    return text, ids
+
+
 IMAGE_MSG = [{"type": "image"}, {"type": "text", "text": "what color is the circle ?"}]
 CONVERSATIONS = {
     "text": [{"role": "user", "content": "how many shapes are there ?"}],
@@ -320,10 +329,7 @@ def qwen_thinking(qwen_setup, tmp_path_factory):
 @pytest.mark.parametrize("conv", sorted(CONVERSATIONS))
 def test_qwen_instruct_prompt_matches_real_template(conv, gen, qwen_instruct):
     proc, hf = qwen_instruct
-    msgs = CONVERSATIONS[conv]
-    text = hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
-    assert proc.chat_text(msgs, add_generation_prompt=gen) == text
-    assert proc.tokenizer.encode(text) == hf_ids(hf, msgs, gen)
+    assert_renders_as_template(proc.chat_text, proc.tokenizer, hf, CONVERSATIONS[conv], gen)
     assert proc.image_token_id == 151655 == proc.tokenizer.token_id("<|image_pad|>")
     assert proc.stop_ids == [151645, 151643]
 
@@ -354,10 +360,8 @@ def test_qwen_thinking_generation_prompt_matches_real_template(conv, qwen_thinki
     assistant turn the Thinking template also writes an empty `<think>` block, which data.py does not.)"""
     proc, hf = qwen_thinking
     msgs = CONVERSATIONS[conv]
-    text = hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    text, _ = assert_renders_as_template(proc.chat_text, proc.tokenizer, hf, msgs, True)
     assert text.endswith("<|im_start|>assistant\n<think>\n")
-    assert proc.chat_text(msgs) == text
-    assert proc.tokenizer.encode(text) == hf_ids(hf, msgs, True)
     assert qwen_instruct[0].chat_text(msgs) + "<think>\n" == text  # Instruct: the same prompt without it
 
 
@@ -381,12 +385,8 @@ def kimi_tok(tmp_path_factory):
 @pytest.mark.parametrize("conv", sorted(CONVERSATIONS))
 def test_kimi_prompt_matches_real_template(conv, gen, kimi_tok):
     hf, ours = kimi_tok
-    msgs = CONVERSATIONS[conv]
-    text = hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
     proc = object.__new__(data.KimiProcessor)  # chat_text needs no checkpoint files
-    assert proc.chat_text(msgs, add_generation_prompt=gen) == text
-    ids = hf_ids(hf, msgs, gen)
-    assert ours.encode(text) == ids
+    _, ids = assert_renders_as_template(proc.chat_text, ours, hf, CONVERSATIONS[conv], gen)
     assert ids[0] == 163594 != 163584  # the prompt opens with <|im_system|>: no BOS
     if "image" in conv:
         media = [163602, *ours.encode("image"), 163603, 163605, 163604]
