@@ -22,6 +22,7 @@ Hessians (hessian.py), search scales (ecs.py), or write the output folder (expor
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 import json
 import os
@@ -55,6 +56,31 @@ class LayerInput:
     is_vis: torch.Tensor
 
 
+class Phases:
+    """Wall seconds per phase of one layer's quantization (`with phases("solve"): ...`; nested phases count in
+    both), and the floating-point work of the Hessian sums. The driver writes `seconds` into the layer's report,
+    bench/streaming.py prints the table. On a GPU each boundary synchronizes, so the seconds are the device's."""
+
+    def __init__(self, device="cpu"):
+        self.seconds: dict[str, float] = {}
+        self.cuda = torch.device(device).type == "cuda"
+
+    @contextmanager
+    def __call__(self, name: str):
+        if self.cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.cuda:
+                torch.cuda.synchronize()
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+
+
+NO_PHASES = Phases()  # when nobody is timing
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Hessians: capture and quantize
 
@@ -65,7 +91,9 @@ class LayerCapture:
     it: `run_experts` feeds expert e the tokens torch.where(topk_idx == e) in token order, and the router hook
     records the routing of this forward."""
 
-    def __init__(self, layer: nn.Module, method: methods.Method, q: QuantArgs, gamma: float):
+    def __init__(self, layer: nn.Module, method: methods.Method, q: QuantArgs, gamma: float,
+                 phases: Phases = NO_PHASES):
+        self.phases = phases
         self.structure = model_lib.layer_structure(layer)
         self.method, self.q, self.gamma = method, q, gamma
         self.input_of = {name: inp for inp in self.structure.inputs for name in inp.readers}
@@ -74,6 +102,7 @@ class LayerCapture:
         self.pool: Hessian | None = None  # all tokens entering the MoE block (for starved experts)
         self.moe_inputs: list[torch.Tensor] = []
         self.is_vis, self.fusion, self.routing, self._seen = None, None, None, {}
+        self.flop = 0  # floating-point operations of the Hessian products (bench/streaming.py's rate)
         self.handles = [layer.get_submodule(name).register_forward_pre_hook(self._linear_hook(name))
                         for name in self.input_of]
         if self.structure.router is not None:  # kept float
@@ -96,6 +125,10 @@ class LayerCapture:
         key = inp.readers[0]
 
         def hook(module, args):
+            with self.phases("hessians"):
+                add(args)
+
+        def add(args):
             if key in self._seen:  # another reader of this input already added it in this forward
                 if self._seen[key] is not args[0]:
                     raise RuntimeError(f"{name} and {key} read different tensors, but model.layer_structure says "
@@ -111,6 +144,7 @@ class LayerCapture:
             if key not in self.H:
                 self.H[key], self.tokens[key] = Hessian(x.shape[-1], dtype=torch.float64), [0, 0]
             self.H[key].add(x, self.method.token_weights(self.q, self.gamma, is_vis, p, fusion))
+            self.flop += 2 * x.shape[0] * x.shape[1] ** 2  # the (d, n) @ (n, d) product
             self.tokens[key][0] += int((~is_vis).sum())
             self.tokens[key][1] += int(is_vis.sum())
         return hook
@@ -157,7 +191,7 @@ def solve_batched(layer, expert_inputs: list[model_lib.LinearInput], H: dict, q:
     return out
 
 
-def quantize_linears(layer, cap: LayerCapture, q: QuantArgs, prefix: str) -> dict:
+def quantize_linears(layer, cap: LayerCapture, q: QuantArgs, prefix: str, phases: Phases = NO_PHASES) -> dict:
     """Quantize every linear of the layer from its captured Hessian (GPTQ) or directly (RTN), swap each for a
     packed QuantLinear, and return the per-linear report."""
     inputs = {inp.readers[0]: inp for inp in cap.structure.inputs}  # key: the input's first reader
@@ -167,33 +201,38 @@ def quantize_linears(layer, cap: LayerCapture, q: QuantArgs, prefix: str) -> dic
     starved = {k: inp.expert is not None and (q.all_experts_hessian or
                                               (cap.H[k].n_tokens if k in cap.H else 0) < q.min_expert_tokens)
                for k, inp in inputs.items()}  # quantized from the pooled Hessian: every token entering the MoE block
-    H = {k: pooled_hessian(layer, inp, cap) if starved[k] else cap.H[k].finalize(release=True, dtype=torch.float32)
-         for k, inp in inputs.items()}  # float32, as the solvers take it; the float64 sums are released one by one
+    with phases("finalize"):
+        H = {k: pooled_hessian(layer, inp, cap) if starved[k] else cap.H[k].finalize(release=True, dtype=torch.float32)
+             for k, inp in inputs.items()}  # float32, as the solvers take it; the float64 sums are released one by one
     rtn_solver = cap.method.solver == "rtn"
     results = {}
-    if q.batched_experts and not rtn_solver:
-        results = solve_batched(layer, [inp for inp in inputs.values() if inp.expert is not None], H, q, prefix)
-    for key, inp in inputs.items():
-        if key in results:  # solved by the batched path
-            continue
-        W = [layer.get_submodule(n).weight.float() for n in inp.readers]
-        if rtn_solver:
-            results[key] = [rtn(w, bits=q.bits, group_size=q.group_size, sym=q.sym) for w in W]
-        else:
-            results[key] = gptq_shared(W, H[key], bits=q.bits, group_size=q.group_size, sym=q.sym,
-                                       block_size=q.block_size, percdamp=q.percdamp, act_order=q.act_order,
-                                       static_groups=q.static_groups, name=prefix + key)
+    with phases("solve"):
+        if q.batched_experts and not rtn_solver:
+            results = solve_batched(layer, [inp for inp in inputs.values() if inp.expert is not None], H, q, prefix)
+        for key, inp in inputs.items():
+            if key in results:  # solved by the batched path
+                continue
+            W = [layer.get_submodule(n).weight.float() for n in inp.readers]
+            if rtn_solver:
+                results[key] = [rtn(w, bits=q.bits, group_size=q.group_size, sym=q.sym) for w in W]
+            else:
+                results[key] = gptq_shared(W, H[key], bits=q.bits, group_size=q.group_size, sym=q.sym,
+                                           block_size=q.block_size, percdamp=q.percdamp, act_order=q.act_order,
+                                           static_groups=q.static_groups, name=prefix + key)
     report = {}
     for key, inp in inputs.items():
         n_text, n_vis = cap.tokens.get(key, (0, 0))
         for name, r in zip(inp.readers, results[key]):
             lin = layer.get_submodule(name)
-            ql = model_lib.QuantLinear.from_codes(r.codes, r.scale, r.zero, bits=q.bits, group_size=q.group_size,
-                                                  sym=q.sym, abits=q.abits if q.abits < 16 else None)
+            with phases("error"):
+                err = relative_output_error(lin.weight.float(), r.W_hat, H[key])
+            with phases("pack"):
+                ql = model_lib.QuantLinear.from_codes(r.codes, r.scale, r.zero, bits=q.bits, group_size=q.group_size,
+                                                      sym=q.sym, abits=q.abits if q.abits < 16 else None)
+                layer.set_submodule(name, ql.to(lin.weight.device))
             report[name] = {"tokens_text": n_text, "tokens_vis": n_vis, "pooled_hessian": starved[key],
                             "damp": getattr(r, "damp", None), "cholesky_retries": getattr(r, "retries", 0),
-                            "rel_error": relative_output_error(lin.weight.float(), r.W_hat, H[key])}
-            layer.set_submodule(name, ql.to(lin.weight.device))
+                            "rel_error": err}
     return report
 
 
@@ -442,30 +481,40 @@ def quantize_model(model: str, calib: str = "calib", out: str = "quantized", q: 
                 report["layers"][str(i)] = json.load(f)
             print(f"layer {i:3d}/{n}: restored from {path}")
         else:
-            layer = m.load_layer(i)
-            fusion = layer_fusion_weights(layer, acts, q.eta) if method.fusion else None
+            phases = Phases(device)
+            with phases("load"):
+                layer = m.load_layer(i)
+            with phases("fusion"):
+                fusion = layer_fusion_weights(layer, acts, q.eta) if method.fusion else None
             mean_prob = cal["mean_prob"][cal["moe_layers"].index(i)] if i in cal["moe_layers"] else None
-            scales = {} if method.scales is None else search_and_fold(
-                layer, m.scaling_groups(i), acts, q, importance=methods.layer_importance(cal, i, gamma, q),
-                fusion=fusion, mean_prob=mean_prob)
-            cap = LayerCapture(layer, method, q, gamma or 1.0)
+            with phases("scales"):
+                scales = {} if method.scales is None else search_and_fold(
+                    layer, m.scaling_groups(i), acts, q, importance=methods.layer_importance(cal, i, gamma, q),
+                    fusion=fusion, mean_prob=mean_prob)
+            cap = LayerCapture(layer, method, q, gamma or 1.0, phases)
             try:
-                with torch.no_grad():
+                with torch.no_grad(), phases("capture"):  # the float layer's forward + the Hessian sums
                     for j, s in enumerate(acts):
                         cap.start_sample(s.is_vis, None if fusion is None else fusion[j])
                         layer(s.x, s.ctx)
             finally:
                 cap.remove()
-            rep = {"linears": quantize_linears(layer, cap, q, m.layer_prefix(i)), "scales": scales}
+            rep = {"linears": quantize_linears(layer, cap, q, m.layer_prefix(i), phases), "scales": scales,
+                   "hessian_gflop": cap.flop / 1e9}
             del cap  # its Hessians (GBs at real width) must not live on into the next layer
-            export.save_atomic(layer_state(m, i), path, metadata={"format": "pt"})
+            with phases("write"):
+                export.save_atomic(layer_state(m, i), path, metadata={"format": "pt"})
+            rep["seconds"] = phases.seconds  # the layer's forward below is added to the saved report only
             with open(path[:-len(".safetensors")] + ".json.tmp", "w") as f:
                 json.dump(rep, f)
             os.replace(path[:-len(".safetensors")] + ".json.tmp", path[:-len(".safetensors")] + ".json")
             report["layers"][str(i)] = rep
             print_layer(i, n, rep, t0, time.time() - t_layer)
-        acts = run_layer(m, i, acts)
+        forward = Phases(device)
+        with forward("forward"):  # the quantized layer's outputs: the next layer's inputs
+            acts = run_layer(m, i, acts)
         m.unload_layer(i)
+        report["layers"][str(i)].setdefault("seconds", {}).update(forward.seconds)
     report["seconds"] = time.time() - t0
     report["pooled_hessian_linears"] = [f"{i}:{k}" for i, rep in report["layers"].items()
                                         for k, r in rep["linears"].items() if r["pooled_hessian"]]
