@@ -85,6 +85,9 @@ NO_PHASES = Phases()  # when nobody is timing
 # Hessians: capture and quantize
 
 
+HESSIAN_BLOCK = 8  # calibration samples whose tokens make one float32 product per Hessian (hessian.Hessian.flush)
+
+
 class LayerCapture:
     """Forward hooks on every nn.Linear of one decoder layer and on its router, accumulating one Hessian per
     input of model.layer_structure (keyed by its first reader). An expert's linears see only the rows routed to
@@ -99,8 +102,8 @@ class LayerCapture:
         self.input_of = {name: inp for inp in self.structure.inputs for name in inp.readers}
         self.H: dict[str, Hessian] = {}  # input key (its first reader) -> accumulator
         self.tokens: dict[str, list[int]] = {}  # input key -> [n_text, n_vis]
-        self.pool: Hessian | None = None  # all tokens entering the MoE block (for starved experts)
         self.moe_inputs: list[torch.Tensor] = []
+        self.pool: Hessian | None = None  # all tokens entering the MoE block: built by pooled_hessian if needed
         self.is_vis, self.fusion, self.routing, self._seen = None, None, None, {}
         self.flop = 0  # floating-point operations of the Hessian products (bench/streaming.py's rate)
         self.handles = [layer.get_submodule(name).register_forward_pre_hook(self._linear_hook(name))
@@ -115,10 +118,7 @@ class LayerCapture:
     def _router_hook(self, module, args, routing: model_lib.Routing):
         x = args[0].reshape(-1, args[0].shape[-1])
         self.routing = (routing.topk_idx, routing.topk_weight.float())  # (T, k) each
-        if self.pool is None:
-            self.pool = Hessian(x.shape[-1], dtype=torch.float64)
-        self.pool.add(x)
-        self.moe_inputs.append(x.detach())
+        self.moe_inputs.append(x.detach())  # for pooled_hessian, should an expert get (almost) no tokens
 
     def _linear_hook(self, name):
         inp = self.input_of[name]
@@ -142,12 +142,19 @@ class LayerCapture:
                 p = self.routing[1][tok, slot]
             is_vis, fusion = self.is_vis[tok], None if self.fusion is None else self.fusion[tok]
             if key not in self.H:
-                self.H[key], self.tokens[key] = Hessian(x.shape[-1], dtype=torch.float64), [0, 0]
+                self.H[key] = Hessian(x.shape[-1], dtype=torch.float64, compute_dtype=torch.float32)
+                self.tokens[key] = [0, 0]
             self.H[key].add(x, self.method.token_weights(self.q, self.gamma, is_vis, p, fusion))
             self.flop += 2 * x.shape[0] * x.shape[1] ** 2  # the (d, n) @ (n, d) product
             self.tokens[key][0] += int((~is_vis).sum())
             self.tokens[key][1] += int(is_vis.sum())
         return hook
+
+    def flush(self):
+        """Multiply out every Hessian's kept rows (the driver calls it after each HESSIAN_BLOCK samples)."""
+        with self.phases("hessians"):
+            for H in self.H.values():
+                H.flush()
 
     def remove(self):
         for h in self.handles:
@@ -158,13 +165,19 @@ def pooled_hessian(layer, inp: model_lib.LinearInput, cap: LayerCapture) -> torc
     """For an expert with (almost) no routed tokens: the Hessian of what its input would be if every MoE token
     were routed to it (gate/up: the MoE input; down: that expert's activations on the MoE input)."""
     s = cap.structure.swiglu_of(inp.readers[0])
-    if inp.readers[0] == s.down_proj:
-        expert = layer.get_submodule(s.name)
-        H = Hessian(expert.down_proj.in_features, dtype=torch.float64)
-        for x in cap.moe_inputs:
-            H.add(F.silu(expert.gate_proj(x)) * expert.up_proj(x))
-        return H.finalize(release=True, dtype=torch.float32)
-    return cap.pool.finalize(dtype=torch.float32)
+    if inp.readers[0] != s.down_proj:  # gate/up: every MoE token, computed once per layer
+        if cap.pool is None:
+            cap.pool = Hessian(cap.moe_inputs[0].shape[-1], dtype=torch.float64, compute_dtype=torch.float32)
+            for x in cap.moe_inputs:
+                cap.pool.add(x)
+                cap.pool.flush()
+        return cap.pool.finalize(dtype=torch.float32)
+    expert = layer.get_submodule(s.name)
+    H = Hessian(expert.down_proj.in_features, dtype=torch.float64, compute_dtype=torch.float32)
+    for x in cap.moe_inputs:
+        H.add(F.silu(expert.gate_proj(x)) * expert.up_proj(x))
+        H.flush()
+    return H.finalize(release=True, dtype=torch.float32)
 
 
 def solve_batched(layer, expert_inputs: list[model_lib.LinearInput], H: dict, q: QuantArgs, prefix: str) -> dict:
@@ -222,7 +235,7 @@ def quantize_linears(layer, cap: LayerCapture, q: QuantArgs, prefix: str, phases
     report = {}
     for key, inp in inputs.items():
         n_text, n_vis = cap.tokens.get(key, (0, 0))
-        for name, r in zip(inp.readers, results[key]):
+        for name, r in zip(inp.readers, results.pop(key)):  # each result (with its W_hat) freed once packed
             lin = layer.get_submodule(name)
             with phases("error"):
                 err = relative_output_error(lin.weight.float(), r.W_hat, H[key])
@@ -497,6 +510,8 @@ def quantize_model(model: str, calib: str = "calib", out: str = "quantized", q: 
                     for j, s in enumerate(acts):
                         cap.start_sample(s.is_vis, None if fusion is None else fusion[j])
                         layer(s.x, s.ctx)
+                        if (j + 1) % HESSIAN_BLOCK == 0 or j + 1 == len(acts):
+                            cap.flush()
             finally:
                 cap.remove()
             rep = {"linears": quantize_linears(layer, cap, q, m.layer_prefix(i), phases), "scales": scales,

@@ -69,7 +69,31 @@ def streamed_calibration(ckpt: str, out: str, n: int, seed: int, device: str):
 def quantize(ckpt: str, calib: str, out: str, bits: int, group_size: int, per_expert: bool, device: str):
     q = gptq.QuantArgs(method="gptq", bits=bits, group_size=group_size, batched_experts=not per_expert)
     report = gptq.quantize_model(ckpt, calib, out, q, device=device, command="bench/streaming.py")
-    print(json.dumps({"seconds": report["seconds"]}))
+    layers = {i: {"seconds": r["seconds"], "hessian_gflop": r["hessian_gflop"]} for i, r in report["layers"].items()}
+    print(json.dumps({"seconds": report["seconds"], "layers": layers}))
+
+
+def set_image_side(ckpt: str, side: int):
+    """Qwen: every calibration image resized to side x side pixels (min = max pixels), so a sample carries
+    (side / 16)^2 image tokens at the tiny tower's 8-px patches merged 2 x 2 (448: 784 tokens)."""
+    path = os.path.join(ckpt, "preprocessor_config.json")
+    with open(path) as f:
+        cfg = json.load(f)
+    cfg["size"] = {"shortest_edge": side * side, "longest_edge": side * side}
+    with open(path, "w") as f:
+        json.dump(cfg, f, indent=2)
+
+
+def matmul_rate(threads: int, d: int = 2048, n: int = 512, seconds: float = 2.0) -> float:
+    """GFLOP/s of the Hessian's product shape, (d, n) @ (n, d) in float32, at `threads` threads."""
+    torch.set_num_threads(threads)
+    a, c = torch.randn(n, d), torch.zeros(d, d)
+    c.addmm_(a.T, a)
+    t0, reps = time.perf_counter(), 0
+    while time.perf_counter() - t0 < seconds:
+        c.addmm_(a.T, a)
+        reps += 1
+    return 2 * d * d * n * reps / (time.perf_counter() - t0) / 1e9
 
 
 def status_kb(pid: int) -> dict:
@@ -131,29 +155,77 @@ def run_child(args: list[str], n_layers: int, guard_gb: float) -> dict:
             "elapsed": elapsed}
 
 
+def calib_tokens(ckpt: str, calib: str) -> dict:
+    """Tokens of the calibration set as the driver sees them: total, image, samples."""
+    import data
+
+    proc = data.load_processor(ckpt)
+    lens = [(int(b["is_vis"].numel()), int(b["is_vis"].sum())) for b in
+            (data.encode_qa_batch(proc, [s]) for s in calibrate.calibration_samples(calibrate.load(calib)))]
+    return {"samples": len(lens), "total": sum(t for t, _ in lens), "image": sum(v for _, v in lens)}
+
+
+TOP_PHASES = ("load", "fusion", "scales", "capture", "finalize", "solve", "error", "pack", "write", "forward")
+
+
+def phase_table(runs: dict, n: int, text_cfg, rates: dict) -> tuple[str, dict]:
+    """Per-phase seconds of the MoE layers (mean over them) at depth n for each thread count, the ratios, and
+    the Hessian products' rate against the matmul rate. Returns the table and {threads: summary}."""
+    threads = sorted(t for (nn, t) in runs if nn == n)
+    per = {}
+    for t in threads:
+        layers = [r for i, r in runs[n, t]["layers"].items() if text_cfg.is_moe(int(i))]
+        mean = {ph: sum(r["seconds"].get(ph, 0.0) for r in layers) / len(layers)
+                for ph in TOP_PHASES + ("hessians",)}
+        gflop = sum(r["hessian_gflop"] for r in layers) / len(layers)
+        per[t] = {"phases": mean, "total": sum(mean[ph] for ph in TOP_PHASES), "gflop": gflop,
+                  "hessian_rate": gflop / mean["hessians"] if mean["hessians"] else float("nan"), "matmul": rates[t]}
+    head = "| phase | " + " | ".join(f"{t} thread(s) s" for t in threads) + (
+        f" | {threads[0]}/{threads[-1]} |" if len(threads) > 1 else " |")
+    lines = [head, "|" + "---|" * (len(threads) + 1 + (len(threads) > 1))]
+    rows = [("load", "load"), ("capture: forward", None), ("capture: Hessians", "hessians")] + [
+        (ph, ph) for ph in TOP_PHASES if ph not in ("load", "capture")] + [("layer total", None)]
+    for label, ph in rows:
+        vals = [(per[t]["phases"]["capture"] - per[t]["phases"]["hessians"]) if label == "capture: forward" else
+                per[t]["total"] if label == "layer total" else per[t]["phases"][ph] for t in threads]
+        ratio = f" | {vals[0] / vals[-1]:.2f}x" if len(threads) > 1 and vals[-1] > 0 else (" | -" if len(threads) > 1 else "")
+        lines.append(f"| {label} | " + " | ".join(f"{v:.1f}" for v in vals) + ratio + " |")
+    lines.append("| Hessian products GFLOP/s (x matmul rate) | " + " | ".join(
+        f"{per[t]['hessian_rate']:.1f} ({per[t]['hessian_rate'] / per[t]['matmul']:.2f})" for t in threads) +
+        (" | |" if len(threads) > 1 else " |"))
+    return "\n".join(lines), per
+
+
 def dir_bytes(path: str) -> int:
     return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path) if f.endswith(".safetensors"))
 
 
-def measure(n: int, a) -> dict:
-    tag = f"{FAMILIES[a.family].name}-{n}l"
-    ckpt = os.path.join(a.root, tag)
+def ckpt_of(a, n: int) -> str:
+    return os.path.join(a.root, f"{FAMILIES[a.family].name}-{n}l" + (f"-img{a.image_side}" if a.image_side else ""))
+
+
+def measure(n: int, a, threads: int) -> dict:
+    ckpt = ckpt_of(a, n)
+    tag = os.path.basename(ckpt)
     calib = os.path.join(a.root, f"calib-{tag}-{a.samples}")
     out = os.path.join(a.root, f"quantized-{tag}-w{a.bits}g{a.group_size}-{'loop' if a.per_expert else 'batched'}")
-    common = ["--device", a.device, "--threads", str(a.threads)]
+    common = ["--device", a.device, "--threads", str(threads)]
     if not os.path.isdir(ckpt):
         t0 = time.time()
         write_checkpoint(n, ckpt, seed=a.seed, device=a.device, family=a.family, real_dir=a.real_dir)
+        if a.image_side:
+            set_image_side(ckpt, a.image_side)
         print(f"N={n}: wrote {ckpt} in {time.time() - t0:.0f}s", flush=True)
     if not os.path.isdir(calib):
         run_child(["--stage", "calib", "--ckpt", ckpt, "--calib", calib, "--samples", str(a.samples),
                    "--seed", str(a.seed), *common], n, a.guard_gb)
-    print(f"N={n}: quantize_model (gptq W{a.bits} g{a.group_size}, "
+    print(f"N={n}, {threads} thread(s): quantize_model (gptq W{a.bits} g{a.group_size}, "
           f"{'per-expert loop' if a.per_expert else 'batched experts'})", flush=True)
     r = run_child(["--stage", "quantize", "--ckpt", ckpt, "--calib", calib, "--out", out, "--bits", str(a.bits),
                    "--group-size", str(a.group_size), *common] + (["--per-expert"] if a.per_expert else []),
                   n, a.guard_gb)
     r["out_gb"] = 0.0 if r["killed"] else dir_bytes(out) / GB
+    r["tokens"] = calib_tokens(ckpt, calib)
     print(f"N={n}: {r.get('seconds', float('nan')):.0f}s, VmHWM {r['vmhwm']:.2f} GB, peak RssAnon "
           f"{r['peak_anon']:.2f} GB (after the last layer: {r['peak_anon_last_phase']:.2f} GB), output "
           f"{r['out_gb']:.2f} GB" + (" [KILLED by the memory guard]" if r["killed"] else ""), flush=True)
@@ -171,7 +243,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--family", choices=sorted(FAMILIES), default="qwen", help="the real model's widths")
     p.add_argument("--real-dir", default=None, help="kimi: folder with the real config.json (synthetic_checkpoint)")
-    p.add_argument("--layers", type=int, nargs=2, default=[2, 4], help="the two depths compared")
+    p.add_argument("--layers", type=int, nargs="+", default=[2, 4], help="the two depths compared (one depth: "
+                   "the per-phase table only)")
     p.add_argument("--root", default="/tmp/h8", help="where checkpoints, calib and outputs are written")
     p.add_argument("--samples", type=int, default=16, help="calibration samples (bundled shapes, train split)")
     p.add_argument("--bits", type=int, default=4)
@@ -180,21 +253,55 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--guard-gb", type=float, default=1.0, help="kill a run when MemAvailable falls below this")
     p.add_argument("--device", default="cpu", help="torch device of the driver")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--threads", type=int, nargs="+", default=[1], help="torch CPU threads; several: every count "
+                   "runs at the larger depth, the depth comparison at the largest count")
+    p.add_argument("--image-side", type=int, default=None, help="qwen: calibration images resized to this many "
+                   "pixels a side (448: 784 image tokens a sample); default the tiny preprocessor's 64 (16 tokens)")
     p.add_argument("--stage", choices=("calib", "quantize"), help=argparse.SUPPRESS)  # child processes
     p.add_argument("--ckpt", help=argparse.SUPPRESS)
     p.add_argument("--calib", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     a = p.parse_args()
-    torch.set_num_threads(a.threads)
+    if a.image_side and a.family != "qwen":
+        p.error("--image-side: only for --family qwen (Kimi's preprocessor already takes images at real size)")
+    if a.stage:
+        torch.set_num_threads(a.threads[0])
     if a.stage == "calib":
         return streamed_calibration(a.ckpt, a.calib, a.samples, a.seed, a.device)
     if a.stage == "quantize":
         return quantize(a.ckpt, a.calib, a.out, a.bits, a.group_size, a.per_expert, a.device)
-    (n2, n4), (r2, r4) = a.layers, [measure(n, a) for n in a.layers]
-    if r2["killed"] or r4["killed"]:
+    top = max(a.threads)
+    runs = {}
+    for n in a.layers:
+        for t in sorted(set(a.threads), reverse=True):
+            if t == top or n == max(a.layers):
+                runs[n, t] = measure(n, a, t)
+    if any(r["killed"] for r in runs.values()):
         sys.exit("streaming: a run was killed by the memory guard, no figures (free memory, or raise --guard-gb)")
     real = FAMILIES[a.family].real_layers
+    deep = max(a.layers)
+    depth = depth_report(runs[min(a.layers), top], runs[deep, top], min(a.layers), deep, real) \
+        if len(set(a.layers)) > 1 else ""
+    tok = runs[deep, top]["tokens"]
+    rates = {t: matmul_rate(t) for t in sorted(set(a.threads))}
+    table, per = phase_table(runs, deep, model.load_config(ckpt_of(a, deep)).text, rates)
+    print(f"\nper-phase seconds of an MoE layer (mean over the MoE layers of the N={deep} run; {tok['samples']} "
+          f"calibration samples, {tok['total']} tokens, {tok['image']} of them image tokens; capture = the float "
+          f"layer's forward with the Hessian hooks, 'Hessians' the time inside the hooks and the flushes; forward = "
+          f"the quantized layer's outputs for the next layer):\n{table}")
+    for t in sorted(per):
+        print(f"{t} thread(s): {per[t]['total']:.1f} s per MoE layer, {real} layers ~ "
+              f"{(per[t]['total'] * real) / 3600:.2f} h (+ the fixed cost); matmul rate {per[t]['matmul']:.1f} GFLOP/s")
+    speed = ""
+    if len(per) > 1:
+        speed = f" thread_speedup={per[min(per)]['total'] / per[max(per)]['total']:.2f}"
+    hess = per[top]["hessian_rate"] / per[top]["matmul"]
+    print(f"streaming:{depth}{speed} hessian_x_matmul={hess:.2f} s_per_moe_layer={per[top]['total']:.1f} "
+          f"threads={top} samples={tok['samples']} tokens={tok['total']}")
+
+
+def depth_report(r2: dict, r4: dict, n2: int, n4: int, real: int) -> str:
+    """Memory flatness and the marginal seconds per layer from runs at two depths; returns the summary fields."""
     s_layer = (r4["seconds"] - r2["seconds"]) / (n4 - n2)
     fixed = r2["seconds"] - n2 * s_layer
     layer_out = (r4["out_gb"] - r2["out_gb"]) / (n4 - n2)
@@ -216,9 +323,8 @@ def main():
     moe = sum(r4["moe_s"]) / max(1, len(r4["moe_s"]))
     print(f"the driver's own per-layer seconds at N={n4} (quantization only, not the layer's forward): dense "
           f"{r4['dense_s'] or 'none'}, MoE {r4['moe_s']} (mean {moe:.1f})")
-    print(f"streaming: peak_n{n2}_gb={r2['vmhwm']:.2f} peak_n{n4}_gb={r4['vmhwm']:.2f} "
-          f"ratio={r4['vmhwm'] / r2['vmhwm']:.3f} s_per_layer={s_layer:.1f} moe_driver_s={moe:.1f}{dense}")
-
+    return (f" peak_n{n2}_gb={r2['vmhwm']:.2f} peak_n{n4}_gb={r4['vmhwm']:.2f} ratio={r4['vmhwm'] / r2['vmhwm']:.3f}"
+            f" s_per_layer={s_layer:.1f} moe_driver_s={moe:.1f}{dense}")
 
 if __name__ == "__main__":
     main()

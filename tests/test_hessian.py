@@ -163,3 +163,37 @@ def test_finalize_release_hands_over_the_storage_once():
         h.finalize()
     with pytest.raises(ValueError, match="released"):
         h.add(X)
+
+
+def test_float32_products_summed_in_float64_match_a_float64_recomputation():
+    """compute_dtype=float32 (the driver's): rows kept until flush(), one float32 product per flush, summed into
+    a float64 S. Oracle: the float64 sum of w_j x_j x_jᵀ; float32 products of 300 rows agree to ~1e-6."""
+    g = torch.Generator().manual_seed(3)
+    xs = [torch.randn(n, 24, generator=g) for n in (7, 50, 1, 120, 33)]
+    ws = [torch.rand(len(x), generator=g, dtype=torch.float64) for x in xs]
+    H = Hessian(24, dtype=torch.float64, compute_dtype=torch.float32)
+    for i, (x, w) in enumerate(zip(xs, ws)):
+        H.add(x, w)
+        if i == 2:
+            H.flush()  # blocks of samples: (7, 50, 1) and (120, 33)
+    X, W = torch.cat(xs).double(), torch.cat(ws)
+    ref = 2 / W.sum() * (X.T * W) @ X
+    got = H.finalize()
+    assert got.dtype == torch.float64 and H.n_tokens == len(X)
+    torch.testing.assert_close(got, ref, rtol=2e-6, atol=2e-6 * float(ref.abs().max()))
+
+
+def test_flush_blocks_fix_the_float32_products():
+    """Two accumulators fed the same blocks of rows, in a different block order, differ only by the float64
+    order of the sum of identical float32 products (what distributed.py relies on)."""
+    g = torch.Generator().manual_seed(4)
+    blocks = [[torch.randn(n, 16, generator=g) for n in sizes] for sizes in ((5, 9), (40,), (3, 3, 3))]
+    A, B = (Hessian(16, dtype=torch.float64, compute_dtype=torch.float32) for _ in range(2))
+    for acc, order in ((A, (0, 1, 2)), (B, (2, 0, 1))):
+        for b in order:
+            for x in blocks[b]:
+                acc.add(x)
+            acc.flush()
+    prods = [torch.cat(b).T @ torch.cat(b) for b in blocks]  # float32, as flush() computes them
+    assert torch.equal(A.S, prods[0].double() + prods[1].double() + prods[2].double())
+    torch.testing.assert_close(A.S, B.S, rtol=1e-15, atol=0)
