@@ -217,6 +217,7 @@ def quantize_linears(layer, cap: LayerCapture, q: QuantArgs, prefix: str, phases
     with phases("finalize"):
         H = {k: pooled_hessian(layer, inp, cap) if starved[k] else cap.H[k].finalize(release=True, dtype=torch.float32)
              for k, inp in inputs.items()}  # float32, as the solvers take it; the float64 sums are released one by one
+    cap.moe_inputs, cap.pool = [], None  # the pooled Hessians are built: the layer's MoE inputs can go
     rtn_solver = cap.method.solver == "rtn"
     results = {}
     with phases("solve"):
