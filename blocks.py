@@ -133,6 +133,22 @@ class DecoderLayer(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), ctx)
         return x + self.mlp(self.post_attention_layernorm(x))
 
+    def forward_many(self, xs: list, ctxs: list, before_attention=None, before_mlp=None) -> list:
+        """forward() of several samples (1, T_j, D) at once: the attention one sample at a time, the MLP (token by
+        token) once on all their tokens, so each expert multiplies the routed rows of every sample in one matmul
+        (a quantizer's calibration pass: larger products, fewer small ops). Equal to forward() per sample up to
+        float rounding (tests/test_pipeline.py). before_attention(j), before_mlp(): called first, for the hooks
+        of a quantizer that needs to know which sample a linear's input belongs to."""
+        hs = []
+        for j, (x, ctx) in enumerate(zip(xs, ctxs)):
+            if before_attention is not None:
+                before_attention(j)
+            hs.append(x + self.self_attn(self.input_layernorm(x), ctx))
+        h = torch.cat(hs, dim=1)  # (1, Σ T_j, D)
+        if before_mlp is not None:
+            before_mlp()
+        return list((h + self.mlp(self.post_attention_layernorm(h))).split([x.shape[1] for x in hs], dim=1))
+
 
 class TextModel(nn.Module):
     """embed_tokens -> layers -> norm (the head and the layer loop live in the model class)."""

@@ -85,7 +85,7 @@ NO_PHASES = Phases()  # when nobody is timing
 # Hessians: capture and quantize
 
 
-HESSIAN_BLOCK = 8  # calibration samples whose tokens make one float32 product per Hessian (hessian.Hessian.flush)
+HESSIAN_BLOCK = 8  # calibration samples per forward_many of the layer and per float32 product of each Hessian
 
 
 class LayerCapture:
@@ -114,6 +114,17 @@ class LayerCapture:
     def start_sample(self, is_vis, fusion=None):
         """is_vis (T,) of the next sample; fusion (T,) its FAQ weights (methods with fusion only)."""
         self.is_vis, self.fusion, self.routing, self._seen = is_vis, fusion, None, {}
+
+    def run_block(self, layer, block: list, fusion: list | None):
+        """The float layer on a block of samples (DecoderLayer.forward_many: attention per sample, the MLP on
+        all their tokens), the hooks told which tokens each linear's input holds; then the block's products."""
+        vis = [s.is_vis for s in block]
+        fus = fusion if fusion is not None else [None] * len(block)
+        layer.forward_many([s.x for s in block], [s.ctx for s in block],
+                           before_attention=lambda j: self.start_sample(vis[j], fus[j]),
+                           before_mlp=lambda: self.start_sample(torch.cat(vis), None if fusion is None else
+                                                                torch.cat(fusion)))
+        self.flush()
 
     def _router_hook(self, module, args, routing: model_lib.Routing):
         x = args[0].reshape(-1, args[0].shape[-1])
@@ -381,10 +392,14 @@ def embed_samples(m, proc, samples, device) -> list:
 
 
 def run_layer(m, i: int, samples: list) -> list:
-    """The layer's outputs (+ DeepStack injection) for every sample."""
-    layer = m.layers[i]
+    """The layer's outputs (+ DeepStack injection) for every sample, HESSIAN_BLOCK samples per forward_many."""
+    layer, out = m.layers[i], []
     with torch.no_grad(), model_lib.dequantize_once(layer):
-        return [LayerInput(m.after_layer(i, layer(s.x, s.ctx), s.ctx), s.ctx, s.is_vis) for s in samples]
+        for b in range(0, len(samples), HESSIAN_BLOCK):
+            block = samples[b:b + HESSIAN_BLOCK]
+            ys = layer.forward_many([s.x for s in block], [s.ctx for s in block])
+            out += [LayerInput(m.after_layer(i, y, s.ctx), s.ctx, s.is_vis) for y, s in zip(ys, block)]
+    return out
 
 
 def quantize_vision_tower(m, proc, samples, q: QuantArgs, device) -> dict:
@@ -508,11 +523,9 @@ def quantize_model(model: str, calib: str = "calib", out: str = "quantized", q: 
             cap = LayerCapture(layer, method, q, gamma or 1.0, phases)
             try:
                 with torch.no_grad(), phases("capture"):  # the float layer's forward + the Hessian sums
-                    for j, s in enumerate(acts):
-                        cap.start_sample(s.is_vis, None if fusion is None else fusion[j])
-                        layer(s.x, s.ctx)
-                        if (j + 1) % HESSIAN_BLOCK == 0 or j + 1 == len(acts):
-                            cap.flush()
+                    for b in range(0, len(acts), HESSIAN_BLOCK):
+                        cap.run_block(layer, acts[b:b + HESSIAN_BLOCK],
+                                      None if fusion is None else fusion[b:b + HESSIAN_BLOCK])
             finally:
                 cap.remove()
             rep = {"linears": quantize_linears(layer, cap, q, m.layer_prefix(i), phases), "scales": scales,

@@ -121,8 +121,11 @@ def run_child(args: list[str], n_layers: int, guard_gb: float) -> dict:
     peak = {"phase": 0, "by_phase": {}, "killed": False}
     layer_s, elapsed = {}, {}  # layer -> the driver's printed seconds, and its elapsed seconds at that line
 
+    done = threading.Event()  # set once the child closed its output; the main thread alone reaps it (os.wait4):
+    # a p.poll() here could reap it first and leave wait4 with ECHILD, losing the run's figures
+
     def sample():
-        while p.poll() is None:
+        while not done.is_set():
             anon, phase = status_kb(p.pid).get("RssAnon", 0) * 1e3 / GB, peak["phase"]
             peak["by_phase"][phase] = max(peak["by_phase"].get(phase, 0), anon)
             if mem_available_gb() < guard_gb:
@@ -144,6 +147,7 @@ def run_child(args: list[str], n_layers: int, guard_gb: float) -> dict:
         if line.startswith("{"):
             result = json.loads(line)
     _, status, usage = os.wait4(p.pid, 0)  # this child's own rusage (RUSAGE_CHILDREN would mix the runs)
+    done.set()
     p.returncode = os.waitstatus_to_exitcode(status)
     watcher.join()
     if p.returncode != 0 and not peak["killed"]:
@@ -276,6 +280,8 @@ def main():
         for t in sorted(set(a.threads), reverse=True):
             if t == top or n == max(a.layers):
                 runs[n, t] = measure(n, a, t)
+                with open(os.path.join(a.root, "streaming-runs.json"), "w") as f:  # kept should a later run fail
+                    json.dump({f"N={k[0]},threads={k[1]}": v for k, v in runs.items()}, f)
     if any(r["killed"] for r in runs.values()):
         sys.exit("streaming: a run was killed by the memory guard, no figures (free memory, or raise --guard-gb)")
     real = FAMILIES[a.family].real_layers

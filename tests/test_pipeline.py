@@ -324,3 +324,23 @@ def test_batched_solver_on_the_bundled_models_real_hessians(name, tmp_path, monk
                 codes, total = codes + int((ref.codes != b.codes).sum()), total + ref.codes.numel()
     print(f"{name}: {rows} rows ({codes} of {total} codes) differ, each from a rounding tie of the reference")
     assert codes <= 0.001 * total
+
+
+@pytest.mark.parametrize("name", ["tiny-qwen3-vl-moe", "tiny-kimi-vl"])
+def test_forward_many_equals_forward_per_sample(name):
+    """The driver's calibration forward (DecoderLayer.forward_many: attention per sample, the MLP on the
+    concatenated tokens of a block) against the layer run one sample at a time, on every layer of a bundled
+    model, image and text samples of different lengths: equal up to float rounding."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", name)
+    m = model.load_model(path, dtype=torch.float32)
+    proc = data.load_processor(path)
+    acts = layerwise.embed_samples(m, proc, data.load_samples("shapes", n=6, seed=5, split="test"), "cpu")
+    assert len({a.x.shape[1] for a in acts}) > 1  # different lengths
+    with torch.no_grad():
+        for i, layer in enumerate(m.layers):
+            one = [layer(a.x, a.ctx) for a in acts]
+            many = layer.forward_many([a.x for a in acts], [a.ctx for a in acts])
+            for a, b in zip(one, many):
+                assert a.shape == b.shape
+                torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5 * float(a.abs().max()))
+            acts = [layerwise.LayerInput(m.after_layer(i, y, a.ctx), a.ctx, a.is_vis) for y, a in zip(one, acts)]
