@@ -35,9 +35,10 @@ class Hessian:
     """Accumulates S = Σ_j w_j x_j x_jᵀ over batches of inputs x (..., d) of one linear layer.
 
     dtype: accumulation dtype; float64 costs 2x memory but makes the sum order-independent to ~1e-16, which
-    matters when many small weights are summed (millions of tokens, VEQ-MA's p^λ). Inputs are cast to it."""
+    matters when many small weights are summed (millions of tokens, VEQ-MA's p^λ). Inputs are cast to it.
+    device: where S lives, which must be the inputs' device (pass x.device; None: torch's default device)."""
 
-    def __init__(self, d: int, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    def __init__(self, d: int, *, dtype: torch.dtype = torch.float32, device: str | torch.device | None = None):
         self.d = d
         self.S = torch.zeros(d, d, dtype=dtype, device=device)  # (d, d) raw weighted sum, not normalized
         self.weight_sum = torch.zeros((), dtype=torch.float64, device=device)  # Σ w_j (a tensor: no GPU sync)
