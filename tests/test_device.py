@@ -9,7 +9,8 @@ VEQ-MA interrupted and resumed) and eval (greedy answers, KL against the float m
 bundled tiny models, through the CLIs. What the guard cannot see on a CPU (a tensor moved to the CPU on purpose
 and left there) is what MOE_VLM_TEST_DEVICE=cuda checks on a GPU: the same tests then run there, the models are
 compared with transformers on the CPU, and a quantization on the GPU with the same one on the CPU
-(bench/gpu_check.sh runs this file that way).
+(bench/gpu_check.sh runs this file that way). MOE_VLM_TEST_DEVICE=cpu:0 runs those GPU-only tests on the CPU:
+they then compare the CPU with itself, a check of the tests' own code.
 """
 
 import json
@@ -216,7 +217,8 @@ def test_qwen_parity_with_transformers_on_the_device(tiny_qwen, hf_qwen):
     e1 = proc.encode(user(None, "what color is the circle ?"), [image(48, 64, 0)])
     e2 = proc.encode(user(None, "describe", None, "and this one"), [image(48, 64, 1), image(40, 90, 2)])
     e3 = proc.encode(user("how many shapes are there ? one two three"))
-    for enc in (e1, e2, e3, data.pad_batch([e1, e3], side="left")):
+    e4 = proc.encode(user(None, "how many shapes are there ? one two three four"), [image(40, 90, 2)])
+    for enc in (e1, e2, e3, data.pad_batch([e1, e4], side="left")):
         kw = dict(input_ids=enc["input_ids"], attention_mask=enc.get("attention_mask"))
         if "pixel_values" in enc:
             kw.update(pixel_values=enc["pixel_values"], image_grid_thw=enc["image_grid_thw"],
