@@ -2,6 +2,7 @@
 
     python calibrate.py [--model DIR] [--data shapes|FILE] [--n 128] [--seed 0] [--out calib/]
                         [--select random|macs] [--pool-factor 4] [--macs-penalty 1.0]
+                        [--device cpu|cuda] [--dtype float32|bfloat16]
 
 Per MoE layer l and expert e (VEQ, arXiv 2602.01037, §3):
   n_text[l, e], n_vis[l, e]   tokens of each modality routed to e (top-k membership),
@@ -90,30 +91,34 @@ def gradient_ratio(g, is_vis) -> float | None:
 
 
 class Counts:
-    """Routing statistics of the MoE layers, added one (layer, sample) at a time."""
+    """Routing statistics of the MoE layers, added one (layer, sample) at a time, on the model's device (no copy
+    to the CPU per layer and sample; stats() hands them over once)."""
 
-    def __init__(self, layers: list[int], E: int):
+    def __init__(self, layers: list[int], E: int, device):
         self.layers = layers
-        self.n_text, self.n_vis = torch.zeros(len(layers), E), torch.zeros(len(layers), E)
-        self.prob_sum = torch.zeros(len(layers), E, dtype=torch.float64)
+        self.n_text = torch.zeros(len(layers), E, device=device)
+        self.n_vis = torch.zeros(len(layers), E, device=device)
+        self.prob_sum = torch.zeros(len(layers), E, dtype=torch.float64, device=device)
         self.T_text = self.T_vis = 0
 
     def add_sample(self, vis):
-        self.T_vis += int(vis.sum())
-        self.T_text += int((~vis).sum())
+        n_vis = int(vis.sum())
+        self.T_vis += n_vis
+        self.T_text += vis.numel() - n_vis
 
     def add_routing(self, i: int, topk_idx, scores, vis):
         j, E = self.layers.index(i), self.n_text.shape[1]
-        self.n_vis[j] += torch.bincount(topk_idx[vis].flatten(), minlength=E).float().cpu()
-        self.n_text[j] += torch.bincount(topk_idx[~vis].flatten(), minlength=E).float().cpu()
-        self.prob_sum[j] += (scores / scores.sum(-1, keepdim=True)).sum(0).double().cpu()
+        self.n_vis[j] += torch.bincount(topk_idx[vis].flatten(), minlength=E).float()
+        self.n_text[j] += torch.bincount(topk_idx[~vis].flatten(), minlength=E).float()
+        self.prob_sum[j] += (scores / scores.sum(-1, keepdim=True)).sum(0).double()
 
     def stats(self, ratios: list, ratios_gxi: list) -> dict:
+        """Everything calib/ records, on the CPU (safetensors + JSON)."""
         per_sample = [r for r in ratios if r is not None]
-        return {"moe_layers": self.layers, "n_text": self.n_text, "n_vis": self.n_vis,
-                "mean_prob": (self.prob_sum / max(1, self.T_text + self.T_vis)).float(), "T_text": self.T_text,
+        return {"moe_layers": self.layers, "n_text": self.n_text.cpu(), "n_vis": self.n_vis.cpu(),
+                "mean_prob": (self.prob_sum / max(1, self.T_text + self.T_vis)).float().cpu(), "T_text": self.T_text,
                 "T_vis": self.T_vis, "gamma": sum(per_sample) / len(per_sample) if per_sample else None,
-                "gamma_median": float(torch.tensor(per_sample).median()) if per_sample else None,
+                "gamma_median": float(torch.tensor(per_sample, device="cpu").median()) if per_sample else None,
                 "gamma_per_sample": ratios,
                 # |x ⊙ dL/dx| instead of |dL/dx|: the decoder's first op is an RMSNorm, so dL/dx scales as
                 # 1/||x|| and the plain ratio partly measures how much larger image embeddings are than text ones.
@@ -126,7 +131,7 @@ def encode_on(m, proc, s) -> dict:
 
 
 def _counts(m) -> Counts:
-    return Counts(moe_layers(m), n_experts(m))
+    return Counts(moe_layers(m), n_experts(m), m.device)
 
 
 def collect(m, proc, samples, gamma: bool = True) -> dict:
@@ -249,17 +254,16 @@ def macs_profile(m, proc, samples, layers: list[int]) -> macs.Profile:
     counting its routing per MoE layer (`layers`) and modality as collect() does (RoutingRecorder, Counts) and
     reading every decoder attention's probabilities (model.decoder_attention's probs_hook) for the text ->
     image attention mass. The scoring and selection that follow are macs.py's."""
-    E = n_experts(m)
+    E, dev = n_experts(m), m.device
     P, L = len(samples), len(layers)
-    u_text, u_vis = torch.zeros(P, L, E), torch.zeros(P, L, E)
-    prob_sum, n_tokens, affinity = torch.zeros(L, E, dtype=torch.float64), 0, torch.zeros(P, dtype=torch.float64)
-    mass = []  # per layer of the current sample: mean attention its text after the image pays to the image
+    u_text, u_vis = torch.zeros(P, L, E, device=dev), torch.zeros(P, L, E, device=dev)
+    prob_sum, n_tokens = torch.zeros(L, E, dtype=torch.float64, device=dev), 0
+    affinity = torch.zeros(P, dtype=torch.float64, device=dev)
+    mass = []  # per layer of the current sample: mean attention its text after the image pays to the image (0-dim)
 
-    def attention_hook(probs, vis):
-        phi = fusion_scores(probs[0], vis)  # text tokens: mass paid to image tokens
-        text_after = ~vis & (torch.arange(len(vis), device=vis.device) > int(torch.where(vis)[0][0]))
-        if bool(text_after.any()):
-            mass.append(float(phi[text_after].mean()))
+    def attention_hook(probs, vis, text_after):
+        if text_after is not None:
+            mass.append(fusion_scores(probs[0], vis)[text_after].mean())  # text tokens: mass paid to image tokens
 
     rec = RoutingRecorder(m)
     try:
@@ -267,17 +271,24 @@ def macs_profile(m, proc, samples, layers: list[int]) -> macs.Profile:
             b = encode_on(m, proc, s)
             vis = b["is_vis"][0]
             mass.clear()
+            has_image, text_after = bool(vis.any()), None  # text_after: the text after the first image token
+            if has_image:
+                text_after = ~vis & (torch.arange(len(vis), device=vis.device) > int(torch.where(vis)[0][0]))
+                text_after = text_after if bool(text_after.any()) else None
+            hook = (lambda p, v=vis, t=text_after: attention_hook(p, v, t)) if has_image else None
             for layer in m.layers:
-                layer.self_attn.probs_hook = (lambda p, v=vis: attention_hook(p, v)) if bool(vis.any()) else None
+                layer.self_attn.probs_hook = hook
             x, ctx = m.embed(b["input_ids"], **data.vision_inputs(b))
             for k, layer in enumerate(m.layers):
                 x = m.after_layer(k, layer(x, ctx), ctx)
-            counts = Counts(layers, E)
+            counts = Counts(layers, E, dev)
             for layer_idx in layers:
                 counts.add_routing(layer_idx, *rec.last[layer_idx], vis)
             u_text[i], u_vis[i] = counts.n_text, counts.n_vis
             prob_sum += counts.prob_sum
-            affinity[i] = sum(mass) / len(m.layers) if mass else 0.0
+            for v in mass:  # summed in order, in float64 (as Python's sum of floats), on the device
+                affinity[i] += v.double()
+            affinity[i] /= len(m.layers)
             n_tokens += len(vis)
     finally:
         rec.remove()
@@ -333,8 +344,12 @@ def summary(stats: dict, hidden: int) -> str:
 def calibrate(model: str = DEFAULT_MODEL, data_spec: str = "shapes", n: int = 128, seed: int = 0,
               out: str = "calib", gamma: bool = True, device: str = "cpu", command: str | None = None,
               select: str = "random", pool_factor: int = 4, macs_penalty: float = 1.0,
-              stream_layers: bool = False, overwrite: bool = False) -> dict:
+              stream_layers: bool = False, overwrite: bool = False, dtype: torch.dtype = torch.float32) -> dict:
+    """Everything calibrate.py does (module docstring); returns calib.json's fields and the statistics. dtype: the
+    model's weights and activations (bfloat16 halves the memory on a GPU); the statistics are accumulated in
+    float32 / float64 whatever it is."""
     t0 = time.time()
+    modeling.resolve_device(device)  # before any work: --device cuda without CUDA is an error naming the flag
     inputs = [model] + ([data_spec] if os.path.exists(data_spec) else [])
     modeling.check_output_dir(out, "calib", inputs, overwrite)  # before any work: fail fast
     if select not in ("random", "macs") or pool_factor < 1:
@@ -342,10 +357,11 @@ def calibrate(model: str = DEFAULT_MODEL, data_spec: str = "shapes", n: int = 12
     if stream_layers and select == "macs":
         raise ValueError("--stream-layers with --select macs: MACS profiles its pool with the whole model in "
                          "memory; select with a model that fits, or use --select random")
-    m = modeling.load_model(model, dtype=torch.float32, device=device, lazy_layers=stream_layers)
+    m = modeling.load_model(model, dtype=dtype, device=device, lazy_layers=stream_layers)
     proc = data.load_processor(model)
     meta = {"model": model, "data": data_spec, "n": n, "seed": seed, "split": "train", "selection": select,
-            "stream_layers": stream_layers, "command": command or " ".join(sys.argv)}
+            "stream_layers": stream_layers, "dtype": str(dtype).removeprefix("torch."),
+            "command": command or " ".join(sys.argv)}
     report = select_macs(m, proc, meta, pool_factor, macs_penalty) if select == "macs" else None
     samples = calibration_samples(meta)
     stats = (collect_streaming if stream_layers else collect)(m, proc, samples, gamma=gamma)
@@ -375,12 +391,14 @@ def main(argv=None):
     p.add_argument("--macs-penalty", type=float, default=1.0, help="MACS: weight of the expert-imbalance penalty")
     p.add_argument("--stream-layers", action="store_true",
                    help="one decoder layer in memory at a time (checkpoints larger than memory)")
-    p.add_argument("--device", default="cpu", help="torch device")
+    p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:N (an error if absent)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="model weights and activations (bfloat16 on a GPU: half the memory; statistics stay fp32/fp64)")
     args = p.parse_args(argv)
     calibrate(args.model, args.data, args.n, args.seed, args.out, gamma=not args.no_gamma, device=args.device,
               command="python calibrate.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               select=args.select, pool_factor=args.pool_factor, macs_penalty=args.macs_penalty,
-              stream_layers=args.stream_layers, overwrite=args.overwrite)
+              stream_layers=args.stream_layers, overwrite=args.overwrite, dtype=getattr(torch, args.dtype))
 
 
 if __name__ == "__main__":

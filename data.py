@@ -5,7 +5,9 @@
     family's processor.
   * `processor.encode(messages, images)` -> dict of tensors with the names and layout the model (and
     transformers' processor) use: input_ids, attention_mask, pixel_values, image_grid_thw (Qwen) or
-    image_grid_hws (Kimi), plus `is_vis` (True at image-token positions).
+    image_grid_hws (Kimi), plus `is_vis` (True at image-token positions). They are CPU tensors (tokenizers,
+    pillow and numpy work there; every factory call below says so with device=CPU): the callers move them to the
+    model's device, once per batch.
 
 Messages follow the usual chat structure: [{"role": "user", "content": [{"type": "image"},
 {"type": "text", "text": "..."}]}, ...]; a plain string content is text. Images are PIL images (any mode;
@@ -29,6 +31,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from PIL import Image
+
+CPU = torch.device("cpu")  # where the processor's tensors are made (module docstring)
 
 # The samples are samples.py's; data.X reaches every public name there too.
 from samples import (COLORS, DataError, draw_scene, IMAGE_TYPES, load_samples, NUMBERS, read_coco_captions,
@@ -316,10 +320,11 @@ class ChatProcessor:
         ids = self.tokenizer.encode(parts[0])
         for grid, part in zip(grids, parts[1:]):
             ids += [self.image_token_id] * self.num_image_tokens(grid) + self.tokenizer.encode(part)
-        out = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
+        out = {"input_ids": torch.tensor([ids], device=CPU),
+               "attention_mask": torch.ones(1, len(ids), dtype=torch.long, device=CPU)}
         if images:
             out["pixel_values"] = torch.cat(pv)
-            out[self.grid_key] = torch.tensor(grids)
+            out[self.grid_key] = torch.tensor(grids, device=CPU)
         out["is_vis"] = out["input_ids"] == self.image_token_id
         return out
 
@@ -515,7 +520,7 @@ def pad_batch(encoded: list[dict], pad_id: int = 0, side: str = "left") -> dict:
     for e in encoded:
         n = T - e["input_ids"].shape[1]
         for k, fill in (("input_ids", pad_id), ("attention_mask", 0), ("is_vis", False)):
-            pad = torch.full((1, n), fill, dtype=e[k].dtype)
+            pad = torch.full((1, n), fill, dtype=e[k].dtype, device=e[k].device)
             out[k].append(torch.cat([pad, e[k]] if side == "left" else [e[k], pad], dim=1))
     out = {k: torch.cat(v) for k, v in out.items()}
     for k in ("pixel_values", "image_grid_thw", "image_grid_hws"):
@@ -562,14 +567,14 @@ def encode_qa_batch(proc, samples: list[Sample]) -> dict:
         e = encode_sample(proc, s)
         ans = proc.tokenizer.encode(gold_text(s)) + [end]
         n = e["input_ids"].shape[1]
-        e["input_ids"] = torch.cat([e["input_ids"], torch.tensor([ans])], 1)
+        e["input_ids"] = torch.cat([e["input_ids"], torch.tensor([ans], device=CPU)], 1)
         e["attention_mask"] = torch.ones_like(e["input_ids"])
-        e["is_vis"] = torch.cat([e["is_vis"], torch.zeros(1, len(ans), dtype=torch.bool)], 1)
+        e["is_vis"] = torch.cat([e["is_vis"], torch.zeros(1, len(ans), dtype=torch.bool, device=CPU)], 1)
         encs.append(e)
         labels.append([-100] * n + ans)
     batch = pad_batch(encs, side="right")
     T = batch["input_ids"].shape[1]
-    batch["labels"] = torch.tensor([lab + [-100] * (T - len(lab)) for lab in labels])
+    batch["labels"] = torch.tensor([lab + [-100] * (T - len(lab)) for lab in labels], device=CPU)
     return batch
 
 

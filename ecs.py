@@ -169,7 +169,7 @@ def huber(delta: float = 0.1) -> Callable:
     def rho(err, c, y):
         out = err.shape[1]
         u = err.square().sum(dim=1).div(out).sqrt()  # (n_e,)
-        d = delta * float(y.square().mean().sqrt())
+        d = delta * y.square().mean().sqrt().double()  # 0-dim, on y's device (no sync), as the float it was
         h = torch.where(u <= d, u.square(), 2 * d * u - d * d)
         return (c * h).sum() * out
     return rho
@@ -235,13 +235,15 @@ def _prepare(X, consumers, consumer_weights, token_weights) -> tuple[list[_Term]
     return terms, denom, power / denom
 
 
-def _loss(terms: list[_Term], s, *, bits, group_size, sym, abits, rho, denom) -> float:
-    """L(s): each consumer's inputs divided by s (then Q_A), its weight times s (then RTN)."""
-    total = 0.0
+def _loss(terms: list[_Term], s, *, bits, group_size, sym, abits, rho, denom) -> torch.Tensor:
+    """L(s): each consumer's inputs divided by s (then Q_A), its weight times s (then RTN). A 0-dim float64 tensor
+    on the data's device, summed in the consumers' order (the values of Python floats, without a GPU sync per
+    consumer)."""
+    total = torch.zeros((), dtype=torch.float64, device=s.device)
     for t in terms:
         Xq = fake_quant_act(t.X / s, bits=abits)  # (n_e, d)
         W_hat = rtn(t.W * s, bits=bits, group_size=group_size, sym=sym).W_hat  # (out_e, d)
-        total += t.w * float(rho(t.Y - Xq @ W_hat.T, t.c, t.Y))
+        total = total + t.w * rho(t.Y - Xq @ W_hat.T, t.c, t.Y).double()
     return total / denom
 
 
@@ -253,7 +255,7 @@ def scale_loss(X, consumers, s, *, bits: int, group_size: int, sym: bool, abits:
         raise ValueError(f"abits={abits} is not supported; use one of {ABITS} (16: activations in float)")
     terms, denom, _ = _prepare(X, consumers, consumer_weights, token_weights)
     s = torch.as_tensor(s, dtype=terms[0].W.dtype if terms else None, device=X.device)
-    return _loss(terms, s, bits=bits, group_size=group_size, sym=sym, abits=abits, rho=rho, denom=denom)
+    return float(_loss(terms, s, bits=bits, group_size=group_size, sym=sym, abits=abits, rho=rho, denom=denom))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -297,25 +299,25 @@ def search_scale(X, consumers, candidates: Sequence[tuple[float, torch.Tensor]],
     terms, denom, power = _prepare(X, consumers, consumer_weights, token_weights)
     dtype, d = terms[0].W.dtype, X.shape[1]
     kw = dict(bits=bits, group_size=group_size, sym=sym, abits=abits, rho=rho, denom=denom)
-    alphas, losses, ones = [], [], torch.ones(d, dtype=dtype, device=X.device)
-    loss_no_scale = None
-    for alpha, s in candidates:
-        s = s.to(dtype=dtype, device=X.device)
-        if s.shape != (d,) or not bool(torch.isfinite(s).all()) or bool((s <= 0).any()):
-            raise ValueError(f"candidates: s at alpha={alpha} must be ({d},), finite and > 0")
-        loss = _loss(terms, s, **kw)
+    if any(s.shape != (d,) for _, s in candidates):
+        alpha = next(a for a, s in candidates if s.shape != (d,))
+        raise ValueError(f"candidates: s at alpha={alpha} must be ({d},), finite and > 0")
+    S = torch.stack([s.to(dtype=dtype, device=X.device) for _, s in candidates])  # (n_candidates, d)
+    bad = (~torch.isfinite(S) | (S <= 0)).any(1).tolist()  # one device sync for all the candidates' checks
+    if any(bad):
+        raise ValueError(f"candidates: s at alpha={candidates[bad.index(True)][0]} must be ({d},), finite and > 0")
+    losses = torch.stack([_loss(terms, s, **kw) for s in S]).tolist()  # one sync, not one per candidate
+    alphas = [float(alpha) for alpha, _ in candidates]
+    for alpha, loss in zip(alphas, losses):
         if not loss == loss or loss == float("inf"):
             raise ValueError(f"loss at alpha={alpha} is {loss}: the scaled weights or inputs overflowed")
-        alphas.append(float(alpha))
-        losses.append(loss)
-        if loss_no_scale is None and torch.equal(s, ones):
-            loss_no_scale = loss
-    if loss_no_scale is None:
-        loss_no_scale = _loss(terms, ones, **kw)
+    unscaled = (S == 1).all(1).tolist()  # the candidates with s = 1 (AWQ's alpha = 0)
+    loss_no_scale = losses[unscaled.index(True)] if any(unscaled) else \
+        float(_loss(terms, torch.ones(d, dtype=dtype, device=X.device), **kw))
     best = min(range(len(losses)), key=losses.__getitem__)
     return ScaleResult(s=candidates[best][1].to(dtype), alpha=alphas[best],
-                       alphas=torch.tensor(alphas, dtype=torch.float64),
-                       losses=torch.tensor(losses, dtype=torch.float64), loss_no_scale=loss_no_scale,
+                       alphas=torch.tensor(alphas, dtype=torch.float64, device="cpu"),  # reported numbers
+                       losses=torch.tensor(losses, dtype=torch.float64, device="cpu"), loss_no_scale=loss_no_scale,
                        ref_power=power)
 
 

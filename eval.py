@@ -1,7 +1,7 @@
 """Evaluate a (quantized) model: accuracy, and what changed against the float reference.
 
     python eval.py --model quantized/ --reference models/tiny-qwen3-vl-moe [--data shapes|FILE] [--n 500]
-                   [--seed 0] [--json out.json] [--ppl FILE]
+                   [--seed 0] [--json out.json] [--ppl FILE] [--device cpu|cuda] [--dtype float32|bfloat16]
 
 Metrics, overall and per modality (image / text-only) and question type:
   * accuracy: greedy generation, normalized exact match (lower case, punctuation and extra spaces removed);
@@ -50,7 +50,9 @@ def is_correct(prediction: str, s: data.Sample) -> bool:
 
 
 @torch.no_grad()
-def greedy_answers(m, proc, samples, max_new_tokens: int = 16, device="cpu") -> list[str]:
+def greedy_answers(m, proc, samples, max_new_tokens: int = 16, device=None) -> list[str]:
+    """Greedy answers (decoded text), one prompt at a time; the inputs go to `device` (default: the model's)."""
+    device = m.device if device is None else device
     out = []
     for s in samples:
         e = data.encode_sample(proc, s)
@@ -61,21 +63,26 @@ def greedy_answers(m, proc, samples, max_new_tokens: int = 16, device="cpu") -> 
 
 
 @torch.no_grad()
-def answer_logprobs(m, proc, samples, batch_size: int = 32, device="cpu") -> list[torch.Tensor]:
-    """Per sample, log-probabilities (n_answer_tokens, V) at the gold answer (+ end) positions, teacher forced."""
+def answer_logprobs(m, proc, samples, batch_size: int = 32, device=None) -> list[torch.Tensor]:
+    """Per sample, log-probabilities (n_answer_tokens, V) at the gold answer (+ end) positions, teacher forced,
+    float32 on `device` (default: the model's). Only the answer rows of the logits are normalized and kept (the
+    whole (B, T, V) log-softmax is never formed, nor copied to the CPU)."""
+    device = m.device if device is None else device
     out = []
     for i in range(0, len(samples), batch_size):
         b = data.encode_qa_batch(proc, samples[i:i + batch_size])
         vision = {k: v.to(device) for k, v in data.vision_inputs(b).items()}
         logits = m(b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device), **vision)
-        logp = F.log_softmax(logits[:, :-1].float(), -1).cpu()
-        keep = b["labels"][:, 1:] != -100
-        out += [logp[j][keep[j]] for j in range(logp.shape[0])]
+        keep = b["labels"][:, 1:] != -100  # (B, T-1) on the CPU: the rows that predict an answer token
+        logp = F.log_softmax(logits[:, :-1][keep.to(logits.device)].float(), -1)  # (answer rows of the batch, V)
+        out += list(logp.split(keep.sum(1).tolist()))
     return out
 
 
 def gold_ids(proc, samples) -> list[torch.Tensor]:
-    return [torch.tensor(proc.tokenizer.encode(data.gold_text(s)) + [proc.stop_ids[0]]) for s in samples]
+    """The gold answer (+ end) token ids of each sample, from the tokenizer (CPU tensors; compare() moves them)."""
+    return [torch.tensor(proc.tokenizer.encode(data.gold_text(s)) + [proc.stop_ids[0]], device="cpu")
+            for s in samples]
 
 
 def group_mean(values, samples, key=lambda s: s.modality) -> dict:
@@ -92,12 +99,13 @@ def group_mean(values, samples, key=lambda s: s.modality) -> dict:
 
 def bootstrap_ci(values, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> list[float] | None:
     """Percentile-bootstrap interval of the mean of per-sample `values` (resampling the eval samples)."""
-    v = torch.as_tensor(values, dtype=torch.float64)
+    v = torch.as_tensor(values, dtype=torch.float64, device="cpu")  # reported numbers: on the CPU, seeded there
     if v.numel() < 2:
         return None
-    g = torch.Generator().manual_seed(seed)
-    means = v[torch.randint(v.numel(), (n_boot, v.numel()), generator=g)].mean(1)
-    lo, hi = torch.quantile(means, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)).tolist()
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    means = v[torch.randint(v.numel(), (n_boot, v.numel()), generator=g, device="cpu")].mean(1)
+    q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64, device="cpu")
+    lo, hi = torch.quantile(means, q).tolist()
     return [lo, hi]
 
 
@@ -105,44 +113,55 @@ def paired_difference(a, b, n_boot: int = 2000, seed: int = 0) -> dict:
     """a - b on the same eval samples (e.g. the per-sample KL of two quantized models): the mean difference,
     its bootstrap 95% interval, whether that interval excludes 0, the median difference, and the share of
     samples where a < b. Pairing removes the spread between samples, which dominates unpaired intervals."""
-    d = torch.as_tensor(a, dtype=torch.float64) - torch.as_tensor(b, dtype=torch.float64)
+    d = torch.as_tensor(a, dtype=torch.float64, device="cpu") - torch.as_tensor(b, dtype=torch.float64, device="cpu")
     ci = bootstrap_ci(d, n_boot, seed)
     return {"mean": d.mean().item(), "ci95": ci, "significant": ci is not None and (ci[0] > 0 or ci[1] < 0),
             "median": d.median().item(), "a_lower_share": (d < 0).double().mean().item(), "n": d.numel()}
 
 
+def _answer_kl(lp_model, lp_ref) -> torch.Tensor:
+    return (lp_ref.exp() * (lp_ref - lp_model)).sum(-1).mean()  # 0-dim, on the log-probabilities' device
+
+
 def answer_kl(lp_model, lp_ref) -> float:
     """Mean KL(P_ref || P_model) over one sample's answer tokens; both (n_answer_tokens, V) log-probabilities."""
-    return (lp_ref.exp() * (lp_ref - lp_model)).sum(-1).mean().item()
+    return _answer_kl(lp_model, lp_ref).item()
 
 
 def compare(lp_model, lp_ref, golds, samples) -> dict:
-    """Token-level comparison on the gold answers; each sample contributes its mean over its answer tokens."""
+    """Token-level comparison on the gold answers; each sample contributes its mean over its answer tokens.
+    Computed where lp_model is (the model's device); the per-sample numbers come back in one copy per metric."""
     kl, top1, ce = [], [], []
     for lm, lr, g in zip(lp_model, lp_ref, golds):
-        kl.append(answer_kl(lm, lr))
-        top1.append((lm.argmax(-1) == lr.argmax(-1)).float().mean().item())
-        ce.append((-lm.gather(1, g[:, None]) + lr.gather(1, g[:, None])).mean().item())
+        lr, g = lr.to(lm.device), g.to(lm.device)
+        kl.append(_answer_kl(lm, lr))
+        top1.append((lm.argmax(-1) == lr.argmax(-1)).float().mean())
+        ce.append((-lm.gather(1, g[:, None]) + lr.gather(1, g[:, None])).mean())
+    kl, top1, ce = ([] if not v else torch.stack(v).tolist() for v in (kl, top1, ce))
     by_mod = {"all": kl, **{mod: [v for v, s in zip(kl, samples) if s.modality == mod] for mod in MODALITIES[1:]}}
     return {"kl": group_mean(kl, samples), "top1": group_mean(top1, samples), "ce_delta": group_mean(ce, samples),
             "kl_ci95": {k: bootstrap_ci(v) for k, v in by_mod.items()},
-            "kl_median": {k: (torch.tensor(v).median().item() if v else None) for k, v in by_mod.items()},
+            "kl_median": {k: (torch.tensor(v, device="cpu").median().item() if v else None)
+                          for k, v in by_mod.items()},
             "per_sample": {"kl": kl, "modality": [s.modality for s in samples]}}
 
 
 @torch.no_grad()
-def perplexity(m, proc, path: str, window: int = 512, device="cpu") -> float:
+def perplexity(m, proc, path: str, window: int = 512, device=None) -> float:
+    """exp(mean next-token NLL) over non-overlapping windows of the file's tokens, on `device` (default: the
+    model's); the NLL is summed there in float64 and read once."""
+    device = m.device if device is None else device
     with open(path) as f:
         ids = proc.tokenizer.encode(f.read())
     if len(ids) < 2:
         raise data.DataError(f"{path}: needs at least two tokens for perplexity")
-    nll, count = 0.0, 0
+    nll, count = torch.zeros((), dtype=torch.float64, device=device), 0
     for i in range(0, len(ids) - 1, window):
         chunk = torch.tensor([ids[i:i + window + 1]], device=device)
         logits = m(chunk[:, :-1])
-        nll += F.cross_entropy(logits[0].float(), chunk[0, 1:], reduction="sum").item()
+        nll += F.cross_entropy(logits[0].float(), chunk[0, 1:], reduction="sum").double()
         count += chunk.shape[1] - 1
-    return math.exp(nll / count)
+    return math.exp(float(nll) / count)
 
 
 def reference_outputs(reference: str, proc, samples, max_new_tokens: int = 16, device="cpu", dtype=torch.float32):
@@ -159,6 +178,7 @@ def evaluate(model: str, reference: str | None = None, data_spec: str = "shapes"
     """Everything eval.py reports, as a dict (the JSON written by --json). ref_outputs: a precomputed
     reference_outputs(...) for the same samples, instead of running the reference again."""
     t0 = time.time()
+    modeling.resolve_device(device)  # before any work: a device this machine lacks is an error naming --device
     samples = data.load_samples(data_spec, n=n, seed=seed, split="test")
     proc = data.load_processor(model)
     m = modeling.load_model(model, dtype=dtype, device=device)
@@ -222,8 +242,9 @@ def main(argv=None):
     p.add_argument("--ppl", default=None, help="text file to measure perplexity on")
     p.add_argument("--json", default=None, help="write all numbers to this JSON file")
     p.add_argument("--max-new-tokens", type=int, default=16, help="generation limit per answer")
-    p.add_argument("--device", default="cpu", help="torch device")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
+    p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:N (an error if absent)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="weights and activations of both models (log-probabilities and KL in float32)")
     args = p.parse_args(argv)
     result = evaluate(args.model, args.reference, args.data, args.n, args.seed, args.ppl, args.device,
                       getattr(torch, args.dtype), args.max_new_tokens,

@@ -377,7 +377,10 @@ def main(argv=None):
     p.add_argument("--resume", action="store_true", help="continue from the last finished layer in OUT.partial/")
     p.add_argument("--no-eval", action="store_true", help="skip the closing comparison with the float model")
     p.add_argument("--eval-n", type=int, default=200, help="held-out samples for the closing comparison")
-    p.add_argument("--device", default="cpu", help="torch device")
+    p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:N (an error if absent)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="the layers' weights and activations (bfloat16 on a GPU: half the memory); Hessians are "
+                        "accumulated in float64 and solved in float32 either way")
     a = p.parse_args(argv)
     q = methods.QuantArgs(method=a.method, bits=a.bits, group_size=a.group_size, sym=a.sym, abits=a.abits,
                   act_order=a.act_order, percdamp=a.percdamp,
@@ -389,8 +392,9 @@ def main(argv=None):
                   quantize_vision=a.quantize_vision, eta=a.eta, ecs_loss=a.ecs_loss, ecs_omega=a.ecs_omega,
                   ecs_percentile=a.ecs_percentile, ecs_grid=a.ecs_grid)
     command = "python gptq.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    dtype = getattr(torch, a.dtype)
     report = layerwise.quantize_model(a.model, a.calib, a.out, q, resume=a.resume, device=a.device, command=command,
-                            overwrite=a.overwrite)
+                                      overwrite=a.overwrite, dtype=dtype)
     if a.fake_quant:
         export.export_fake_quant(a.out, os.path.join(a.out, "fake-quant"), [a.model, a.calib], a.overwrite)
         print(f"wrote {a.out}/fake-quant/ (dequantized weights, original layout)")
@@ -398,7 +402,8 @@ def main(argv=None):
     if cal["data"] in data.SHAPES_SPECS and not a.no_eval:
         import eval as evaluation
 
-        result = evaluation.evaluate(a.out, reference=a.model, n=a.eval_n, device=a.device, command=command)
+        result = evaluation.evaluate(a.out, reference=a.model, n=a.eval_n, device=a.device, dtype=dtype,
+                                     command=command)
         print(evaluation.markdown(result))
     return report
 

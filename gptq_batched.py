@@ -113,8 +113,8 @@ def damped_reverse_cholesky(H: torch.Tensor, *, percdamp: float = 0.01, max_retr
     damping."""
     E = H.shape[0]
     damp0 = percdamp * torch.diagonal(H, dim1=-2, dim2=-1).mean(-1).double()  # (E,)
-    damp, retries = damp0.clone(), torch.zeros(E, dtype=torch.int64)
-    todo, R = torch.arange(E), None
+    damp, retries = damp0.clone(), torch.zeros(E, dtype=torch.int64, device=H.device)
+    todo, R = torch.arange(E, device=H.device), None  # on H's device: indexed by `ok`, which is there
     for attempt in range(max_retries + 1):
         damp[todo] = damp0[todo] * DAMP_ESCALATION**attempt
         if R is None:  # a copy, factorized in place; rows padded as in gptq_batched (faster bmms)
@@ -132,7 +132,7 @@ def damped_reverse_cholesky(H: torch.Tensor, *, percdamp: float = 0.01, max_retr
             return R, damp, retries
         if attempt == 0:  # a NaN/inf entry also fails the factorization: say so instead of retrying
             H_todo = H[todo].flatten(1)  # (failed, in·in)
-            bad = torch.zeros(E, dtype=torch.bool)
+            bad = torch.zeros(E, dtype=torch.bool, device=H.device)
             bad[todo] = ~(torch.isfinite(H_todo.amax(1)) & torch.isfinite(H_todo.amin(1)))
             _raise_not_finite("H", bad, names)
         retries[todo] += 1

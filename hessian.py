@@ -46,9 +46,10 @@ class Hessian:
     compute_dtype: dtype of the products; None: dtype, each add() one product into S (rows cast to dtype).
     Otherwise add() keeps the rows, cast to compute_dtype and scaled by sqrt(w) (x itself when it already is
     in compute_dtype and unweighted: do not change it in place before flush()), until flush() (or finalize())
-    adds their one product into S."""
+    adds their one product into S.
+    device: where S lives, which must be the inputs' device (pass x.device; None: torch's default device)."""
 
-    def __init__(self, d: int, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+    def __init__(self, d: int, *, dtype: torch.dtype = torch.float32, device: str | torch.device | None = None,
                  compute_dtype: torch.dtype | None = None):
         self.d = d
         self.S = torch.zeros(d, d, dtype=dtype, device=device)  # (d, d) raw weighted sum, not normalized

@@ -153,7 +153,8 @@ class LayerCapture:
                 p = self.routing[1][tok, slot]
             is_vis, fusion = self.is_vis[tok], None if self.fusion is None else self.fusion[tok]
             if key not in self.H:
-                self.H[key] = Hessian(x.shape[-1], dtype=torch.float64, compute_dtype=torch.float32)
+                self.H[key] = Hessian(x.shape[-1], dtype=torch.float64, compute_dtype=torch.float32,
+                                      device=x.device)
                 self.tokens[key] = [0, 0]
             self.H[key].add(x, self.method.token_weights(self.q, self.gamma, is_vis, p, fusion))
             self.flop += 2 * x.shape[0] * x.shape[1] ** 2  # the (d, n) @ (n, d) product
@@ -178,13 +179,15 @@ def pooled_hessian(layer, inp: model_lib.LinearInput, cap: LayerCapture) -> torc
     s = cap.structure.swiglu_of(inp.readers[0])
     if inp.readers[0] != s.down_proj:  # gate/up: every MoE token, computed once per layer
         if cap.pool is None:
-            cap.pool = Hessian(cap.moe_inputs[0].shape[-1], dtype=torch.float64, compute_dtype=torch.float32)
+            cap.pool = Hessian(cap.moe_inputs[0].shape[-1], dtype=torch.float64, compute_dtype=torch.float32,
+                               device=cap.moe_inputs[0].device)
             for x in cap.moe_inputs:
                 cap.pool.add(x)
                 cap.pool.flush()
         return cap.pool.finalize(dtype=torch.float32)
     expert = layer.get_submodule(s.name)
-    H = Hessian(expert.down_proj.in_features, dtype=torch.float64, compute_dtype=torch.float32)
+    H = Hessian(expert.down_proj.in_features, dtype=torch.float64, compute_dtype=torch.float32,
+                device=expert.down_proj.weight.device)
     for x in cap.moe_inputs:
         H.add(F.silu(expert.gate_proj(x)) * expert.up_proj(x))
         H.flush()
@@ -408,7 +411,8 @@ def quantize_vision_tower(m, proc, samples, q: QuantArgs, device) -> dict:
     loop, so the decoder is calibrated on the quantized tower's features. The patch embedding stays float."""
     linears = {f"v{j}.{n}": (root, n, mod) for j, root in enumerate(m.vision_modules())
                for n, mod in root.named_modules() if isinstance(mod, nn.Linear)}  # report key -> where it is
-    H = {k: Hessian(mod.in_features, dtype=torch.float64) for k, (_, _, mod) in linears.items()}
+    H = {k: Hessian(mod.in_features, dtype=torch.float64, device=mod.weight.device)
+         for k, (_, _, mod) in linears.items()}
     handles = [mod.register_forward_pre_hook(lambda mod_, a, k=k: H[k].add(a[0]))
                for k, (_, _, mod) in linears.items()]
     try:
@@ -466,10 +470,13 @@ def print_layer(i: int, n_layers: int, rep: dict, t0: float, t_layer: float):
 
 def quantize_model(model: str, calib: str = "calib", out: str = "quantized", q: QuantArgs | None = None,
                    resume: bool = False, device: str = "cpu", command: str | None = None,
-                   overwrite: bool = False) -> dict:
+                   overwrite: bool = False, dtype: torch.dtype = torch.float32) -> dict:
     """The sequential loop. Returns the run report (also written to out/report.json). `out` and its
-    `out.partial/` are refused before any work if they are not previous outputs (`model.check_output_dir`)."""
+    `out.partial/` are refused before any work if they are not previous outputs (`model.check_output_dir`).
+    device, dtype: where the layers run and their weights' dtype (bfloat16 on a GPU); Hessians accumulate in
+    float64 and the solvers run in float32 on that device whatever the dtype."""
     q = q or QuantArgs()
+    model_lib.resolve_device(device)  # before any work: a device this machine lacks is an error naming --device
     inputs = [model, calib]
     partial = out.rstrip("/") + ".partial"
     model_lib.check_output_dir(out, "quantized", inputs, overwrite)
@@ -488,7 +495,7 @@ def quantize_model(model: str, calib: str = "calib", out: str = "quantized", q: 
                          f"selected by {cal.get('selection')!r}: run `python calibrate.py --select macs --out "
                          f"{calib}` first, or use a method without MACS (ecs-faq: ecmfq's quantizer on any calib/)")
     methods.check_args(q)
-    m = model_lib.load_model(model, dtype=torch.float32, device=device, lazy_layers=True)
+    m = model_lib.load_model(model, dtype=dtype, device=device, lazy_layers=True)
     proc = data.load_processor(model)
     samples = calibrate.calibration_samples(cal)
     vision_report = quantize_vision_tower(m, proc, samples, q, device) if q.quantize_vision else None

@@ -69,7 +69,7 @@ def _kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 def scores(p: Profile) -> dict[str, torch.Tensor]:
     """The three standardized parts of the MACS score and their sum, each (P,)."""
     importance = (p.importance.double() * _hist(p.usage.double())).sum(dim=(-1, -2))
-    rep = torch.zeros(p.usage.shape[0], dtype=torch.float64)
+    rep = torch.zeros(p.usage.shape[0], dtype=torch.float64, device=p.usage.device)
     n_mod = torch.zeros_like(rep)
     for u in (p.usage_text, p.usage_vis):
         present = u.sum(dim=(-1, -2)) > 0  # (P,)
@@ -95,8 +95,8 @@ def select(usage: torch.Tensor, score: torch.Tensor, n: int, penalty: float = 1.
     P = usage.shape[0]
     if not 1 <= n <= P:
         raise ValueError(f"select: n={n} samples from a pool of {P}; the pool must hold at least n candidates")
-    C = torch.zeros(usage.shape[1:], dtype=torch.float64)
-    free = torch.ones(P, dtype=torch.bool)
+    C = torch.zeros(usage.shape[1:], dtype=torch.float64, device=usage.device)
+    free = torch.ones(P, dtype=torch.bool, device=usage.device)
     chosen = []
     for _ in range(n):
         idx = torch.where(free)[0]

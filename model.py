@@ -100,21 +100,44 @@ def quantization_settings(checkpoint_dir: str) -> dict | None:
 
 
 def to_quant_shells(layer: nn.Module, *, bits: int, group_size: int, sym: bool, abits: int | None):
-    """Replace every nn.Linear in `layer` by an empty QuantLinear of the same shape (filled by the loader)."""
+    """Replace every nn.Linear in `layer` by an empty QuantLinear of the same shape (filled by the loader), on the
+    linear's device (the meta device while loading; the model's device when a quantized layer is restored)."""
     for name, lin in [(n, m) for n, m in layer.named_modules() if isinstance(m, nn.Linear)]:
         parent, _, attr = name.rpartition(".")
         setattr(layer.get_submodule(parent) if parent else layer, attr,
                 QuantLinear(lin.in_features, lin.out_features, bits=bits, group_size=group_size, sym=sym,
-                            abits=abits, bias=lin.bias is not None))
+                            abits=abits, bias=lin.bias is not None, device=lin.weight.device))
+
+
+def resolve_device(device) -> torch.device:
+    """The torch.device of a `--device` value, checked before any work: a device this machine does not have (e.g.
+    `--device cuda` on a CPU-only torch build) raises a ValueError naming the flag, never falls back to the CPU."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"--device {device!r}: not a torch device ({e}); use cpu, cuda or cuda:N") from e
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = ("this torch build has no CUDA support" if torch.version.cuda is None
+                   else "no CUDA GPU is visible (driver, CUDA_VISIBLE_DEVICES?)")
+            raise ValueError(f"--device {device}: CUDA is not available: {why} (torch {torch.__version__}); "
+                             "use --device cpu or a CUDA build of torch on a GPU machine")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {device}: MPS is not available on this machine; use --device cpu")
+    return dev
 
 
 def load_model(checkpoint_dir: str, dtype=torch.float32, device="cpu", lazy_layers: bool = False):
     """Build the model of `checkpoint_dir/config.json` and load its safetensors strictly.
 
-    dtype/device: where the weights live (fp32 on CPU; bf16 on GPU). With lazy_layers=True the decoder layers
+    dtype/device: where the weights live (fp32 on CPU; bf16 on GPU); a device this machine lacks is an error
+    naming --device (resolve_device). With lazy_layers=True the decoder layers
     stay on the meta device (no memory); materialize one with `model.load_layer(i)` and drop it with
     `model.unload_layer(i)`. Every tensor of every layer is checked (presence, shape) up front; tensors in the
     checkpoint that no parameter uses are reported by name. Errors are CheckpointError naming file and tensor."""
+    device = resolve_device(device)
     cfg = load_config(checkpoint_dir)
     ckpt = Checkpoint(checkpoint_dir)
     quant = quantization_settings(checkpoint_dir)

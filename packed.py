@@ -147,10 +147,11 @@ class QuantLinear(nn.Module):
       weight_packed (out, ceil(in·bits/32)) int32; weight_scale (out, n_groups);
       weight_zero_point (ceil(out·bits/32), n_groups) int32, packed along the output dim (asymmetric only);
       weight_shape (2,) = (out, in).
-    group_size -1 means one group per output row. abits: fake-quantize the inputs per token (fake_quant_act)."""
+    group_size -1 means one group per output row. abits: fake-quantize the inputs per token (fake_quant_act).
+    device: where the tensors are made (None: torch's default device, the meta device inside model.load_model)."""
 
     def __init__(self, in_features: int, out_features: int, *, bits: int, group_size: int, sym: bool,
-                 abits: int | None = None, bias: bool = False, scale_dtype=torch.float32):
+                 abits: int | None = None, bias: bool = False, scale_dtype=torch.float32, device=None):
         super().__init__()
         _check_pack_bits(bits)
         self.in_features, self.out_features = in_features, out_features
@@ -158,25 +159,25 @@ class QuantLinear(nn.Module):
         g = in_features if group_size == -1 else group_size
         n_groups = math.ceil(in_features / g)
         self.weight_packed = _frozen(torch.zeros(out_features, math.ceil(in_features * bits / _WORD_BITS),
-                                                 dtype=torch.int32))
-        self.weight_scale = _frozen(torch.ones(out_features, n_groups, dtype=scale_dtype))
+                                                 dtype=torch.int32, device=device))
+        self.weight_scale = _frozen(torch.ones(out_features, n_groups, dtype=scale_dtype, device=device))
         self.weight_zero_point = None if sym else _frozen(
-            torch.zeros(math.ceil(out_features * bits / _WORD_BITS), n_groups, dtype=torch.int32))
-        self.weight_shape = _frozen(torch.tensor([out_features, in_features]))
-        self.bias = _frozen(torch.zeros(out_features, dtype=scale_dtype)) if bias else None
+            torch.zeros(math.ceil(out_features * bits / _WORD_BITS), n_groups, dtype=torch.int32, device=device))
+        self.weight_shape = _frozen(torch.tensor([out_features, in_features], device=device))
+        self.bias = _frozen(torch.zeros(out_features, dtype=scale_dtype, device=device)) if bias else None
 
     @classmethod
     @torch.no_grad()
     def from_codes(cls, codes, scale, zero, *, bits: int, group_size: int, sym: bool, abits: int | None = None,
                    bias: torch.Tensor | None = None) -> "QuantLinear":
         """Build from unsigned codes (out, in), scale (out, n_groups) and zero (out, n_groups) (None iff sym),
-        as gptq.rtn / gptq.gptq return them."""
+        as gptq.rtn / gptq.gptq return them; packed on the codes' device (no round trip through the CPU)."""
         if (zero is None) != sym:
             raise ValueError(f"QuantLinear.from_codes: sym={sym} but zero is {'None' if zero is None else 'given'}"
                              " (symmetric weights have no zero point; asymmetric ones need one)")
         out_features, in_features = codes.shape
         m = cls(in_features, out_features, bits=bits, group_size=group_size, sym=sym, abits=abits,
-                bias=bias is not None, scale_dtype=scale.dtype)
+                bias=bias is not None, scale_dtype=scale.dtype, device=codes.device)
         if tuple(scale.shape) != tuple(m.weight_scale.shape):
             raise ValueError(f"QuantLinear.from_codes: scale {tuple(scale.shape)} does not match codes "
                              f"{tuple(codes.shape)} with group_size={group_size} (expected {tuple(m.weight_scale.shape)})")

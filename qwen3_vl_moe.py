@@ -195,9 +195,10 @@ class QwenPatchEmbed(nn.Module):
         return F.linear(pv.to(w.dtype), w.reshape(w.shape[0], -1), self.proj.bias)
 
 
-def merge_block_order(h: int, w: int, m: int):
-    """Raster index of every patch, listed in merge-block order (block row, block col, row in block, col in block)."""
-    idx = torch.arange(h * w).view(h // m, m, w // m, m)
+def merge_block_order(h: int, w: int, m: int, device=None):
+    """Raster index of every patch, listed in merge-block order (block row, block col, row in block, col in block).
+    device: where the index is made (None: torch's default device; the model passes its activations' device)."""
+    idx = torch.arange(h * w, device=device).view(h // m, m, w // m, m)
     return idx.permute(0, 2, 1, 3).reshape(-1)
 
 
@@ -221,14 +222,14 @@ class QwenVisionModel(nn.Module):
         D, s = self.cfg.hidden_size, self.side
         table = upcast(self.pos_embed.weight).T.reshape(1, D, s, s)
         grid = F.interpolate(table, size=(h, w), mode="bilinear", align_corners=True)[0]  # (D, h, w)
-        grid = grid.reshape(D, h * w).T[merge_block_order(h, w, self.cfg.spatial_merge_size)]
+        grid = grid.reshape(D, h * w).T[merge_block_order(h, w, self.cfg.spatial_merge_size, grid.device)]
         return grid.repeat(t, 1)
 
     def rotary(self, t: int, h: int, w: int, device):
         """2-D axial rotary angles: first half of the frequencies follow the row, second half the column."""
         hd = self.cfg.hidden_size // self.cfg.num_heads
         inv = 1.0 / self.cfg.rope_theta ** (torch.arange(0, hd // 2, 2, dtype=torch.float32, device=device) / (hd // 2))
-        order = merge_block_order(h, w, self.cfg.spatial_merge_size).to(device)
+        order = merge_block_order(h, w, self.cfg.spatial_merge_size, device)
         row, col = (order // w).float(), (order % w).float()
         ang = torch.cat([row[:, None] * inv, col[:, None] * inv], dim=-1).repeat(t, 1)  # (t*h*w, hd/2)
         ang = torch.cat([ang, ang], dim=-1)[:, None, :]  # (N, 1, hd): broadcast over heads
@@ -329,29 +330,39 @@ class _QwenInner(nn.Module):
 def mrope_position_ids(input_ids, image_grid_thw, attention_mask, image_token_id: int, merge: int):
     """(3, B, T) position ids (rows T, H, W) and rope_deltas (B,). Text tokens advance all three rows by one;
     an image run of lh x lw merged tokens gets (cur, cur + r, cur + c) and advances cur by max(lh, lw).
-    Padding (attention_mask == 0) is skipped; its positions are left at 0."""
+    Padding (attention_mask == 0) is skipped; its positions are left at 0. A walk over the token ids, so it runs
+    on the host (the ids are read once) and returns both tensors on input_ids' device."""
     B, T = input_ids.shape
-    pos = torch.zeros(3, B, T, dtype=torch.long, device=input_ids.device)
-    deltas = torch.zeros(B, dtype=torch.long, device=input_ids.device)
+    ids_bt = input_ids.tolist()
+    mask = attention_mask.tolist() if attention_mask is not None else [[1] * T] * B
     grids = iter(image_grid_thw.tolist()) if image_grid_thw is not None else iter(())
+    pos = [[[0] * T for _ in range(B)] for _ in range(3)]
+    deltas = []
     for b in range(B):
-        keep = attention_mask[b].bool() if attention_mask is not None else torch.ones(T, dtype=torch.bool)
-        ids = input_ids[b][keep].tolist()
-        rows, cur, i = [], 0, 0
+        keep = [j for j in range(T) if mask[b][j]]
+        ids = [ids_bt[b][j] for j in keep]
+        rows, cur, i = ([], [], []), 0, 0  # the T, H, W positions of the kept tokens
         while i < len(ids):
             if ids[i] != image_token_id:
-                rows.append(torch.full((3, 1), cur))
+                for r in rows:
+                    r.append(cur)
                 cur, i = cur + 1, i + 1
                 continue
             t, h, w = next(grids)
             lh, lw = h // merge, w // merge
-            rr, cc = torch.meshgrid(torch.arange(lh), torch.arange(lw), indexing="ij")
-            rows.append(torch.stack([torch.zeros(lh * lw, dtype=torch.long), rr.flatten(), cc.flatten()]) + cur)
+            rows[0].extend([cur] * (lh * lw))
+            rows[1].extend(cur + r for r in range(lh) for _ in range(lw))
+            rows[2].extend(cur + c for _ in range(lh) for c in range(lw))
             cur, i = cur + max(lh, lw), i + t * lh * lw
-        p = torch.cat(rows, dim=1) if rows else torch.zeros(3, 0, dtype=torch.long)
-        pos[:, b, keep.to(pos.device)] = p.to(pos.device)
-        deltas[b] = (int(p.max()) + 1 if p.numel() else 0) - len(ids)
-    return pos, deltas
+        if len(rows[0]) != len(keep):
+            raise ValueError(f"prompt {b}: {len(keep)} tokens but {len(rows[0])} positions; an image grid with "
+                             "t > 1 (video) is not supported")
+        for axis, r in enumerate(rows):
+            for j, v in zip(keep, r):
+                pos[axis][b][j] = v
+        deltas.append((max(max(r) for r in rows) + 1 if rows[0] else 0) - len(ids))
+    return (torch.tensor(pos, dtype=torch.long, device=input_ids.device),
+            torch.tensor(deltas, dtype=torch.long, device=input_ids.device))
 
 
 class Qwen3VLMoeModel(MoEVLM):

@@ -60,6 +60,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import gptq  # noqa: E402
+import model  # noqa: E402
 from bench.timing import best_time, keep_freed_memory, timed  # noqa: E402
 
 HIDDEN, MOE_INTERMEDIATE, LAYER_EXPERTS = 2048, 768, 128  # Qwen3-VL-30B-A3B text config
@@ -80,27 +81,31 @@ class OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def synthetic_hessians(E: int, d: int, *, seed: int) -> torch.Tensor:
-    """(E, d, d) float32: H_e = 2 E[x xᵀ] for x = c_e ⊙ (A_eᵀ z + σ ε), A_e = M + 0.5 N_e (RANK, d)."""
-    g = torch.Generator().manual_seed(seed)
-    M = torch.randn(RANK, d, generator=g)  # mixing shared by the experts (they read the same residual stream)
-    H = torch.empty(E, d, d)
+def synthetic_hessians(E: int, d: int, *, seed: int, device=None) -> torch.Tensor:
+    """(E, d, d) float32 on `device`: H_e = 2 E[x xᵀ] for x = c_e ⊙ (A_eᵀ z + σ ε), A_e = M + 0.5 N_e (RANK, d).
+    The random draws are made on the CPU (the same on every device), the products on the device."""
+    cpu = torch.device("cpu")
+    g = torch.Generator(device=cpu).manual_seed(seed)
+    M = torch.randn(RANK, d, generator=g, device=cpu)  # mixing shared by the experts (the same residual stream)
+    H = torch.empty(E, d, d, device=device)
     for e in range(E):
-        c = torch.exp(0.7 * torch.randn(d, generator=g))  # (d,) per-channel scales
-        A = (M + 0.5 * torch.randn(RANK, d, generator=g)) * c  # (RANK, d)
+        c = torch.exp(0.7 * torch.randn(d, generator=g, device=cpu)).to(device)  # (d,) per-channel scales
+        A = (M + 0.5 * torch.randn(RANK, d, generator=g, device=cpu)).to(device) * c  # (RANK, d)
         H[e] = 2 * (A.T @ A / RANK + torch.diag((SIGMA * c) ** 2))
     return H
 
 
-def make_layer(E: int, out_rows: int | None = None, seed: int = 0) -> dict:
-    """One MoE layer of E experts: weights gate, up (E, I, D), down (E, D, I) and Hessians H_gu (E, D, D),
-    H_down (E, I, I). out_rows: keep only that many rows of each matrix (for op counting)."""
+def make_layer(E: int, out_rows: int | None = None, seed: int = 0, device=None) -> dict:
+    """One MoE layer of E experts on `device`: weights gate, up (E, I, D), down (E, D, I) and Hessians H_gu
+    (E, D, D), H_down (E, I, I). out_rows: keep only that many rows of each matrix (for op counting)."""
     D, I = HIDDEN, MOE_INTERMEDIATE
-    g = torch.Generator().manual_seed(seed + 1)
-    w = lambda *shape: 0.02 * torch.randn(*shape, generator=g)  # noqa: E731
+    cpu = torch.device("cpu")
+    g = torch.Generator(device=cpu).manual_seed(seed + 1)
+    w = lambda *shape: (0.02 * torch.randn(*shape, generator=g, device=cpu)).to(device)  # noqa: E731
     rows = lambda n: n if out_rows is None else out_rows  # noqa: E731
     return dict(gate=w(E, rows(I), D), up=w(E, rows(I), D), down=w(E, rows(D), I),
-                H_gu=synthetic_hessians(E, D, seed=seed), H_down=synthetic_hessians(E, I, seed=seed + 2))
+                H_gu=synthetic_hessians(E, D, seed=seed, device=device),
+                H_down=synthetic_hessians(E, I, seed=seed + 2, device=device))
 
 
 def run_reference(L: dict, experts, q: dict) -> list:
@@ -148,7 +153,7 @@ def expert_flops(flops, q: dict) -> float:
 
 def matmul_rate(device: torch.device, n: int = 2048, repeats: int = 5) -> float:
     """FLOP/s of a float32 n x n matmul, best of `repeats` (bench.timing synchronizes a GPU)."""
-    A, B = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    A, B = torch.randn(n, n, device=device), torch.randn(n, n, device=device)  # fp32 (TF32 off: torch's default)
     return 2 * n**3 / best_time(lambda: A @ B, repeats)
 
 
@@ -157,7 +162,7 @@ def touch_memory(E: int):
     memory is slow on this VM (about 3.5 s per GB, in system time), and the solvers' FLOP rate should not
     include it: with bench.timing.keep_freed_memory in effect, the timed solves reuse these pages."""
     per_expert = 4 * (HIDDEN**2 + MOE_INTERMEDIATE**2 + 4 * 2 * MOE_INTERMEDIATE * HIDDEN)  # bytes, generous
-    torch.empty(E * per_expert, dtype=torch.uint8).fill_(1)
+    torch.empty(E * per_expert, dtype=torch.uint8, device="cpu").fill_(1)
 
 
 def count_ops(fn) -> int:
@@ -204,10 +209,11 @@ def best_of(fn, repeats: int):
 def measure(E: int, K: int, q: dict, repeats: int, device: torch.device) -> dict:
     """Everything the report prints, from one run: rate, times, FLOPs, agreement and op counts."""
     rate = matmul_rate(device)
-    L = {k: v.to(device) for k, v in make_layer(E).items()}
+    L = make_layer(E, device=device)
     gptq.gptq(torch.randn(8, 64, device=device), torch.eye(64, device=device), bits=q["bits"])  # first-call setup
-    kept = keep_freed_memory()
-    touch_memory(E)
+    kept = device.type == "cpu" and keep_freed_memory()
+    if device.type == "cpu":  # the CPU's first touch of fresh memory (the GPU's allocator caches its blocks)
+        touch_memory(E)
     ref, t_ref = best_of(lambda: run_reference(L, range(K), q), repeats)
     bat, t_bat = best_of(lambda: run_batched(L, q), repeats)
     rate = max(rate, matmul_rate(device))
@@ -230,6 +236,8 @@ def report(m: dict, q: dict, threads: int):
     if dev.type == "cpu":
         print("memory: " + ("touched once before the timed solves; glibc keeps freed memory for reuse (mallopt)"
                             if m["kept"] else "not glibc: the timed solves include the first touch of their memory"))
+    if dev.type == "cuda":
+        print(f"GPU memory: peak {torch.cuda.max_memory_allocated(dev) / 2**30:.1f} GiB allocated by torch")
     print(f"times: best of {m['repeats']} runs of each solver")
     print(f"reference (per expert): {m['t_ref'] / K:.3f} s/expert measured on {K} experts -> {m['t_ref_layer']:.2f} s "
           f"for {E}; {m['f_ref'] / 1e9:.2f} GFLOP/expert, {m['frac_ref']:.2f} of the matmul rate")
@@ -264,7 +272,7 @@ def main():
     torch.set_num_threads(args.threads)
     q = dict(bits=args.bits, group_size=args.group_size, block_size=128, expert_chunk=args.expert_chunk)
     report(measure(args.experts, min(args.reference_experts, args.experts), q, args.repeats,
-                   torch.device(args.device)), q, args.threads)
+                   model.resolve_device(args.device)), q, args.threads)
 
 
 if __name__ == "__main__":

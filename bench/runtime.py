@@ -168,8 +168,8 @@ def packed_copy(layer, bits: int, group_size: int):
 
 def layer_inputs(m, T: int, device: str, seed: int = 0):
     """Hidden states (1, T, 2048) at the residual stream's scale, and the DecoderInputs of positions 0..T-1."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(1, T, m.cfg.text.hidden_size, generator=g).to(device)
+    g = torch.Generator(device="cpu").manual_seed(seed)  # the same draws on every device
+    x = torch.randn(1, T, m.cfg.text.hidden_size, generator=g, device="cpu").to(device)
     pos = torch.arange(T, device=device)[None, None].expand(3, 1, T)
     return x, model.DecoderInputs(rope=m.text_rope(pos, torch.float32), mask=None)
 
@@ -206,10 +206,11 @@ def main():
     p.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (best is reported)")
     p.add_argument("--decode", type=int, default=32, help="greedy decode steps (bundled model)")
     p.add_argument("--prefill-tokens", type=int, default=256, help="tokens per prefill forward (real-width layer)")
-    p.add_argument("--device", default="cpu", help="torch device")
+    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda; an error if absent)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
+    model.resolve_device(a.device)  # before any work: a device this machine lacks is an error naming --device
     print(f"torch {torch.__version__}, {a.threads} thread(s), device {a.device}")
     with tempfile.TemporaryDirectory() as tmp:
         tiny = tiny_model(a, tmp)

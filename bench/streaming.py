@@ -29,9 +29,13 @@ marginal within the deeper run, from the driver's elapsed seconds at its first M
 line, and T_4 + (L - 4) times that. Last line:
   streaming: peak_n2_gb=<VmHWM N=2> peak_n4_gb=<VmHWM N=4> ratio=<n4/n2> s_per_layer=<s> moe_driver_s=<mean of the
              MoE layers' lines at N=4> [dense_driver_s=<the dense layers' at N=4>]   (target ratio <= 1.15)
+             [device_peak_n2_gb=<torch's peak GPU allocation, N=2> device_peak_n4_gb=<N=4>]   (on a GPU)
 
     OMP_NUM_THREADS=1 python bench/streaming.py [--family qwen|kimi] [--layers 2 4] [--root /tmp/h8] [--samples 16]
-                                                [--per-expert]
+                                                [--per-expert] [--device cpu|cuda] [--dtype float32|bfloat16]
+                                                [--experts N]
+On a GPU (--device cuda) VmHWM and RssAnon are the host's memory; the GPU's peak is torch.cuda's
+max_memory_allocated in the driver's process. --experts N: a reduced layer (N routed experts, same widths).
 Disk: qwen 2.5 GB + 5 GB of checkpoints under --root (kept for reruns), plus the quantized outputs; kimi 3.6 + 5.9
 GB, and each output holds the non-layer tensors in float32 (4.5 GB; the driver keeps them in its dtype).
 """
@@ -59,18 +63,22 @@ from bench.synthetic_checkpoint import FAMILIES, GB, write_checkpoint  # noqa: E
 LAYER_LINE = re.compile(r"layer\s+(\d+)/(\d+):.*, (\d+\.\d)s, elapsed (\d+)s")  # gptq.print_layer
 
 
-def streamed_calibration(ckpt: str, out: str, n: int, seed: int, device: str):
+def streamed_calibration(ckpt: str, out: str, n: int, seed: int, device: str, dtype: torch.dtype):
     """calibrate.py --stream-layers --no-gamma: routing statistics with one decoder layer in memory at a time
     (plain GPTQ does not read gamma)."""
-    calibrate.calibrate(ckpt, n=n, seed=seed, out=out, gamma=False, device=device, stream_layers=True,
+    calibrate.calibrate(ckpt, n=n, seed=seed, out=out, gamma=False, device=device, stream_layers=True, dtype=dtype,
                         command=f"bench/streaming.py: calibrate --stream-layers --no-gamma --n {n} --seed {seed}")
 
 
-def quantize(ckpt: str, calib: str, out: str, bits: int, group_size: int, per_expert: bool, device: str):
+def quantize(ckpt: str, calib: str, out: str, bits: int, group_size: int, per_expert: bool, device: str,
+             dtype: torch.dtype):
+    """The driver; prints its seconds and, on a GPU, the peak memory torch allocated there (GB)."""
     q = gptq.QuantArgs(method="gptq", bits=bits, group_size=group_size, batched_experts=not per_expert)
-    report = gptq.quantize_model(ckpt, calib, out, q, device=device, command="bench/streaming.py")
+    report = gptq.quantize_model(ckpt, calib, out, q, device=device, command="bench/streaming.py", dtype=dtype)
+    dev = torch.device(device)
+    peak = torch.cuda.max_memory_allocated(dev) / GB if dev.type == "cuda" else None
     layers = {i: {"seconds": r["seconds"], "hessian_gflop": r["hessian_gflop"]} for i, r in report["layers"].items()}
-    print(json.dumps({"seconds": report["seconds"], "layers": layers}))
+    print(json.dumps({"seconds": report["seconds"], "device_peak_gb": peak, "layers": layers}))
 
 
 def set_image_side(ckpt: str, side: int):
@@ -84,15 +92,19 @@ def set_image_side(ckpt: str, side: int):
         json.dump(cfg, f, indent=2)
 
 
-def matmul_rate(threads: int, d: int = 2048, n: int = 512, seconds: float = 2.0) -> float:
-    """GFLOP/s of the Hessian's product shape, (d, n) @ (n, d) in float32, at `threads` threads."""
+def matmul_rate(threads: int, device: str = "cpu", d: int = 2048, n: int = 512, seconds: float = 2.0) -> float:
+    """GFLOP/s of the Hessian's product shape, (d, n) @ (n, d) in float32, at `threads` threads (on a GPU: the
+    device's rate, synchronized)."""
     torch.set_num_threads(threads)
-    a, c = torch.randn(n, d), torch.zeros(d, d)
+    a, c = torch.randn(n, d, device=device), torch.zeros(d, d, device=device)
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     c.addmm_(a.T, a)
+    sync()
     t0, reps = time.perf_counter(), 0
     while time.perf_counter() - t0 < seconds:
         c.addmm_(a.T, a)
         reps += 1
+    sync()
     return 2 * d * d * n * reps / (time.perf_counter() - t0) / 1e9
 
 
@@ -205,7 +217,8 @@ def dir_bytes(path: str) -> int:
 
 
 def ckpt_of(a, n: int) -> str:
-    return os.path.join(a.root, f"{FAMILIES[a.family].name}-{n}l" + (f"-img{a.image_side}" if a.image_side else ""))
+    return os.path.join(a.root, f"{FAMILIES[a.family].name}-{n}l" + (f"-{a.experts}e" if a.experts else "") +
+                        (f"-img{a.image_side}" if a.image_side else ""))
 
 
 def measure(n: int, a, threads: int) -> dict:
@@ -213,10 +226,11 @@ def measure(n: int, a, threads: int) -> dict:
     tag = os.path.basename(ckpt)
     calib = os.path.join(a.root, f"calib-{tag}-{a.samples}")
     out = os.path.join(a.root, f"quantized-{tag}-w{a.bits}g{a.group_size}-{'loop' if a.per_expert else 'batched'}")
-    common = ["--device", a.device, "--threads", str(threads)]
+    common = ["--device", a.device, "--threads", str(threads), "--dtype", a.dtype]
     if not os.path.isdir(ckpt):
         t0 = time.time()
-        write_checkpoint(n, ckpt, seed=a.seed, device=a.device, family=a.family, real_dir=a.real_dir)
+        write_checkpoint(n, ckpt, seed=a.seed, device=a.device, family=a.family, real_dir=a.real_dir,
+                         experts=a.experts)
         if a.image_side:
             set_image_side(ckpt, a.image_side)
         print(f"N={n}: wrote {ckpt} in {time.time() - t0:.0f}s", flush=True)
@@ -230,9 +244,10 @@ def measure(n: int, a, threads: int) -> dict:
                   n, a.guard_gb)
     r["out_gb"] = 0.0 if r["killed"] else dir_bytes(out) / GB
     r["tokens"] = calib_tokens(ckpt, calib)
+    gpu = "" if r.get("device_peak_gb") is None else f", device peak {r['device_peak_gb']:.2f} GB (torch)"
     print(f"N={n}: {r.get('seconds', float('nan')):.0f}s, VmHWM {r['vmhwm']:.2f} GB, peak RssAnon "
           f"{r['peak_anon']:.2f} GB (after the last layer: {r['peak_anon_last_phase']:.2f} GB), output "
-          f"{r['out_gb']:.2f} GB" + (" [KILLED by the memory guard]" if r["killed"] else ""), flush=True)
+          f"{r['out_gb']:.2f} GB{gpu}" + (" [KILLED by the memory guard]" if r["killed"] else ""), flush=True)
     text = model.load_config(ckpt).text
     r["dense_s"] = [s for i, s in sorted(r["layer_seconds"].items()) if not text.is_moe(i)]
     r["moe_s"] = [s for i, s in sorted(r["layer_seconds"].items()) if text.is_moe(i)]
@@ -256,7 +271,10 @@ def main():
     p.add_argument("--per-expert", action="store_true", help="the per-expert GPTQ loop instead of batched experts")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--guard-gb", type=float, default=1.0, help="kill a run when MemAvailable falls below this")
-    p.add_argument("--device", default="cpu", help="torch device of the driver")
+    p.add_argument("--device", default="cpu", help="torch device of the driver (cpu, cuda; an error if absent)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="the driver's model dtype")
+    p.add_argument("--experts", type=int, default=None,
+                   help="routed experts per MoE layer (default: the real model's; fewer: a quick reduced run)")
     p.add_argument("--threads", type=int, nargs="+", default=[1], help="torch CPU threads; several: every count "
                    "runs at the larger depth, the depth comparison at the largest count")
     p.add_argument("--image-side", type=int, default=None, help="qwen: calibration images resized to this many "
@@ -270,10 +288,12 @@ def main():
         p.error("--image-side: only for --family qwen (Kimi's preprocessor already takes images at real size)")
     if a.stage:
         torch.set_num_threads(a.threads[0])
+    model.resolve_device(a.device)  # before any work: a device this machine lacks is an error naming --device
+    dtype = getattr(torch, a.dtype)
     if a.stage == "calib":
-        return streamed_calibration(a.ckpt, a.calib, a.samples, a.seed, a.device)
+        return streamed_calibration(a.ckpt, a.calib, a.samples, a.seed, a.device, dtype)
     if a.stage == "quantize":
-        return quantize(a.ckpt, a.calib, a.out, a.bits, a.group_size, a.per_expert, a.device)
+        return quantize(a.ckpt, a.calib, a.out, a.bits, a.group_size, a.per_expert, a.device, dtype)
     top = max(a.threads)
     runs = {}
     for n in a.layers:
@@ -289,7 +309,7 @@ def main():
     depth = depth_report(runs[min(a.layers), top], runs[deep, top], min(a.layers), deep, real) \
         if len(set(a.layers)) > 1 else ""
     tok = runs[deep, top]["tokens"]
-    rates = {t: matmul_rate(t) for t in sorted(set(a.threads))}
+    rates = {t: matmul_rate(t, a.device) for t in sorted(set(a.threads))}
     table, per = phase_table(runs, deep, model.load_config(ckpt_of(a, deep)).text, rates)
     print(f"\nper-phase seconds of an MoE layer (mean over the MoE layers of the N={deep} run; {tok['samples']} "
           f"calibration samples, {tok['total']} tokens, {tok['image']} of them image tokens; capture = the float "
@@ -329,8 +349,10 @@ def depth_report(r2: dict, r4: dict, n2: int, n4: int, real: int) -> str:
     moe = sum(r4["moe_s"]) / max(1, len(r4["moe_s"]))
     print(f"the driver's own per-layer seconds at N={n4} (quantization only, not the layer's forward): dense "
           f"{r4['dense_s'] or 'none'}, MoE {r4['moe_s']} (mean {moe:.1f})")
+    gpu = "" if r4.get("device_peak_gb") is None else \
+        f" device_peak_n{n2}_gb={r2['device_peak_gb']:.2f} device_peak_n{n4}_gb={r4['device_peak_gb']:.2f}"
     return (f" peak_n{n2}_gb={r2['vmhwm']:.2f} peak_n{n4}_gb={r4['vmhwm']:.2f} ratio={r4['vmhwm'] / r2['vmhwm']:.3f}"
-            f" s_per_layer={s_layer:.1f} moe_driver_s={moe:.1f}{dense}")
+            f" s_per_layer={s_layer:.1f} moe_driver_s={moe:.1f}{dense}{gpu}")
 
 if __name__ == "__main__":
     main()

@@ -253,14 +253,26 @@ def write_unit(m, fam: "Family", keys: list[str], extra: dict, writer: ShardWrit
     return sum(t.numel() * t.element_size() for t in sd.values())
 
 
+def with_experts(cfg: dict, experts: int) -> dict:
+    """cfg with `experts` routed experts per MoE layer (and top-k at most that): a reduced layer of the same
+    widths, for a quick run (bench/gpu_check.sh's CPU smoke run)."""
+    text = cfg["text_config"]
+    text["num_experts" if "num_experts" in text else "n_routed_experts"] = experts
+    text["num_experts_per_tok"] = min(text["num_experts_per_tok"], experts)
+    return cfg
+
+
 def write_checkpoint(n_layers: int, out: str, seed: int = 0, device: str = "cpu", family: str = "qwen",
-                     shard_gb: float | None = None, real_dir: str | None = None) -> str:
+                     shard_gb: float | None = None, real_dir: str | None = None, experts: int | None = None) -> str:
     """Write the checkpoint folder `out` (replaced if present); returns out. shard_gb: the family's default
-    when None (0: one shard per unit)."""
+    when None (0: one shard per unit). experts: routed experts per MoE layer (default: the real model's)."""
     fam = FAMILIES[family]
     shard_gb = fam.shard_gb if shard_gb is None else (shard_gb or None)
+    device = model.resolve_device(device)
     torch.manual_seed(seed)
     cfg = fam.config(n_layers, real_dir)
+    if experts:
+        cfg = with_experts(cfg, experts)
     with torch.device("meta"):
         m = model.MODELS[cfg["model_type"]](model.CONFIGS[cfg["model_type"]].from_dict(cfg)).to(torch.bfloat16)
     parent = os.path.dirname(os.path.abspath(out))
@@ -341,11 +353,14 @@ def main():
                    "tests/fixtures/real/kimi-vl-a3b-instruct/ when present)")
     p.add_argument("--device", default="cpu", help="where the weights are drawn (written from the CPU)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--experts", type=int, default=None, help="routed experts per MoE layer (default: the real "
+                   "model's; fewer: a reduced layer of the same widths)")
     p.add_argument("--check", action="store_true", help="then run the float model on a few samples (forward_check)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     t0 = time.time()
-    write_checkpoint(args.layers, args.out, args.seed, args.device, args.family, args.shard_gb, args.real_dir)
+    write_checkpoint(args.layers, args.out, args.seed, args.device, args.family, args.shard_gb, args.real_dir,
+                     args.experts)
     print(f"synthetic_checkpoint: family={args.family} layers={args.layers} out={args.out} "
           f"seconds={time.time() - t0:.1f}")
     if args.check:
