@@ -252,7 +252,7 @@ def gather_moe_inputs(group: Group, cap, n_samples: int):
     if cap.pool is None:
         raise RuntimeError("gather_moe_inputs: no MoE input was captured on this rank (a dense layer?)")
     xs = gather_samples(group, n_samples, {"x": list(cap.moe_inputs)}, cap.moe_inputs[0].dtype)["x"]
-    pool = Hessian(cap.pool.d, dtype=cap.pool.S.dtype, device=cap.pool.S.device)
+    pool = Hessian(cap.pool.S.shape[0], dtype=cap.pool.S.dtype, device=cap.pool.S.device)
     for x in xs:
         pool.add(x)
     cap.moe_inputs, cap.pool = xs, pool
