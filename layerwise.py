@@ -14,6 +14,8 @@ For each decoder layer l (its inputs produced by the already-quantized layers < 
      atomically to OUT.partial/ (--resume continues from there).
 Router, norms, embeddings and lm_head stay in float; --quantize-vision quantizes the vision tower first.
 Then export.write_output assembles OUT/. docs/methods.md §1.3 is the spec.
+Under torchrun (a distributed.Group with several ranks) each rank runs its share of the samples and solves its
+share of the linears; the few places that sum, gather or share across ranks call distributed.py (`group.active`).
 
 Model structure comes from the model code as data (model.layer_structure, model.Routing, m.scaling_groups);
 nothing here parses module names. Does not: define methods (methods.py), solve (gptq.py, gptq_batched.py), accumulate
@@ -471,12 +473,12 @@ def quantize_model(model: str, calib: str = "calib", out: str = "quantized", q: 
                          f"selected by {cal.get('selection')!r}: run `python calibrate.py --select macs --out "
                          f"{calib}` first, or use a method without MACS (ecs-faq: ecmfq's quantizer on any calib/)")
     methods.check_args(q)
-    m = model_lib.load_model(model, dtype=torch.float32, device=device, lazy_layers=True)
-    proc = data.load_processor(model)
     samples = calibrate.calibration_samples(cal)
     n_samples = len(samples)
     distributed.check_samples(group, n_samples)
     samples = group.shard(samples)  # this rank's samples: j % world == rank (all of them in one process)
+    m = model_lib.load_model(model, dtype=torch.float32, device=device, lazy_layers=True)
+    proc = data.load_processor(model)
     vision_report = quantize_vision_tower(m, proc, samples, q, device, group) if q.quantize_vision else None
     acts = embed_samples(m, proc, samples, device)
     if group.rank == 0 and os.path.isdir(partial) and not resume:

@@ -53,7 +53,7 @@ def argv(name, calib, out, *extra):
     return ["--model", ckpt, "--calib", calib, "--out", str(out), "--no-eval", *flags, *extra]
 
 
-def one_process(args, monkeypatch=None):
+def one_process(args):
     """gptq.main in this process with one torch thread (as each rank has)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -76,7 +76,8 @@ def differing(a, b) -> tuple[int, int]:
     return diff, total
 
 
-def linear_reports(out) -> dict:
+def reports(out) -> tuple:
+    """report.json's per-layer linears, its vision entries and its sample count."""
     with open(os.path.join(out, "report.json")) as f:
         r = json.load(f)
     return {i: layer["linears"] for i, layer in r["layers"].items()}, r["vision"], r["n_samples"]
@@ -127,8 +128,8 @@ def test_two_processes_equal_one_process(calibs, tmp_path, monkeypatch):
         diff, total = differing(tmp_path / one, tmp_path / two)
         print(f"\n{name}: {diff} of {total} output elements differ between 1 and 2 processes")
         assert diff <= MAX_DIFFERING_FRACTION * total, (name, diff, total)
-        lin1, vis1, n1 = linear_reports(tmp_path / one)
-        lin2, vis2, n2 = linear_reports(tmp_path / two)
+        lin1, vis1, n1 = reports(tmp_path / one)
+        lin2, vis2, n2 = reports(tmp_path / two)
         assert n1 == n2 == 16
         for i in lin1:  # every linear reported once, with the token counts of all samples (exact integers)
             assert list(lin1[i]) == list(lin2[i]), (name, i)
@@ -137,7 +138,7 @@ def test_two_processes_equal_one_process(calibs, tmp_path, monkeypatch):
                 assert [r[x] for x in keys] == [lin2[i][k][x] for x in keys], (name, i, k)
         assert (vis1 is None) == (vis2 is None) and (vis1 is None or {k: v["tokens"] for k, v in vis1.items()} ==
                                                      {k: v["tokens"] for k, v in vis2.items()})
-    starved = sum(r["pooled_hessian"] for layer in linear_reports(tmp_path / "qwen-ecs-faq-starved-1")[0].values()
+    starved = sum(r["pooled_hessian"] for layer in reports(tmp_path / "qwen-ecs-faq-starved-1")[0].values()
                   for r in layer.values())
     assert starved > 0  # the pooled-Hessian path was exercised
 
