@@ -310,6 +310,8 @@ def relative_output_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor)
 # The command line: python gptq.py --bits 3 (VEQ-MA on the bundled tiny model and calib/; README "Quick start")
 #
 #   python gptq.py --method gptq --bits 4 --group-size 32 --model DIR --calib calib/ --out quantized/
+#   torchrun --nproc-per-node N gptq.py ...   (the same flags; samples and solves split over N processes:
+#                                              distributed.py, README "Several processes / GPUs")
 #
 # The methods are methods.METHODS; the loop is layerwise.quantize_model; the output export.py's.
 
@@ -321,6 +323,7 @@ def main(argv=None):
 
     import calibrate
     import data
+    import distributed
     import export
     import layerwise
     import methods
@@ -393,8 +396,14 @@ def main(argv=None):
                   ecs_percentile=a.ecs_percentile, ecs_grid=a.ecs_grid)
     command = "python gptq.py " + " ".join(argv if argv is not None else sys.argv[1:])
     dtype = getattr(torch, a.dtype)
-    report = layerwise.quantize_model(a.model, a.calib, a.out, q, resume=a.resume, device=a.device, command=command,
-                                      overwrite=a.overwrite, dtype=dtype)
+    group = distributed.init(a.device)  # under torchrun: this rank of WORLD_SIZE processes; else one process
+    try:
+        report = layerwise.quantize_model(a.model, a.calib, a.out, q, resume=a.resume, device=group.device,
+                                          command=command, overwrite=a.overwrite, dtype=dtype, group=group)
+    finally:
+        distributed.close(group)
+    if group.rank != 0:  # rank 0 alone exports and evaluates the output
+        return report
     if a.fake_quant:
         export.export_fake_quant(a.out, os.path.join(a.out, "fake-quant"), [a.model, a.calib], a.overwrite)
         print(f"wrote {a.out}/fake-quant/ (dequantized weights, original layout)")

@@ -103,7 +103,8 @@ class Hessian:
         if other.d != self.d:
             raise ValueError(f"Hessian.merge: d={other.d} does not match d={self.d}")
         self.flush()
-        other.flush()
+        if isinstance(other, Hessian):  # (distributed.py merges plain sums received from another rank)
+            other.flush()
         self.S += other.S.to(self.S)
         self.weight_sum += other.weight_sum.to(self.weight_sum.device)
         self._n_tokens += other.n_tokens

@@ -14,6 +14,8 @@ For each decoder layer l (its inputs produced by the already-quantized layers < 
      atomically to OUT.partial/ (--resume continues from there).
 Router, norms, embeddings and lm_head stay in float; --quantize-vision quantizes the vision tower first.
 Then export.write_output assembles OUT/. docs/methods.md §1.3 is the spec.
+Under torchrun (a distributed.Group with several ranks) each rank runs its share of the samples and solves its
+share of the linears; the few places that sum, gather or share across ranks call distributed.py (`group.active`).
 
 Model structure comes from the model code as data (model.layer_structure, model.Routing, m.scaling_groups);
 nothing here parses module names. Does not: define methods (methods.py), solve (gptq.py, gptq_batched.py), accumulate
@@ -36,6 +38,7 @@ import torch.nn.functional as F
 
 import calibrate
 import data
+import distributed
 import ecs
 import export
 import methods
@@ -85,7 +88,7 @@ NO_PHASES = Phases()  # when nobody is timing
 # Hessians: capture and quantize
 
 
-HESSIAN_BLOCK = 8  # calibration samples per forward_many of the layer and per float32 product of each Hessian
+HESSIAN_BLOCK = distributed.SAMPLE_BLOCK  # samples per forward_many and per float32 product of each Hessian
 
 
 class LayerCapture:
@@ -218,9 +221,14 @@ def solve_batched(layer, expert_inputs: list[model_lib.LinearInput], H: dict, q:
     return out
 
 
-def quantize_linears(layer, cap: LayerCapture, q: QuantArgs, prefix: str, phases: Phases = NO_PHASES) -> dict:
+def quantize_linears(layer, cap: LayerCapture, q: QuantArgs, prefix: str, phases: Phases = NO_PHASES,
+                     group: distributed.Group = distributed.SINGLE, n_samples: int = 0) -> dict:
     """Quantize every linear of the layer from its captured Hessian (GPTQ) or directly (RTN), swap each for a
-    packed QuantLinear, and return the per-linear report."""
+    packed QuantLinear, and return the per-linear report. With several processes (group), each rank solves the
+    inputs it owns (distributed.input_owners) from the Hessians summed over all ranks' samples (n_samples in all),
+    then every rank receives the others' QuantLinears."""
+    if group.active:  # each Hessian summed on the rank that solves it; token counts on every rank
+        distributed.reduce_capture(group, layer, cap)
     inputs = {inp.readers[0]: inp for inp in cap.structure.inputs}  # key: the input's first reader
     for key, inp in inputs.items():  # an expert no token reached is quantized from the pooled Hessian below
         if inp.expert is None and key not in cap.H:
@@ -228,6 +236,11 @@ def quantize_linears(layer, cap: LayerCapture, q: QuantArgs, prefix: str, phases
     starved = {k: inp.expert is not None and (q.all_experts_hessian or
                                               (cap.H[k].n_tokens if k in cap.H else 0) < q.min_expert_tokens)
                for k, inp in inputs.items()}  # quantized from the pooled Hessian: every token entering the MoE block
+    if group.active:  # this rank solves its own inputs; the pooled Hessian needs every sample's MoE input
+        if any(starved.values()):
+            distributed.gather_moe_inputs(group, cap, n_samples)
+        owner = distributed.input_owners(cap.structure, group.world)
+        inputs = {k: inp for k, inp in inputs.items() if owner[k] == group.rank}
     with phases("finalize"):
         H = {k: pooled_hessian(layer, inp, cap) if starved[k] else cap.H[k].finalize(release=True, dtype=torch.float32)
              for k, inp in inputs.items()}  # float32, as the solvers take it; the float64 sums are released one by one
@@ -261,6 +274,13 @@ def quantize_linears(layer, cap: LayerCapture, q: QuantArgs, prefix: str, phases
             report[name] = {"tokens_text": n_text, "tokens_vis": n_vis, "pooled_hessian": starved[key],
                             "damp": getattr(r, "damp", None), "cholesky_retries": getattr(r, "retries", 0),
                             "rel_error": err}
+    if group.active:  # every rank gets the others' packed linears and report entries
+        where = {name: (layer, name) for inp in cap.structure.inputs for name in inp.readers}
+        owner = {name: owner[inp.readers[0]] for inp in cap.structure.inputs for name in inp.readers}
+        with phases("share"):
+            report = distributed.share_linears(group, where, owner, report, lambda lin: model_lib.QuantLinear(
+                lin.in_features, lin.out_features, bits=q.bits, group_size=q.group_size, sym=q.sym,
+                abits=q.abits if q.abits < 16 else None))
     return report
 
 
@@ -310,10 +330,11 @@ def group_readers(layer, structure: model_lib.LayerStructure, consumers: list[st
     return readers, experts
 
 
-def layer_fusion_weights(layer, acts, eta: float) -> list[torch.Tensor]:
+def layer_fusion_weights(layer, acts, eta: float, group: distributed.Group = distributed.SINGLE,
+                         n_samples: int = 0) -> list[torch.Tensor]:
     """FAQ: one float forward of the layer per sample with its attention probabilities handed to
     hessian.fusion_scores (model.decoder_attention's probs_hook), then hessian.fusion_weights over the set.
-    Returns one (T,) weight tensor per sample."""
+    Returns one (T,) weight tensor per sample (with several processes: per sample of all n_samples, calib/'s order)."""
     scores = []
     try:
         with torch.no_grad():
@@ -322,28 +343,37 @@ def layer_fusion_weights(layer, acts, eta: float) -> list[torch.Tensor]:
                 layer(smp.x, smp.ctx)
     finally:
         del layer.self_attn.probs_hook
-    return fusion_weights(scores, [smp.is_vis for smp in acts], eta)
+    is_vis = [smp.is_vis for smp in acts]
+    if group.active:  # the weights are normalized over all samples: every rank's scores, in calib/'s order
+        scores, is_vis = distributed.gather_fusion_scores(group, n_samples, scores, is_vis)
+    return fusion_weights(scores, is_vis, eta)
 
 
-def search_and_fold(layer, groups, acts, q: QuantArgs, importance=None, fusion=None, mean_prob=None) -> dict:
+def search_and_fold(layer, groups, acts, q: QuantArgs, importance=None, fusion=None, mean_prob=None,
+                    group: distributed.Group = distributed.SINGLE, n_samples: int = 0) -> dict:
     """The method's scale search (methods.Method.scales) on each scaling group (producer, consumers, router) of
     the layer (m.scaling_groups): capture the group's float input X (the router's input for the MoE block),
     describe the group (methods.ScalingGroup), search the per-channel scale s, then fold 1/s into the producer
     and s into every consumer and the router (kept float, so routing is unchanged). importance: experts -> S_e
     (methods.layer_importance); fusion: FAQ's weights per sample; mean_prob (E,): calib/'s mean router
-    probability of the layer. Returns per-group reports."""
+    probability of the layer. With several processes (group), every rank searches on the inputs of all n_samples
+    samples (gathered; fusion then covers all of them) and folds rank 0's scales. Returns per-group reports."""
     method = methods.get(q.method)
     if method.scales is None:
         raise ValueError(f"--method {q.method}: has no scale search")
     structure = model_lib.layer_structure(layer)
     source = {p: (r if r else cons[0]) for p, cons, r in groups}  # a module whose input is the group's X
     cap = InputCapture(layer, sorted(set(source.values())), structure.router)
+    ends = []  # per sample: how many chunks each module had seen after it
     try:
         with torch.no_grad():
             for smp in acts:
                 layer(smp.x, smp.ctx)
+                ends.append({n: len(v) for n, v in cap.X.items()})
     finally:
         cap.remove()
+    if group.active:  # every sample's inputs on every rank, in calib/'s order
+        distributed.gather_captured(group, n_samples, cap.X, cap.topk, ends)
     topk = torch.cat(cap.topk) if cap.topk else None
     report = {}
     for producer, consumers, router in groups:
@@ -361,6 +391,7 @@ def search_and_fold(layer, groups, acts, q: QuantArgs, importance=None, fusion=N
             topk=topk if router else None, token_weights=c, mean_prob=mean_prob,
             importance=importance(experts) if router and importance is not None else None)
         s, report[producer] = method.scales(g, q)
+        s = distributed.broadcast_(group, s)  # several processes: rank 0's scales, bitwise, on every rank
         fold_group(layer, producer, consumers, router, s)
     return report
 
@@ -405,10 +436,13 @@ def run_layer(m, i: int, samples: list) -> list:
     return out
 
 
-def quantize_vision_tower(m, proc, samples, q: QuantArgs, device) -> dict:
+def quantize_vision_tower(m, proc, samples, q: QuantArgs, device,
+                          group: distributed.Group = distributed.SINGLE) -> dict:
     """--quantize-vision: GPTQ (RTN for the RTN methods) every nn.Linear of the vision tower and projector from
     the Hessians of their inputs on the calibration images (unweighted, all patches), before the decoder
-    loop, so the decoder is calibrated on the quantized tower's features. The patch embedding stays float."""
+    loop, so the decoder is calibrated on the quantized tower's features. The patch embedding stays float.
+    With several processes (group): `samples` is this rank's shard; the linears are solved round-robin over the
+    ranks, each from the Hessian summed over all ranks, and shared."""
     linears = {f"v{j}.{n}": (root, n, mod) for j, root in enumerate(m.vision_modules())
                for n, mod in root.named_modules() if isinstance(mod, nn.Linear)}  # report key -> where it is
     H = {k: Hessian(mod.in_features, dtype=torch.float64, device=mod.weight.device)
@@ -424,9 +458,14 @@ def quantize_vision_tower(m, proc, samples, q: QuantArgs, device) -> dict:
     finally:
         for h in handles:
             h.remove()
+    owner = {k: j % group.world for j, k in enumerate(linears)}
+    if group.active:  # each Hessian summed on the rank that solves it
+        distributed.reduce_hessians(group, H, owner, {k: mod.in_features for k, (_, _, mod) in linears.items()})
     rtn_solver = methods.get(q.method).solver == "rtn"
     report = {}
     for k, (root, name, lin) in linears.items():
+        if owner[k] != group.rank:  # another process solves it
+            continue
         Hk, W = H[k].finalize(), lin.weight.float()
         r = rtn(W, bits=q.bits, group_size=q.group_size, sym=q.sym) if rtn_solver else \
             gptq(W, Hk.float(), bits=q.bits, group_size=q.group_size, sym=q.sym, block_size=q.block_size,
@@ -435,6 +474,11 @@ def quantize_vision_tower(m, proc, samples, q: QuantArgs, device) -> dict:
                                               sym=q.sym, bias=None if lin.bias is None else lin.bias.float())
         root.set_submodule(name, ql.to(lin.weight.device))
         report[k] = {"tokens": H[k].n_tokens, "rel_error": relative_output_error(W, r.W_hat, Hk)}
+    if group.active:  # every rank gets the others' packed linears and report entries
+        report = distributed.share_linears(
+            group, {k: (root, name) for k, (root, name, _) in linears.items()}, owner, report,
+            lambda lin: model_lib.QuantLinear(lin.in_features, lin.out_features, bits=q.bits,
+                                              group_size=q.group_size, sym=q.sym, bias=lin.bias is not None))
     return report
 
 
@@ -470,22 +514,33 @@ def print_layer(i: int, n_layers: int, rep: dict, t0: float, t_layer: float):
 
 def quantize_model(model: str, calib: str = "calib", out: str = "quantized", q: QuantArgs | None = None,
                    resume: bool = False, device: str = "cpu", command: str | None = None,
-                   overwrite: bool = False, dtype: torch.dtype = torch.float32) -> dict:
+                   overwrite: bool = False, dtype: torch.dtype = torch.float32,
+                   group: distributed.Group | None = None) -> dict:
     """The sequential loop. Returns the run report (also written to out/report.json). `out` and its
     `out.partial/` are refused before any work if they are not previous outputs (`model.check_output_dir`).
     device, dtype: where the layers run and their weights' dtype (bfloat16 on a GPU); Hessians accumulate in
-    float64 and the solvers run in float32 on that device whatever the dtype."""
+    float64 and the solvers run in float32 on that device whatever the dtype.
+    group: several processes (distributed.init under torchrun; device is then the group's): the samples are split
+    across the ranks, each layer's linears solved across them; rank 0 alone writes. None: one process."""
+    if group is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError(f"quantize_model runs under torchrun (WORLD_SIZE={os.environ['WORLD_SIZE']}) without a "
+                         "group: pass group=distributed.init(device), as gptq.py does")
+    group = group or distributed.SINGLE
+    if group.active and device != group.device:
+        raise ValueError(f"--device {device}: this process's group runs on {group.device}; pass device=group.device")
+    log = print if group.rank == 0 else (lambda *a, **k: None)  # rank 0 speaks for all
     q = q or QuantArgs()
     model_lib.resolve_device(device)  # before any work: a device this machine lacks is an error naming --device
     inputs = [model, calib]
     partial = out.rstrip("/") + ".partial"
     model_lib.check_output_dir(out, "quantized", inputs, overwrite)
     model_lib.check_output_dir(partial, "partial", inputs, overwrite, flag="--out's partial folder")
+    distributed.barrier(group)  # every rank has checked the folders before rank 0 touches OUT.partial/
     method = methods.get(q.method)
     t0 = time.time()
     cal = calibrate.load(calib)
     if os.path.abspath(cal["model"]) != os.path.abspath(model):
-        print(f"note: {calib}/ was made with --model {cal['model']}, quantizing {model}", file=sys.stderr)
+        log(f"note: {calib}/ was made with --model {cal['model']}, quantizing {model}", file=sys.stderr)
     gamma = q.gamma if q.gamma is not None else cal.get({"grad": "gamma", "grad_x_input": "gamma_grad_x_input"}
                                                          [q.gamma_source])
     if method.needs_gamma and gamma is None and (q.modality and q.use_gamma):
@@ -495,57 +550,63 @@ def quantize_model(model: str, calib: str = "calib", out: str = "quantized", q: 
                          f"selected by {cal.get('selection')!r}: run `python calibrate.py --select macs --out "
                          f"{calib}` first, or use a method without MACS (ecs-faq: ecmfq's quantizer on any calib/)")
     methods.check_args(q)
+    samples = calibrate.calibration_samples(cal)
+    n_samples = len(samples)
+    distributed.check_samples(group, n_samples)
+    samples = group.shard(samples)  # this rank's blocks of HESSIAN_BLOCK samples (all of them in one process)
     m = model_lib.load_model(model, dtype=dtype, device=device, lazy_layers=True)
     proc = data.load_processor(model)
-    samples = calibrate.calibration_samples(cal)
-    vision_report = quantize_vision_tower(m, proc, samples, q, device) if q.quantize_vision else None
+    vision_report = quantize_vision_tower(m, proc, samples, q, device, group) if q.quantize_vision else None
     acts = embed_samples(m, proc, samples, device)
-    if os.path.isdir(partial) and not resume:
+    if group.rank == 0 and os.path.isdir(partial) and not resume:
         shutil.rmtree(partial)  # a previous run's partial/ (checked above), or --overwrite
-    if not os.path.isdir(partial):
+    if group.rank == 0 and not os.path.isdir(partial):
         model_lib.make_output_dir(partial, "partial", command)
     report = {"method": q.method, "bits": q.bits, "group_size": q.group_size, "abits": q.abits, "sym": q.sym,
-              "model": model, "calib": calib, "gamma": gamma, "n_samples": len(acts), "seed": cal["seed"],
+              "model": model, "calib": calib, "gamma": gamma, "n_samples": n_samples, "seed": cal["seed"],
               "command": command or " ".join(sys.argv), "args": asdict(q), "vision": vision_report, "layers": {}}
     n = len(m.layers)
     for i in range(n):
         t_layer = time.time()
         path = os.path.join(partial, f"layer_{i:04d}.safetensors")
-        if resume and os.path.exists(path):
+        if distributed.agree(group, resume and os.path.exists(path)):  # rank 0 decides; every rank restores
             restore_layer(m, i, path, q)
             with open(path[:-len(".safetensors")] + ".json") as f:
                 report["layers"][str(i)] = json.load(f)
-            print(f"layer {i:3d}/{n}: restored from {path}")
+            log(f"layer {i:3d}/{n}: restored from {path}")
         else:
             phases = Phases(device)
             with phases("load"):
                 layer = m.load_layer(i)
             with phases("fusion"):
-                fusion = layer_fusion_weights(layer, acts, q.eta) if method.fusion else None
+                fusion = layer_fusion_weights(layer, acts, q.eta, group, n_samples) if method.fusion else None
             mean_prob = cal["mean_prob"][cal["moe_layers"].index(i)] if i in cal["moe_layers"] else None
             with phases("scales"):
                 scales = {} if method.scales is None else search_and_fold(
                     layer, m.scaling_groups(i), acts, q, importance=methods.layer_importance(cal, i, gamma, q),
-                    fusion=fusion, mean_prob=mean_prob)
+                    fusion=fusion, mean_prob=mean_prob, group=group, n_samples=n_samples)
+            if fusion is not None:  # fusion covers every sample: this rank's j-th is global_index(j)
+                fusion = [fusion[group.global_index(j)] for j in range(len(acts))]
             cap = LayerCapture(layer, method, q, gamma or 1.0, phases)
             try:
                 with torch.no_grad(), phases("capture"):  # the float layer's forward + the Hessian sums
-                    for b in range(0, len(acts), HESSIAN_BLOCK):
+                    for b in range(0, len(acts), HESSIAN_BLOCK):  # one block = the same samples on any rank count
                         cap.run_block(layer, acts[b:b + HESSIAN_BLOCK],
                                       None if fusion is None else fusion[b:b + HESSIAN_BLOCK])
             finally:
                 cap.remove()
-            rep = {"linears": quantize_linears(layer, cap, q, m.layer_prefix(i), phases), "scales": scales,
-                   "hessian_gflop": cap.flop / 1e9}
+            rep = {"linears": quantize_linears(layer, cap, q, m.layer_prefix(i), phases, group, n_samples),
+                   "scales": scales, "hessian_gflop": cap.flop / 1e9}
             del cap  # its Hessians (GBs at real width) must not live on into the next layer
-            with phases("write"):
-                export.save_atomic(layer_state(m, i), path, metadata={"format": "pt"})
             rep["seconds"] = phases.seconds  # the layer's forward below is added to the saved report only
-            with open(path[:-len(".safetensors")] + ".json.tmp", "w") as f:
-                json.dump(rep, f)
-            os.replace(path[:-len(".safetensors")] + ".json.tmp", path[:-len(".safetensors")] + ".json")
+            if group.rank == 0:  # the only writer
+                with phases("write"):
+                    export.save_atomic(layer_state(m, i), path, metadata={"format": "pt"})
+                with open(path[:-len(".safetensors")] + ".json.tmp", "w") as f:
+                    json.dump(rep, f)
+                os.replace(path[:-len(".safetensors")] + ".json.tmp", path[:-len(".safetensors")] + ".json")
+                print_layer(i, n, rep, t0, time.time() - t_layer)
             report["layers"][str(i)] = rep
-            print_layer(i, n, rep, t0, time.time() - t_layer)
         forward = Phases(device)
         with forward("forward"):  # the quantized layer's outputs: the next layer's inputs
             acts = run_layer(m, i, acts)
@@ -556,11 +617,13 @@ def quantize_model(model: str, calib: str = "calib", out: str = "quantized", q: 
                                         for k, r in rep["linears"].items() if r["pooled_hessian"]]
     report["cholesky_retries"] = sum(r["cholesky_retries"] for rep in report["layers"].values()
                                      for r in rep["linears"].values())
-    export.write_output(m, model, out, q, partial, report, inputs, overwrite)
+    if group.rank == 0:
+        export.write_output(m, model, out, q, partial, report, inputs, overwrite)
+    distributed.barrier(group)  # every rank returns once OUT/ is in place
     how = "error measured on" if method.solver == "rtn" else "quantized from"
     which = ("with --all-experts-hessian" if q.all_experts_hessian
              else f"with < {q.min_expert_tokens} calibration tokens")
-    print(f"wrote {out}/ ({q.method}, W{q.bits} g{q.group_size} A{q.abits}) in {report['seconds']:.1f}s; "
+    log(f"wrote {out}/ ({q.method}, W{q.bits} g{q.group_size} A{q.abits}) in {report['seconds']:.1f}s; "
           f"{len(report['pooled_hessian_linears'])} expert linears {which} ({how} the layer's pooled MoE "
           f"Hessian), {report['cholesky_retries']} Cholesky retries")
     return report

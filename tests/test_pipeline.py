@@ -301,10 +301,10 @@ def test_batched_solver_on_the_bundled_models_real_hessians(name, tmp_path, monk
     calibrate.calibrate(path, n=6, seed=0, out=str(tmp_path / "c"), command="test")
     real = layerwise.quantize_linears
 
-    def capture(layer, cap, q, prefix, phases):
+    def capture(layer, cap, q, prefix, *args, **kwargs):
         keys = [i.readers[0] for i in cap.structure.inputs if i.expert is not None and i.readers[0] in cap.H]
         if not keys:  # a dense layer (Kimi's first): go on to the first MoE layer
-            return real(layer, cap, q, prefix, phases)
+            return real(layer, cap, q, prefix, *args, **kwargs)
         raise _Captured({k: (cap.H[k].finalize(dtype=torch.float32), layer.get_submodule(k).weight.float())
                          for k in keys})
 
