@@ -37,6 +37,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import model  # noqa: E402
+import torch  # noqa: E402
 from bench.synthetic_checkpoint import GB, write_checkpoint  # noqa: E402
 from bench.streaming import mem_available_gb, streamed_calibration  # noqa: E402
 
@@ -104,7 +105,7 @@ def main():
     tag = os.path.basename(os.path.normpath(ckpt))
     calib = os.path.join(a.root, f"calib-{tag}-{a.samples}")
     if not os.path.isdir(calib):
-        streamed_calibration(ckpt, calib, a.samples, a.seed, "cpu")
+        streamed_calibration(ckpt, calib, a.samples, a.seed, "cpu", torch.float32)
     flags = ["--model", ckpt, "--calib", calib, "--method", "gptq", "--bits", str(a.bits), "--group-size",
              str(a.group_size), "--no-eval", "--overwrite"] + ([] if a.per_expert else ["--batched-experts"])
     gptq_py = os.path.join(ROOT, "gptq.py")
