@@ -9,11 +9,14 @@ Recipe (see docs/tiny-models.md for why): 64x64 scenes, 8-px patches (8x8 grid -
 tokens), Gaussian init N(0, 0.02) with residual output projections scaled by 1/sqrt(2 * layers), AdamW,
 warm-up then constant then linear decay, answer cross-entropy + 0.01 load-balancing loss + 0.3 x an
 auxiliary per-patch loss (a linear probe on the vision tower predicting the shape x colour under each patch;
-it teaches the tower to see shape early and is dropped from the checkpoint).
+it teaches the tower to see shape early) + 0.3 x the same labels read from the image embeddings the decoder
+gets (--aux-merged: otherwise only the answer loss trains the projector, and Kimi's never passed shape on).
+The probes are dropped from the checkpoint.
 
     python train_tiny.py --family qwen3_vl_moe --steps 4500 --threads 1 --out models/tiny-qwen3-vl-moe
     python train_tiny.py --family kimi_vl --steps 4000 --threads 1 --out models/tiny-kimi-vl
-(the commands behind the bundled models; other flags: --batch, --lr, --seed, --eval-every, --overwrite)
+(the from-scratch commands of the previous bundled models, before --aux-merged; the current ones continue those
+with --init-from: docs/tiny-models.md §4.2. Many experts: --experts 64 --top-k 4 --moe-intermediate 40.)
 """
 
 from __future__ import annotations
