@@ -9,11 +9,14 @@ Recipe (see docs/tiny-models.md for why): 64x64 scenes, 8-px patches (8x8 grid -
 tokens), Gaussian init N(0, 0.02) with residual output projections scaled by 1/sqrt(2 * layers), AdamW,
 warm-up then constant then linear decay, answer cross-entropy + 0.01 load-balancing loss + 0.3 x an
 auxiliary per-patch loss (a linear probe on the vision tower predicting the shape x colour under each patch;
-it teaches the tower to see shape early and is dropped from the checkpoint).
+it teaches the tower to see shape early) + 0.3 x the same labels read from the image embeddings the decoder
+gets (--aux-merged: otherwise only the answer loss trains the projector, and Kimi's never passed shape on).
+The probes are dropped from the checkpoint.
 
     python train_tiny.py --family qwen3_vl_moe --steps 4500 --threads 1 --out models/tiny-qwen3-vl-moe
     python train_tiny.py --family kimi_vl --steps 4000 --threads 1 --out models/tiny-kimi-vl
-(the commands behind the bundled models; other flags: --batch, --lr, --seed, --eval-every, --overwrite)
+(the from-scratch commands of the previous bundled models, before --aux-merged; the current ones continue those
+with --init-from: docs/tiny-models.md §4.2. Many experts: --experts 64 --top-k 4 --moe-intermediate 40.)
 """
 
 from __future__ import annotations
@@ -123,6 +126,29 @@ def kimi_files(tok) -> dict:
     }
 
 
+def set_experts(cfg_dict: dict, experts: int | None = None, top_k: int | None = None,
+                moe_intermediate: int | None = None) -> dict:
+    """Override the routed-expert count, top-k and expert width of a config (the many-experts variants); None
+    keeps the family's default (8 experts, top-2, width 160)."""
+    t = cfg_dict["text_config"]
+    n_key = "num_experts" if "num_experts" in t else "n_routed_experts"
+    E = experts if experts is not None else t[n_key]
+    k = top_k if top_k is not None else t["num_experts_per_tok"]
+    if E < 2:
+        raise ValueError(f"--experts {E}: need at least 2 routed experts")
+    if not 1 <= k <= E:
+        raise ValueError(f"--top-k {k}: must be between 1 and the number of experts ({E}, --experts)")
+    if moe_intermediate is not None:
+        H = t["hidden_size"]
+        if moe_intermediate < 1 or moe_intermediate in (H, H // 2):
+            raise ValueError(f"--moe-intermediate {moe_intermediate}: must be positive and differ from the hidden "
+                             f"size {H} and its half {H // 2} (H != I and H != 2I keep the fused Qwen expert "
+                             "layouts unambiguous)")
+        t["moe_intermediate_size"] = moe_intermediate
+    t[n_key], t["num_experts_per_tok"] = E, k
+    return cfg_dict
+
+
 FAMILIES = {"qwen3_vl_moe": dict(specials=QWEN_SPECIALS, config=qwen_config, files=qwen_files, patch_order="merge_block"),
             "kimi_vl": dict(specials=KIMI_SPECIALS, config=kimi_config, files=kimi_files, patch_order="raster")}
 
@@ -173,13 +199,26 @@ def patch_labels(samples, patch_order: str, grid: int = 8, patch: int = 8):
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
 
 
+def image_feature_module(m) -> nn.Module:
+    """The module whose output is the image embeddings the decoder reads (one row per 2x2 patch group)."""
+    return m.multi_modal_projector if hasattr(m, "multi_modal_projector") else m.model.visual.merger
+
+
+def merged_labels(samples, grid: int = 8):
+    """The 4 patch labels of every 2x2 group, in the order both families emit merged image tokens (block row,
+    block col; inside a block (0,0), (0,1), (1,0), (1,1)). (n_image_samples * grid² / 4, 4)"""
+    return patch_labels(samples, "merge_block", grid).view(-1, 4)
+
+
 class Probes:
-    """Forward hooks that keep what the auxiliary losses read: the vision tower's last block output and every
-    router's probabilities (for the load-balancing loss)."""
+    """Forward hooks that keep what the auxiliary losses read: the vision tower's last block output, the image
+    embeddings handed to the decoder (projector / merger output) and every router's probabilities (for the
+    load-balancing loss)."""
 
     def __init__(self, m):
-        self.vision, self.router_probs = None, []
+        self.vision, self.image_embeds, self.router_probs = None, None, []
         m.vision_blocks()[-1].register_forward_hook(lambda mod, i, o: setattr(self, "vision", o))
+        image_feature_module(m).register_forward_hook(lambda mod, i, o: setattr(self, "image_embeds", o))
         for layer in m.layers:
             if hasattr(layer.mlp, "gate"):
                 layer.mlp.gate.register_forward_hook(lambda mod, i, o: self.router_probs.append((o[0], o[2])))
@@ -244,14 +283,15 @@ def lr_at(step: int, steps: int, peak: float, warmup: int, decay_frac: float) ->
 
 def train(family: str = "qwen3_vl_moe", out: str = "models/tiny-qwen3-vl-moe", steps: int = 3000,
           batch: int = 64, lr: float = 2e-3, warmup: int = 150, decay_frac: float = 0.3, aux: float = 0.3,
-          balance: float = 0.01, seed: int = 0, eval_every: int = 250, eval_n: int = 400, threads: int = 2,
-          overwrite: bool = False):
+          aux_merged: float = 0.3, balance: float = 0.01, seed: int = 0, eval_every: int = 250, eval_n: int = 400,
+          threads: int = 2, overwrite: bool = False, experts: int | None = None, top_k: int | None = None,
+          moe_intermediate: int | None = None, init_from: str | None = None):
     model.check_output_dir(out, "tiny-model", overwrite=overwrite)  # before training: fail fast
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
     fam = FAMILIES[family]
     tok = build_tokenizer(fam["specials"])
-    cfg_dict, files = fam["config"](tok), fam["files"](tok)
+    cfg_dict, files = set_experts(fam["config"](tok), experts, top_k, moe_intermediate), fam["files"](tok)
     workdir = tempfile.mkdtemp(prefix="tiny-")  # the processor reads the same files the checkpoint will hold
     tok.save(os.path.join(workdir, "tokenizer.json"))
     for name, content in {"config.json": cfg_dict, **files}.items():
@@ -260,10 +300,20 @@ def train(family: str = "qwen3_vl_moe", out: str = "models/tiny-qwen3-vl-moe", s
     cfg = model.CONFIGS[family].from_dict(cfg_dict)
     m = model.MODELS[family](cfg)
     init_weights(m, n_layers=len(m.layers))
+    if init_from is not None:  # continued training: start from a checkpoint of the same family and shapes
+        ref = model.load_model(init_from)
+        try:
+            m.load_state_dict({k: v.float() for k, v in ref.state_dict().items()})
+        except RuntimeError as e:
+            raise ValueError(f"--init-from {init_from}: its weights do not fit this configuration ({e})") from e
+        del ref
     probes = Probes(m)
     n_classes = 1 + len(data.SHAPES) * len(data.COLORS)
     probe = nn.Linear(m.vision_blocks()[-1].norm1.weight.shape[0], n_classes)
-    params = list(m.parameters()) + list(probe.parameters())
+    # the same labels read from the image embeddings the decoder gets (RMS-normalized, as the decoder's first
+    # norm sees them): each merged token predicts the labels of its 4 patches
+    merged_probe = nn.Linear(cfg_dict["text_config"]["hidden_size"], 4 * n_classes)
+    params = list(m.parameters()) + list(probe.parameters()) + list(merged_probe.parameters())
     decay = [p for p in params if p.ndim >= 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05},
                              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
@@ -280,20 +330,37 @@ def train(family: str = "qwen3_vl_moe", out: str = "models/tiny-qwen3-vl-moe", s
         logits = m(b["input_ids"], attention_mask=b["attention_mask"], **data.vision_inputs(b))
         loss_ans = answer_loss(logits, b["labels"])
         loss = loss_ans + balance * probes.balance_loss(n_experts)
+        loss_aux = loss_merged = torch.zeros(())
+        shape_acc = float("nan")
         if "pixel_values" in b:
-            loss = loss + aux * F.cross_entropy(probe(probes.vision), patch_labels(samples, fam["patch_order"]))
+            loss_aux = F.cross_entropy(probe(probes.vision), patch_labels(samples, fam["patch_order"]))
+            e = probes.image_embeds.float()
+            if aux_merged == 0:  # the probe still learns (a read-out to log), the model gets no gradient from it
+                e = e.detach()
+            e = e * torch.rsqrt(e.pow(2).mean(-1, keepdim=True) + 1e-6)
+            merged_logits = merged_probe(e).view(-1, n_classes)
+            target = merged_labels(samples).reshape(-1)
+            loss_merged = F.cross_entropy(merged_logits, target)
+            loss = loss + aux * loss_aux + (aux_merged or 1.0) * loss_merged
+            with torch.no_grad():  # how well the decoder's image embeddings tell the shape of object patches
+                obj, pred = target > 0, merged_logits.argmax(-1)
+                shape_acc = ((pred > 0) & ((pred - 1) // len(data.COLORS) == (target - 1) // len(data.COLORS)))[obj]
+                shape_acc = shape_acc.float().mean().item()
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        probes.vision = None
+        probes.vision = probes.image_embeds = None
         if step % 25 == 0:
             print(f"step {step:5d}  loss {loss.item():.4f}  answer {loss_ans.item():.4f}  "
-                  f"lr {opt.param_groups[0]['lr']:.2e}  {time.time() - t0:7.1f}s", flush=True)
+                  f"aux {loss_aux.item():.4f}  aux_merged {loss_merged.item():.4f}  merged_shape_acc {shape_acc:.3f}  "
+                  f"grad {grad_norm.item():.2f}  lr {opt.param_groups[0]['lr']:.2e}  {time.time() - t0:7.1f}s",
+                  flush=True)
         if (step + 1) % eval_every == 0 or step + 1 == steps:
             m.eval()
             acc = evaluate(m, proc, held_out)
             probes.router_probs = []
+            probes.vision = probes.image_embeds = None
             m.train()
             print(f"eval step {step + 1}: " + "  ".join(f"{k} {v:.3f}" for k, v in sorted(acc.items())) +
                   f"  ({time.time() - t0:.0f}s)", flush=True)
@@ -309,14 +376,28 @@ def main():
     p.add_argument("--steps", type=int, default=3000, help="optimizer steps")
     p.add_argument("--batch", type=int, default=64, help="samples per step")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
+    p.add_argument("--aux", type=float, default=0.3,
+                   help="weight of the per-patch auxiliary loss on the vision tower's last block")
+    p.add_argument("--aux-merged", type=float, default=0.3,
+                   help="weight of the per-patch auxiliary loss read from the image embeddings the decoder gets")
+    p.add_argument("--balance", type=float, default=0.01, help="weight of the load-balancing loss")
+    p.add_argument("--experts", type=int, default=None, help="routed experts per MoE layer (default: 8)")
+    p.add_argument("--top-k", type=int, default=None, help="experts per token (default: 2)")
+    p.add_argument("--moe-intermediate", type=int, default=None, help="width of each routed expert (default: 160)")
+    p.add_argument("--decay-frac", type=float, default=0.3, help="fraction of the steps with linear lr decay")
+    p.add_argument("--init-from", default=None,
+                   help="start from this checkpoint's weights (same family and configuration) instead of the init")
+    p.add_argument("--warmup", type=int, default=150, help="linear warm-up steps")
     p.add_argument("--seed", type=int, default=0, help="seed for init and training data")
     p.add_argument("--eval-every", type=int, default=250, help="steps between held-out evaluations/checkpoints")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--overwrite", action="store_true",
                    help="replace --out even if it is not a tiny model written by this script")
     args = p.parse_args()
-    out = args.out or f"models/tiny-{args.family.replace('_', '-')}"
-    train(args.family, out, steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed,
+    out = args.out or f"models/tiny-{args.family.replace('_', '-')}" + (f"-{args.experts}e" if args.experts else "")
+    train(args.family, out, steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed, aux=args.aux,
+          aux_merged=args.aux_merged, decay_frac=args.decay_frac, balance=args.balance, experts=args.experts,
+          top_k=args.top_k, moe_intermediate=args.moe_intermediate, init_from=args.init_from, warmup=args.warmup,
           eval_every=args.eval_every, threads=args.threads, overwrite=args.overwrite)
 
 

@@ -55,7 +55,9 @@ def assert_equal_up_to_ties(W, H, ref, bat, *, bits, group_size, tol, perm=None)
         j = int(diff[row][perm if perm is not None else slice(None)].nonzero()[0])
         assert tie_distance(W, H, ref, group_size, row, j, perm) < tol, (row, j)
     same = [i for i in range(diff.shape[0]) if i not in rows]
-    rtol = 1e-12 if W.dtype == torch.float64 else 1e-4  # float32: the group params see rounding differences
+    # float32: the group params see rounding differences (up to 1.13e-4 relative, one scale in 635, on the first
+    # MoE layer of the retrained tiny-qwen3-vl-moe at W3 g32, with identical codes)
+    rtol = 1e-12 if W.dtype == torch.float64 else 3e-4
     torch.testing.assert_close(bat.scale[same], ref.scale[same], rtol=rtol, atol=0)
     assert (ref.zero is None) == (bat.zero is None) and (ref.zero is None or torch.equal(bat.zero[same],
                                                                                           ref.zero[same]))

@@ -1,0 +1,37 @@
+"""train_tiny's auxiliary labels line up with the patches each family's vision tower and projector see, and the
+many-experts flags are checked."""
+
+import numpy as np
+import pytest
+import torch
+
+import data
+import train_tiny
+
+
+def test_patch_and_merged_labels_follow_the_model_order():
+    samples = [s for s in data.shapes_benchmark(40, seed=5, split="train") if s.image is not None][:4]
+    centres = np.arange(8) * 8 + 4
+    raster = torch.cat([torch.from_numpy(np.asarray(data.draw_scene(s.objects, labels=True))[centres][:, centres]
+                                         .astype(np.int64).reshape(-1)) for s in samples])
+    assert torch.equal(train_tiny.patch_labels(samples, "raster"), raster)  # Kimi: raster, as the processor
+    # MoonViT groups its raster output as (h/2, 2, w/2, 2) -> (block row, block col, 2 x 2): the merged labels
+    groups = raster.view(len(samples), 4, 2, 4, 2).permute(0, 1, 3, 2, 4).reshape(-1, 4)
+    assert torch.equal(train_tiny.merged_labels(samples), groups)
+    # Qwen's pixel rows come in merge-block order, 4 consecutive rows per merged token
+    assert torch.equal(train_tiny.patch_labels(samples, "merge_block").view(-1, 4), groups)
+
+
+def test_set_experts_overrides_and_refuses_bad_values():
+    tok = train_tiny.build_tokenizer(train_tiny.QWEN_SPECIALS)
+    t = train_tiny.set_experts(train_tiny.qwen_config(tok), 64, 4, 40)["text_config"]
+    assert (t["num_experts"], t["num_experts_per_tok"], t["moe_intermediate_size"]) == (64, 4, 40)
+    ktok = train_tiny.build_tokenizer(train_tiny.KIMI_SPECIALS)
+    k = train_tiny.set_experts(train_tiny.kimi_config(ktok), 16, None, None)["text_config"]
+    assert (k["n_routed_experts"], k["num_experts_per_tok"], k["moe_intermediate_size"]) == (16, 2, 160)
+    with pytest.raises(ValueError, match="--top-k"):
+        train_tiny.set_experts(train_tiny.qwen_config(tok), 8, 9)
+    with pytest.raises(ValueError, match="--experts"):
+        train_tiny.set_experts(train_tiny.qwen_config(tok), 1)
+    with pytest.raises(ValueError, match="--moe-intermediate"):
+        train_tiny.set_experts(train_tiny.qwen_config(tok), 64, 4, 64)
