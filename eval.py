@@ -151,7 +151,8 @@ def t_quantile(p: float, df: int) -> float:
     return (lo + hi) / 2
 
 
-def seeds_samples_interval(values, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> dict:
+def seeds_samples_interval(values, n_boot: int = 2000, seed: int = 0, level: float = 0.95,
+                           bounds: tuple[float, float] = (-math.inf, math.inf)) -> dict:
     """Mean and interval of a per-sample metric measured for S calibration seeds on the same n eval samples,
     values (S, n) (e.g. the per-sample KL difference of a method and GPTQ, each quantized from seed s's set).
 
@@ -161,15 +162,16 @@ def seeds_samples_interval(values, n_boot: int = 2000, seed: int = 0, level: flo
       * seeds: the t-interval half-width h_s = t_{0.975, S-1} · sd_s(mean_i x_si) / √S of the per-seed means.
     Each side's half-width is the root sum of squares: lo = x̄ - √((x̄ - lo_e)² + h_s²), hi likewise. Both terms
     contain the seed x sample interaction once (a crossed design's σ²_e / nS), so the interval errs on the wide
-    side. With one seed h_s is unknown: the interval is the eval-sample one alone (`seed_half` None)."""
+    side. With one seed h_s is unknown: the interval is the eval-sample one alone (`seed_half` None).
+    bounds: the metric's range (KL >= 0, a rate in [0, 1]), which the symmetric seed term may overshoot."""
     v = torch.as_tensor(values, dtype=torch.float64)
     S, n = v.shape
     mean = v.mean().item()
     lo_e, hi_e = bootstrap_ci(v.mean(0), n_boot, seed, level) or (mean, mean)
     seed_means = v.mean(1)
     h_s = t_quantile((1 + level) / 2, S - 1) * seed_means.std().item() / math.sqrt(S) if S > 1 else None
-    lo = mean - math.hypot(max(0.0, mean - lo_e), h_s or 0.0)
-    hi = mean + math.hypot(max(0.0, hi_e - mean), h_s or 0.0)
+    lo = max(bounds[0], mean - math.hypot(max(0.0, mean - lo_e), h_s or 0.0))
+    hi = min(bounds[1], mean + math.hypot(max(0.0, hi_e - mean), h_s or 0.0))
     return {"mean": mean, "ci95": [lo, hi], "significant": lo > 0 or hi < 0, "samples_ci95": [lo_e, hi_e],
             "seed_half": h_s, "seed_means": seed_means.tolist(), "n_seeds": S, "n": n}
 
