@@ -30,6 +30,8 @@ Does not handle: video, sampling-based decoding, LLM-as-judge scoring of free-fo
 from __future__ import annotations
 
 import argparse
+import contextlib
+import hashlib
 import json
 import math
 import os
@@ -228,13 +230,19 @@ def reproduces_greedy(lp, ids: list[int], stopped: bool, stop_ids, tol: float) -
     return True
 
 
-def answers_via_reference(m, proc, samples, ref: "Reference", max_new_tokens: int, device="cpu", tol: float = 1e-2):
+def answers_via_reference(m, proc, samples, ref: "Reference", max_new_tokens: int, device="cpu", tol: float = 1e-2,
+                          gold=None):
     """The model's greedy answers without generating most of them: one teacher-forced pass over the
     reference's greedy answers (+ stop where the reference stopped); where the model provably decodes the same
-    tokens its answer is the reference's, elsewhere it is generated. Returns (answers, number generated)."""
+    tokens its answer is the reference's, elsewhere it is generated. gold: (gold_ids, the model's log-probs on
+    them), reused for the samples whose reference answer is the gold one. Returns (answers, number generated)."""
     stopped = [len(ids) < max_new_tokens for ids in ref.ids]
     forced = [ids + [proc.stop_ids[0]] if st else ids for ids, st in zip(ref.ids, stopped)]
-    lps = answer_logprobs(m, proc, samples, device=device, answers=forced)
+    lps = [lp if g.tolist() == f else None for g, lp, f in zip(*gold, forced)] if gold else [None] * len(forced)
+    rest = [j for j, lp in enumerate(lps) if lp is None]
+    for j, lp in zip(rest, answer_logprobs(m, proc, [samples[j] for j in rest], device=device,
+                                           answers=[forced[j] for j in rest])):
+        lps[j] = lp
     todo = [j for j, (lp, ids, st) in enumerate(zip(lps, ref.ids, stopped))
             if not reproduces_greedy(lp, ids, st, proc.stop_ids, tol)]
     answers = list(ref.answers)
@@ -276,6 +284,50 @@ def perplexity(m, proc, path: str, window: int = 512, device="cpu") -> float:
     return math.exp(nll / count)
 
 
+class VisionCache:
+    """Vision-tower outputs remembered across models, for evaluating many quantized models that keep the float
+    vision tower (bench/methods.py): in the bundled models the tower is 30-40% of an eval forward. Each vision
+    module's output is stored under a digest of its weights and of its inputs, so a model with another tower
+    (--quantize-vision) or another image never reads a wrong entry. `with cache.on(m):` routes m's vision
+    modules (m.vision_modules()) through it; the stored features cost memory."""
+
+    def __init__(self):
+        self.store, self.hits, self.misses = {}, 0, 0
+
+    @staticmethod
+    def digest(values) -> str:
+        h = hashlib.sha1()
+        for v in values:
+            if torch.is_tensor(v):
+                t = v.detach().cpu().contiguous().reshape(-1)
+                h.update(f"{t.dtype}{tuple(v.shape)}".encode() + t.view(torch.uint8).numpy().tobytes())
+            else:
+                h.update(repr(v).encode())
+        return h.hexdigest()
+
+    @contextlib.contextmanager
+    def on(self, m):
+        mods = m.vision_modules()
+        for mod in mods:
+            mod.forward = self._cached(mod.forward, self.digest(mod.state_dict().values()))
+        try:
+            yield self
+        finally:
+            for mod in mods:
+                del mod.forward  # the class's forward again
+
+    def _cached(self, forward, weights: str):
+        def cached_forward(*args, **kwargs):
+            key = (weights, self.digest([*args, *sorted(kwargs.items())]))
+            if key in self.store:
+                self.hits += 1
+            else:
+                self.misses += 1
+                self.store[key] = forward(*args, **kwargs)
+            return self.store[key]
+        return cached_forward
+
+
 @dataclass
 class Reference:
     """The float model's outputs on the eval samples: computed once when many models are compared with it."""
@@ -288,10 +340,12 @@ class Reference:
 
 
 def reference_outputs(reference: str, proc, samples, max_new_tokens: int = 16, device="cpu", dtype=torch.float32,
-                      random_tokens: int = 0, random_length: int = 32, seed: int = 0) -> Reference:
+                      random_tokens: int = 0, random_length: int = 32, seed: int = 0,
+                      vision_cache: VisionCache | None = None) -> Reference:
     ref = modeling.load_model(reference, dtype=dtype, device=device)
-    ids = greedy_ids(ref, proc, samples, max_new_tokens, device)
-    r = Reference([proc.tokenizer.decode(i) for i in ids], ids, answer_logprobs(ref, proc, samples, device=device))
+    with vision_cache.on(ref) if vision_cache else contextlib.nullcontext():
+        ids = greedy_ids(ref, proc, samples, max_new_tokens, device)
+        r = Reference([proc.tokenizer.decode(i) for i in ids], ids, answer_logprobs(ref, proc, samples, device=device))
     if random_tokens:
         r.random_ids = random_token_ids(proc, random_tokens, random_length, seed)
         r.random_logprobs = token_logprobs(ref, r.random_ids, device=device)
@@ -301,9 +355,12 @@ def reference_outputs(reference: str, proc, samples, max_new_tokens: int = 16, d
 def evaluate(model: str, reference: str | None = None, data_spec: str = "shapes", n: int = 500, seed: int = 0,
              ppl: str | None = None, device: str = "cpu", dtype=torch.float32, max_new_tokens: int = 16,
              command: str | None = None, ref_outputs: Reference | None = None, fast_flips: bool = False,
-             random_tokens: int = 0, random_length: int = 32) -> dict:
+             random_tokens: int = 0, random_length: int = 32, dequantize_once: bool = False,
+             vision_cache: VisionCache | None = None) -> dict:
     """Everything eval.py reports, as a dict (the JSON written by --json). ref_outputs: a precomputed
-    reference_outputs(...) for the same samples, instead of running the reference again."""
+    reference_outputs(...) for the same samples, instead of running the reference again. dequantize_once: a
+    packed model's weights dequantized once, not on every forward (same values; the float weights' memory).
+    vision_cache: reuse vision-tower outputs computed for other models with the same tower (VisionCache)."""
     t0 = time.time()
     if (fast_flips or random_tokens) and not reference:
         raise ValueError("--fast-flips and --random-tokens need --reference (the float model to compare with)")
@@ -312,20 +369,38 @@ def evaluate(model: str, reference: str | None = None, data_spec: str = "shapes"
     m = modeling.load_model(model, dtype=dtype, device=device)
     ref = None if not reference else ref_outputs or reference_outputs(
         reference, proc, samples, max_new_tokens, device, dtype, random_tokens, random_length, seed)
+    result = {"model": model, "reference": reference, "data": data_spec, "n": len(samples), "seed": seed,
+              "command": command or " ".join(sys.argv)}
+    with contextlib.ExitStack() as stack:
+        if dequantize_once:
+            stack.enter_context(modeling.dequantize_once(m))
+        if vision_cache is not None:
+            stack.enter_context(vision_cache.on(m))
+        result.update(metrics(m, proc, samples, ref, max_new_tokens=max_new_tokens, device=device,
+                              fast_flips=fast_flips, tol=1e-2 if dtype == torch.float32 else 0.1))
+        if ppl:
+            result["perplexity"] = perplexity(m, proc, ppl, device=device)
+    result["seconds"] = time.time() - t0
+    return result
+
+
+def metrics(m, proc, samples, ref: Reference | None = None, *, max_new_tokens: int = 16, device="cpu",
+            fast_flips: bool = False, tol: float = 1e-2) -> dict:
+    """Accuracy and, given the reference's outputs, KL / top-1 / CE change / flips (and the random-token KL):
+    their means per group, intervals and per-sample values. fast_flips: see answers_via_reference (tol)."""
+    golds = gold_ids(proc, samples)
+    lp_gold = answer_logprobs(m, proc, samples, device=device) if ref is not None else None
     if fast_flips:
-        answers, generated = answers_via_reference(m, proc, samples, ref, max_new_tokens, device,
-                                                   tol=1e-2 if dtype == torch.float32 else 0.1)
+        answers, generated = answers_via_reference(m, proc, samples, ref, max_new_tokens, device, tol, (golds, lp_gold))
     else:
         answers, generated = greedy_answers(m, proc, samples, max_new_tokens, device), len(samples)
     per = {"modality": [s.modality for s in samples],
            "accuracy": [float(is_correct(a, s)) for a, s in zip(answers, samples)]}
-    result = {"model": model, "reference": reference, "data": data_spec, "n": len(samples), "seed": seed,
-              "command": command or " ".join(sys.argv), "accuracy": group_mean(per["accuracy"], samples),
-              "generated": generated}
+    result = {"accuracy": group_mean(per["accuracy"], samples), "generated": generated}
     if ref is not None:
         result["reference_accuracy"] = group_mean([float(is_correct(a, s)) for a, s in zip(ref.answers, samples)],
                                                   samples)
-        cmp = compare(answer_logprobs(m, proc, samples, device=device), ref.logprobs, gold_ids(proc, samples), samples)
+        cmp = compare(lp_gold, ref.logprobs, golds, samples)
         per.update(cmp.pop("per_sample"))
         result.update(cmp)
         per["flips"] = [float(normalize_answer(a) != normalize_answer(b)) for a, b in zip(answers, ref.answers)]
@@ -335,12 +410,7 @@ def evaluate(model: str, reference: str | None = None, data_spec: str = "shapes"
                                                                 ref.random_logprobs)]
             result["random_kl"] = {"all": sum(per["random_kl"]) / len(per["random_kl"]),
                                    "sequences": list(ref.random_ids.shape)}
-    result["ci95"] = intervals(per)
-    result["per_sample"] = per
-    if ppl:
-        result["perplexity"] = perplexity(m, proc, ppl, device=device)
-    result["seconds"] = time.time() - t0
-    return result
+    return {**result, "ci95": intervals(per), "per_sample": per}
 
 
 def compare_models(a: dict, b: dict, n_boot: int = 2000) -> dict:
@@ -419,6 +489,8 @@ def main(argv=None):
     p.add_argument("--random-length", type=int, default=32, help="tokens per random sequence")
     p.add_argument("--fast-flips", action="store_true", help="greedy answers from the reference's where the "
                    "model provably decodes the same (needs --reference); generated elsewhere")
+    p.add_argument("--dequantize-once", action="store_true", help="dequantize a packed model's weights once "
+                   "(faster; holds the float weights in memory too)")
     p.add_argument("--json", default=None, help="write all numbers to this JSON file")
     p.add_argument("--max-new-tokens", type=int, default=16, help="generation limit per answer")
     p.add_argument("--device", default="cpu", help="torch device")
@@ -427,7 +499,8 @@ def main(argv=None):
     command = "python eval.py " + " ".join(argv if argv is not None else sys.argv[1:])
     kw = dict(reference=args.reference, data_spec=args.data, n=args.n, seed=args.seed, device=args.device,
               dtype=getattr(torch, args.dtype), max_new_tokens=args.max_new_tokens, command=command,
-              fast_flips=args.fast_flips, random_tokens=args.random_tokens, random_length=args.random_length)
+              fast_flips=args.fast_flips, random_tokens=args.random_tokens, random_length=args.random_length,
+              dequantize_once=args.dequantize_once)
     if args.compare and args.reference:  # the reference's outputs, once for both models
         proc = data.load_processor(args.model)
         kw["ref_outputs"] = reference_outputs(args.reference, proc, data.load_samples(args.data, args.n, args.seed),

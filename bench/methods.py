@@ -122,23 +122,24 @@ def accuracy_text(acc: dict) -> str:
                                                         if acc[g] is not None)
 
 
-def reference(model_dir, n_eval, random_tokens):
+def reference(model_dir, n_eval, random_tokens, vision_cache=None):
     """The float model's outputs on the eval samples (once per model) and its accuracy."""
     proc = data.load_processor(model_dir)
     samples = data.load_samples("shapes", n=n_eval, seed=0, split="test")
-    ref = evaluation.reference_outputs(model_dir, proc, samples, MAX_NEW, random_tokens=random_tokens)
+    ref = evaluation.reference_outputs(model_dir, proc, samples, MAX_NEW, random_tokens=random_tokens,
+                                       vision_cache=vision_cache)
     correct = [float(evaluation.is_correct(a, s)) for a, s in zip(ref.answers, samples)]
     return ref, {**evaluation.group_mean(correct, samples), "ci95": evaluation.bootstrap_ci(correct)}
 
 
-def run_config(model_dir, c: Config, seed, calib, ref, n_eval, work) -> tuple[dict, dict]:
+def run_config(model_dir, c: Config, seed, calib, ref, n_eval, work, vision_cache=None) -> tuple[dict, dict]:
     """Quantize with one configuration, evaluate against the float model: (the run's record, its per-sample
     arrays). CPU seconds beside wall seconds: on a shared machine they are the better measure of the work."""
     out, cpu = os.path.join(work, "q"), time.process_time()
     rep = quietly(gptq.quantize_model, model_dir, calib, out, gptq.QuantArgs(group_size=G, **c.q),
                   command=f"bench {c.label} {c.setting}", overwrite=True)
     r = evaluation.evaluate(out, reference=model_dir, n=n_eval, seed=0, max_new_tokens=MAX_NEW, ref_outputs=ref,
-                            fast_flips=True)
+                            fast_flips=True, dequantize_once=True, vision_cache=vision_cache)
     arrays = per_sample(r)
     run = dict(model=os.path.basename(model_dir), section=c.section, label=c.label, setting=c.setting, seed=seed,
                args=c.q, calib=c.calib, n_calib=calibrate.load(calib)["n"], seconds=rep["seconds"],
@@ -154,8 +155,8 @@ def run_config(model_dir, c: Config, seed, calib, ref, n_eval, work) -> tuple[di
 
 def run_model(model_dir, configs, seeds, n_calib, n_eval, random_tokens, work) -> dict:
     """Every configuration on every seed; calibration sets made once per seed and kind."""
-    t0 = time.time()
-    ref, float_acc = reference(model_dir, n_eval, random_tokens)
+    t0, vision_cache = time.time(), evaluation.VisionCache()  # every configuration keeps the float tower
+    ref, float_acc = reference(model_dir, n_eval, random_tokens, vision_cache)
     timing = {"reference": time.time() - t0, "calibrate": {}}
     print(f"{model_dir}: float accuracy {accuracy_text(float_acc)} on {n_eval} held-out samples "
           f"({timing['reference']:.0f}s)", flush=True)
@@ -172,7 +173,7 @@ def run_model(model_dir, configs, seeds, n_calib, n_eval, random_tokens, work) -
                 quietly(calibrate.calibrate, model_dir, c.calib, n_calib * c.calib_scale, seed, calibs[key],
                         select=c.select, command=f"bench calibrate {key} seed {seed}", overwrite=True)
                 timing["calibrate"][f"{seed} {key}"] = time.time() - t
-            run, arrays[len(arrays)] = run_config(model_dir, c, seed, calibs[key], ref, n_eval, work)
+            run, arrays[len(arrays)] = run_config(model_dir, c, seed, calibs[key], ref, n_eval, work, vision_cache)
             runs.append({"index": len(arrays) - 1, **run})
             first.setdefault((c.section, c.setting, c.label), runs[-1])
     return {"float_accuracy": float_acc, "runs": runs, "arrays": arrays, "timing": timing}

@@ -97,8 +97,10 @@ def test_random_tokens_are_plain_vocabulary():
     assert torch.equal(ids, evaluation.random_token_ids(proc, 64, 32, seed=0))
 
 
-def test_fast_answers_equal_generated_answers():
-    """answers_via_reference on a perturbed model equals generating every answer; most samples are skipped."""
+@pytest.mark.parametrize("reuse_gold", [False, True])
+def test_fast_answers_equal_generated_answers(reuse_gold):
+    """answers_via_reference on a perturbed model equals generating every answer; most samples are skipped
+    (also when the forward on the gold answers serves the samples whose reference answer is the gold one)."""
     proc = data.load_processor(QWEN)
     samples = data.load_samples("shapes", n=32, seed=5)
     ref_m = modeling.load_model(QWEN)
@@ -110,7 +112,9 @@ def test_fast_answers_equal_generated_answers():
         for name, p in m.named_parameters():
             if ".layers." in name and p.dim() == 2:
                 p.add_(p.std() * torch.randn(p.shape, generator=g))
-    fast, generated = evaluation.answers_via_reference(m, proc, samples, ref, 8)
+    golds = evaluation.gold_ids(proc, samples)
+    gold = (golds, evaluation.answer_logprobs(m, proc, samples)) if reuse_gold else None
+    fast, generated = evaluation.answers_via_reference(m, proc, samples, ref, 8, gold=gold)
     slow = evaluation.greedy_answers(m, proc, samples, 8)
     assert fast == slow
     assert 0 < sum(a != b for a, b in zip(slow, ref.answers)) and generated < len(samples) // 2
@@ -127,3 +131,27 @@ def test_compare_cli_model_with_itself(tmp_path):
             assert d["mean"] == 0 and d["ci95"] == ([0, 0] if d["n"] > 1 else None) and not d["significant"]
     assert out["a"]["ci95"]["kl"]["all"] == [0, 0] and out["a"]["generated"] == 0
     assert (tmp_path / "c.json").exists()
+
+
+@pytest.mark.parametrize("name", ["tiny-qwen3-vl-moe", "tiny-kimi-vl"])
+def test_vision_cache_gives_the_same_logits(name):
+    """Logits through a VisionCache equal the uncached ones bitwise, on a miss and on a hit; a model whose
+    vision tower differs misses instead of reading the first model's features."""
+    path = os.path.join(os.path.dirname(QWEN), name)
+    proc = data.load_processor(path)
+    b = data.encode_qa_batch(proc, [s for s in data.load_samples("shapes", n=12, seed=1) if s.image is not None])
+    args = dict(attention_mask=b["attention_mask"], **data.vision_inputs(b))
+    m = modeling.load_model(path)
+    with torch.no_grad():
+        plain = m(b["input_ids"], **args)
+        cache = evaluation.VisionCache()
+        with cache.on(m):
+            miss, hit = m(b["input_ids"], **args), m(b["input_ids"], **args)
+        assert torch.equal(plain, miss) and torch.equal(plain, hit) and cache.hits > 0
+        assert "forward" not in vars(m.vision_modules()[0])  # the class's forward is back
+        other = modeling.load_model(path)
+        next(other.vision_modules()[0].parameters()).mul_(1.5)
+        other_plain, misses = other(b["input_ids"], **args), cache.misses
+        with cache.on(other):
+            assert torch.equal(other(b["input_ids"], **args), other_plain)
+        assert cache.misses > misses and not torch.equal(other_plain, plain)
