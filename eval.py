@@ -81,16 +81,22 @@ def greedy_answers(m, proc, samples, max_new_tokens: int = 16, device="cpu") -> 
 @torch.no_grad()
 def answer_logprobs(m, proc, samples, batch_size: int = 32, device="cpu", answers=None) -> list[torch.Tensor]:
     """Per sample, log-probabilities (n_answer_tokens, V) at the gold answer (+ end) positions, teacher forced
-    (answers: other answer ids to force, see data.encode_qa_batch)."""
-    out = []
+    (answers: other answer ids to force, see data.encode_qa_batch). Batches are made of samples of similar
+    length (image ones together, then by question length), which cuts the padding, and the result put back in
+    the samples' order."""
+    order = sorted(range(len(samples)),
+                   key=lambda j: (samples[j].image is not None, len(data.question_text(samples[j]))))
+    out = [None] * len(samples)
     for i in range(0, len(samples), batch_size):
-        forced = None if answers is None else answers[i:i + batch_size]
-        b = data.encode_qa_batch(proc, samples[i:i + batch_size], forced)
+        idx = order[i:i + batch_size]
+        forced = None if answers is None else [answers[j] for j in idx]
+        b = data.encode_qa_batch(proc, [samples[j] for j in idx], forced)
         vision = {k: v.to(device) for k, v in data.vision_inputs(b).items()}
         logits = m(b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device), **vision)
         logp = F.log_softmax(logits[:, :-1].float(), -1).cpu()
         keep = b["labels"][:, 1:] != -100
-        out += [logp[j][keep[j]] for j in range(logp.shape[0])]
+        for k, j in enumerate(idx):
+            out[j] = logp[k][keep[k]]
     return out
 
 
