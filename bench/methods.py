@@ -138,17 +138,20 @@ def run_config(model_dir, c: Config, seed, calib, ref, n_eval, work, vision_cach
     out, cpu = os.path.join(work, "q"), time.process_time()
     rep = quietly(gptq.quantize_model, model_dir, calib, out, gptq.QuantArgs(group_size=G, **c.q),
                   command=f"bench {c.label} {c.setting}", overwrite=True)
+    cpu_quantize = time.process_time() - cpu
     r = evaluation.evaluate(out, reference=model_dir, n=n_eval, seed=0, max_new_tokens=MAX_NEW, ref_outputs=ref,
                             fast_flips=True, dequantize_once=True, vision_cache=vision_cache)
     arrays = per_sample(r)
     run = dict(model=os.path.basename(model_dir), section=c.section, label=c.label, setting=c.setting, seed=seed,
                args=c.q, calib=c.calib, n_calib=calibrate.load(calib)["n"], seconds=rep["seconds"],
-               eval_seconds=r["seconds"], cpu_seconds=time.process_time() - cpu, generated=r["generated"],
+               eval_seconds=r["seconds"], cpu_seconds=time.process_time() - cpu,
+               cpu_quantize_seconds=cpu_quantize, generated=r["generated"],
                gamma=rep["gamma"], pooled=len(rep["pooled_hessian_linears"]),
                means={m: float(v.mean()) for m, v in arrays.items() if len(v)})
-    print(f"  seed {seed} {c.section:4s} {c.setting} {c.label:26s} KL {run['means']['kl']:.2e} random-token KL "
-          f"{run['means'].get('random_kl', float('nan')):.2e} flips {run['means']['flips']:.3f}  quantize "
-          f"{rep['seconds']:.1f}s eval {r['seconds']:.1f}s (CPU {run['cpu_seconds']:.1f}s, generated "
+    print(f"  {run['model']} seed {seed} {c.section:4s} {c.setting} {c.label:26s} KL {run['means']['kl']:.2e} "
+          f"random-token KL {run['means'].get('random_kl', float('nan')):.2e} flips {run['means']['flips']:.3f}  "
+          f"quantize {rep['seconds']:.1f}s eval {r['seconds']:.1f}s (CPU {cpu_quantize:.1f}s + "
+          f"{run['cpu_seconds'] - cpu_quantize:.1f}s, generated "
           f"{r['generated']})", flush=True)
     return run, arrays
 
@@ -244,6 +247,7 @@ def report(name, res, args, command) -> str:
     runs = [r for r in res["runs"] if not r.get("reused")]
     per_run = np.mean([r["seconds"] + r["eval_seconds"] for r in runs]) if runs else float("nan")
     cpu_run = np.mean([r["cpu_seconds"] for r in runs]) if runs else float("nan")
+    cpu_q = np.mean([r.get("cpu_quantize_seconds", np.nan) for r in runs]) if runs else float("nan")
     head = ("**Smoke run: too few seeds and samples to be a result; it shows that the pipeline works and times "
             "it.**\n\n" if args.tag == "smoke" else "")
     head += (f"Command: `{command}` (torch {torch.__version__}, {args.threads} thread(s) per model). Group size {G}, "
@@ -260,8 +264,8 @@ def report(name, res, args, command) -> str:
                 + table(rows, "ood") + "\n\n")
     calib_s = list(res["timing"]["calibrate"].values())
     out += (f"Timing: reference outputs {res['timing']['reference']:.1f}s, calibration {np.mean(calib_s):.1f}s per "
-            f"set ({len(calib_s)} sets), {len(runs)} quantize+eval runs at {per_run:.1f}s wall ({cpu_run:.1f}s CPU) "
-            f"each on average, "
+            f"set ({len(calib_s)} sets), {len(runs)} quantize+eval runs at {per_run:.1f}s wall ({cpu_run:.1f}s CPU, "
+            f"{cpu_q:.1f}s of it quantizing) each on average, "
             f"{res['timing']['total']:.0f}s in all.\n")
     return out
 

@@ -10,8 +10,8 @@ shared experts, dense MLPs), of each routed expert (the mean over its gate / up 
 an expert quantized from the layer's pooled Hessian), and the calibration tokens routed to each expert, text and
 image on one colour scale so that the two can be compared. Errors use a log colour scale.
 forest: from bench/methods.py's JSON (its "rows"): one panel per model and setting, each method's mean and 95%
-interval of --metric on a log axis, GPTQ in red with a dashed line at its mean, * after a method whose difference
-from GPTQ is significant. The OOD section's panel shows --ood-metric (KL on text-only questions by default).
+interval of --metric on a log axis (an interval reaching 0 runs to the axis' left end), GPTQ in red with a dashed
+line at its mean, * after a method whose difference from GPTQ is significant. The OOD section's panel shows --ood-metric (KL on text-only questions by default).
 Does not: draw the older results JSON (no intervals), or the vision tower's linears.
 """
 
@@ -107,7 +107,8 @@ def read_report(report: dict) -> dict:
         for name, r in layer["linears"].items():
             m = EXPERT.search(name)
             if m is None:
-                out["other"][(int(i), name.split("mlp.")[-1].replace("self_attn.", ""))] = r["rel_error"]
+                short = name.replace("self_attn.", "").replace("mlp.", "").replace("shared_experts.", "shared.")
+                out["other"][(int(i), short)] = r["rel_error"]
                 continue
             key = (int(i), int(m.group(1)))
             errs.setdefault(key, []).append(r["rel_error"])
