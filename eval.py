@@ -23,6 +23,8 @@ interval is a percentile bootstrap over the eval samples (`bootstrap_ci`), overa
 samples with a t-interval over calibration seeds (bench/methods.py).
 --fast-flips: greedy answers from one teacher-forced pass over the reference's answers (`answers_via_reference`;
 a sample is generated only where the model may decode differently), tested equal to generating every answer.
+For many models against one reference (bench/methods.py): `reference_outputs` once, `dequantize_once`, and a
+`VisionCache` that reuses the float vision tower's outputs (bitwise-equal logits, tested).
 Prints a markdown table; --json writes every number with the model, data, n, seed and command.
 Does not handle: video, sampling-based decoding, LLM-as-judge scoring of free-form answers.
 """
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -141,6 +144,7 @@ def paired_difference(a, b, n_boot: int = 2000, seed: int = 0) -> dict:
             "median": d.median().item(), "a_lower_share": (d < 0).double().mean().item(), "n": d.numel()}
 
 
+@functools.lru_cache(maxsize=None)
 def t_quantile(p: float, df: int) -> float:
     """Quantile of Student's t with df degrees of freedom, p in [0.5, 1): bisection on the CDF, whose density
     c (1 + x²/df)^(-(df+1)/2) is integrated from 0 with Simpson's rule (no scipy at run time)."""
