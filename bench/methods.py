@@ -32,7 +32,8 @@ and VEQ-MA's token weights (α = γ on text tokens up-weights text, its ablation
 
 Writes, under --out: methods-MODEL[-SETTING][-TAG].md (the tables, the command, the timings), .json (every row
 with its intervals, every run's means and times) and .npz (every run's per-sample values; runs[k]["index"] = k).
-Time: with --jobs 2 each model runs in its own process at --threads 1. Does not: run vision quantization.
+Time: with --jobs 2 each model runs in its own process at --threads 1; the README gives the measured cost per
+configuration and the extrapolated total. Does not: quantize the vision tower (--quantize-vision).
 """
 
 import argparse
