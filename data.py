@@ -558,14 +558,15 @@ def encode_sample(proc, s: Sample) -> dict:
     return proc.encode([{"role": "user", "content": content}], [s.image] if s.image is not None else [])
 
 
-def encode_qa_batch(proc, samples: list[Sample]) -> dict:
+def encode_qa_batch(proc, samples: list[Sample], answers: list[list[int]] | None = None) -> dict:
     """Right-padded batch of prompt + gold answer + end token, for teacher forcing. `labels` holds the answer
-    and end token ids at their positions and -100 elsewhere (B, T)."""
+    and end token ids at their positions and -100 elsewhere (B, T). answers: other answer ids to force instead
+    (one list per sample, end token included where wanted), e.g. a reference model's greedy answers."""
     encs, labels = [], []
     end = proc.stop_ids[0]
-    for s in samples:
+    for j, s in enumerate(samples):
         e = encode_sample(proc, s)
-        ans = proc.tokenizer.encode(gold_text(s)) + [end]
+        ans = proc.tokenizer.encode(gold_text(s)) + [end] if answers is None else list(answers[j])
         n = e["input_ids"].shape[1]
         e["input_ids"] = torch.cat([e["input_ids"], torch.tensor([ans], device=CPU)], 1)
         e["attention_mask"] = torch.ones_like(e["input_ids"])

@@ -1,24 +1,53 @@
-"""The results table: every method on the bundled tiny models, mean ± std over calibration seeds.
+"""The results table: every method on the bundled tiny models, with 95% intervals over calibration seeds and
+eval samples, each method's difference from GPTQ at the same bits, and a calibration-distribution (OOD) section.
 
-    python bench/methods.py [--models tiny-qwen3-vl-moe,tiny-kimi-vl] [--seeds 0,1,2] [--n-calib 64]
-                            [--n-eval 300] [--only W3] [--out results/]
+    python bench/methods.py                       # the full table: both models, 5 seeds, 1000 eval samples
+    python bench/methods.py --seeds 0,1 --n-eval 200 --only W3A16 --methods rtn,gptq,veq-ma --tag smoke
 
-For each model and seed: calibrate.py on the shapes train split (n-calib samples, that seed; for ECMFQ also a
-MACS-selected set from a 4x pool of the same stream), then every configuration below through gptq.py (no
-closing eval) and eval.py against the float model on the same held-out samples (the float model's answers are
-computed once). Writes results/methods.md (the table with
-the command) and results/methods.json (every run). Metrics: KL(P_float || P_quant) per answer token, top-1
-agreement, answer flips, accuracy and its share of float accuracy; image and text-only separately for KL.
+What runs. Per model and calibration seed s: calibrate.py on the shapes train split (--n-calib samples, seed s;
+a MACS-selected set for ECMFQ; image questions only, and 4x as many, for the OOD section), every configuration
+through gptq.py (no closing eval), then eval.py against the float model on the same held-out samples (the float
+model's outputs once per model; greedy answers through eval.answers_via_reference, equal to generating them).
+RTN uses no calibration data: it runs on the first seed and its result stands for every seed.
+
+Metrics, per eval sample i and seed s: x_si = KL(P_float || P_quant) per answer token (also on image and
+text-only questions alone), top-1 agreement, answer flip, correctness, and the KL on --random-tokens sequences
+of uniform random non-special ids (teacher forced, every position: an input no calibration set resembles).
+
+Intervals (eval.seeds_samples_interval). A row's number is the mean over seeds and samples, x̄ = mean_si x_si.
+Its 95% interval adds two half-widths in quadrature: the percentile bootstrap over eval samples of the
+seed-averaged per-sample values (2000 resamples; one resample serves every seed), and the t-interval
+t_{0.975,S-1} · sd_s / √S of the S per-seed means. "Δ vs GPTQ" applies the same to the paired per-sample
+differences d_si = x_si(method) − x_si(GPTQ), both quantized from seed s's calibration set and scored on the
+same samples; * marks a Δ whose interval excludes 0. A metric's interval is clipped to its range (KL >= 0,
+rates in [0, 100%]), which the symmetric seed term can overshoot with few seeds. GPTQ at W4A8 is GPTQ with
+int8 activations. The interval treats the eval samples as drawn from the benchmark and the seeds as drawn from
+calibration sets; it says nothing about other models or data. With one seed the seed term is missing and the
+interval is too narrow.
+
+OOD section (W3A16, calibrated on image questions only): KL on the image questions (the calibration
+distribution), on the text-only questions and on random tokens (neither in it), for the main methods and a
+small study: GPTQ with --percdamp 0.1 and 1 (damping pulls GPTQ towards RTN), with 4x the calibration samples,
+and VEQ-MA's token weights (α = γ on text tokens up-weights text, its ablations).
+
+Writes, under --out: methods-MODEL[-SETTING][-TAG].md (the tables, the command, the timings), .json (every row
+with its intervals, every run's means and times) and .npz (every run's per-sample values; runs[k]["index"] = k).
+Time: with --jobs 2 each model runs in its own process at --threads 1; the README gives the measured cost per
+configuration and the extrapolated total. Does not: quantize the vision tower (--quantize-vision).
 """
 
 import argparse
+import contextlib
+import io
 import json
 import os
-import statistics
+import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,109 +59,276 @@ import eval as evaluation  # noqa: E402
 import gptq  # noqa: E402
 
 G = 32  # group size for the tiny widths (hidden 128)
-CONFIGS = [  # (label, setting, QuantArgs fields)
-    *[(f"{m}", f"W{b}A16", dict(method=m, bits=b)) for b in (4,) for m in ("rtn", "awq", "gptq")],
-    *[(label, f"W{b}A16", dict(method=m, bits=b, **extra)) for b in (3, 2) for label, m, extra in (
-        ("rtn", "rtn", {}), ("awq", "awq", {}), ("gptq", "gptq", {}), ("veq-me", "veq-me", {}),
-        ("veq-ma", "veq-ma", {}), ("veq (ME+MA, extension)", "veq", {}),
-        ("veq-me w/o gamma", "veq-me", dict(use_gamma=False)), ("veq-me w/o beta", "veq-me", dict(use_beta=False)),
-        ("veq-ma w/o p", "veq-ma", dict(affinity=False)), ("veq-ma w/o alpha", "veq-ma", dict(modality=False)),
-        ("veq-ma, scale-free gamma", "veq-ma", dict(gamma_source="grad_x_input")))],
-    ("smoothquant+rtn", "W4A8", dict(method="smoothquant", bits=4, abits=8)),
-    ("smoothquant+gptq", "W4A8", dict(method="smoothquant-gptq", bits=4, abits=8)),
-    ("ecs (+gptq)", "W4A8", dict(method="ecs", bits=4, abits=8)),
-    ("ecs+faq", "W4A8", dict(method="ecs-faq", bits=4, abits=8)),
-    ("ecmfq (ecs+macs+faq)", "W4A8", dict(method="ecmfq", bits=4, abits=8)),
+MAX_NEW = 8  # generation limit: the shapes answers are one or two tokens
+
+
+@dataclass
+class Config:
+    label: str
+    setting: str  # W4A16, W3A16, W2A16, W4A8
+    q: dict  # gptq.QuantArgs fields
+    section: str = "main"  # "main" or "ood"
+    calib: str = "shapes"  # calibrate.py --data
+    calib_scale: int = 1  # calibration samples = this x --n-calib
+    select: str = field(init=False)
+
+    def __post_init__(self):
+        self.select = "macs" if self.q["method"] == "ecmfq" else "random"
+
+
+def w(bits, abits=16):
+    return f"W{bits}A{abits}"
+
+
+VEQ_ROWS = [("veq-me", "veq-me", {}), ("veq-ma", "veq-ma", {}), ("veq (ME+MA, extension)", "veq", {}),
+            ("veq-me w/o gamma", "veq-me", dict(use_gamma=False)), ("veq-me w/o beta", "veq-me", dict(use_beta=False)),
+            ("veq-ma w/o p", "veq-ma", dict(affinity=False)), ("veq-ma w/o alpha", "veq-ma", dict(modality=False)),
+            ("veq-ma scale-free gamma", "veq-ma", dict(gamma_source="grad_x_input"))]
+CONFIGS = [
+    *[Config(m, w(4), dict(method=m, bits=4)) for m in ("rtn", "awq", "gptq")],
+    *[Config(label, w(b), dict(method=m, bits=b, **extra)) for b in (3, 2)
+      for label, m, extra in [("rtn", "rtn", {}), ("awq", "awq", {}), ("gptq", "gptq", {})] + VEQ_ROWS],
+    *[Config(label, w(4, 8), dict(method=m, bits=4, abits=8)) for label, m in [
+        ("gptq", "gptq"), ("smoothquant+rtn", "smoothquant"), ("smoothquant+gptq", "smoothquant-gptq"),
+        ("ecs (+gptq)", "ecs"), ("ecs+faq", "ecs-faq"), ("ecmfq (ecs+macs+faq)", "ecmfq")]],
+    *[Config(label, w(3), dict(method=m, bits=3, **extra), section="ood", calib="shapes-image", calib_scale=scale)
+      for label, m, extra, scale in [
+          ("rtn", "rtn", {}, 1), ("awq", "awq", {}, 1), ("gptq", "gptq", {}, 1),
+          ("gptq percdamp 0.1", "gptq", dict(percdamp=0.1), 1), ("gptq percdamp 1", "gptq", dict(percdamp=1.0), 1),
+          ("gptq 4x calibration", "gptq", {}, 4), ("veq-me", "veq-me", {}, 1), ("veq-ma", "veq-ma", {}, 1),
+          ("veq-ma w/o alpha", "veq-ma", dict(modality=False), 1),
+          ("veq-ma scale-free gamma", "veq-ma", dict(gamma_source="grad_x_input"), 1)]],
 ]
+METRICS = ("kl", "kl_image", "kl_text", "top1", "flips", "accuracy", "random_kl")
+BOUNDS = {m: (0.0, 1.0) if m in ("top1", "flips", "accuracy") else (0.0, float("inf")) for m in METRICS}
+DELTAS = {"main": ("kl", "random_kl"), "ood": ("kl_image", "kl_text", "random_kl")}  # Δ vs GPTQ columns
 
 
-def run_model(model_dir, seeds, n_calib, n_eval, only, work):
+def quietly(fn, *args, **kwargs):
+    """Run a pipeline step without its per-layer lines (the bench prints one line per run)."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        return fn(*args, **kwargs)
+
+
+def per_sample(r: dict) -> dict:
+    """One run's per-sample arrays, the modality splits of KL included."""
+    p = {k: np.asarray(v, dtype=np.float64) for k, v in r["per_sample"].items() if k != "modality"}
+    img = np.array([m == "image" for m in r["per_sample"]["modality"]])
+    return {**p, "kl_image": p["kl"][img], "kl_text": p["kl"][~img]}
+
+
+def accuracy_text(acc: dict) -> str:
+    ci = f" [{100 * acc['ci95'][0]:.1f}, {100 * acc['ci95'][1]:.1f}]" if acc.get("ci95") else ""
+    return f"{100 * acc['all']:.1f}%{ci}: " + ", ".join(f"{g} {100 * acc[g]:.1f}%" for g in ("image", "text")
+                                                        if acc[g] is not None)
+
+
+def reference(model_dir, n_eval, random_tokens, vision_cache=None):
+    """The float model's outputs on the eval samples (once per model) and its accuracy."""
     proc = data.load_processor(model_dir)
     samples = data.load_samples("shapes", n=n_eval, seed=0, split="test")
-    t0 = time.time()
-    ref = evaluation.reference_outputs(model_dir, proc, samples, max_new_tokens=8)
-    float_acc = evaluation.group_mean([float(evaluation.is_correct(a, s)) for a, s in zip(ref[0], samples)], samples)
-    print(f"{model_dir}: float accuracy {float_acc['all']:.3f} (image {float_acc['image']:.3f}, text "
-          f"{float_acc['text']:.3f}) on {len(samples)} held-out samples ({time.time() - t0:.0f}s)", flush=True)
-    runs = []
+    ref = evaluation.reference_outputs(model_dir, proc, samples, MAX_NEW, random_tokens=random_tokens,
+                                       vision_cache=vision_cache)
+    correct = [float(evaluation.is_correct(a, s)) for a, s in zip(ref.answers, samples)]
+    return ref, {**evaluation.group_mean(correct, samples), "ci95": evaluation.bootstrap_ci(correct)}
+
+
+def run_config(model_dir, c: Config, seed, calib, ref, n_eval, work, vision_cache=None) -> tuple[dict, dict]:
+    """Quantize with one configuration, evaluate against the float model: (the run's record, its per-sample
+    arrays). CPU seconds beside wall seconds: on a shared machine they are the better measure of the work."""
+    out, cpu = os.path.join(work, "q"), time.process_time()
+    rep = quietly(gptq.quantize_model, model_dir, calib, out, gptq.QuantArgs(group_size=G, **c.q),
+                  command=f"bench {c.label} {c.setting}", overwrite=True)
+    cpu_quantize = time.process_time() - cpu
+    r = evaluation.evaluate(out, reference=model_dir, n=n_eval, seed=0, max_new_tokens=MAX_NEW, ref_outputs=ref,
+                            fast_flips=True, dequantize_once=True, vision_cache=vision_cache)
+    arrays = per_sample(r)
+    run = dict(model=os.path.basename(model_dir), section=c.section, label=c.label, setting=c.setting, seed=seed,
+               args=c.q, calib=c.calib, n_calib=calibrate.load(calib)["n"], seconds=rep["seconds"],
+               eval_seconds=r["seconds"], cpu_seconds=time.process_time() - cpu,
+               cpu_quantize_seconds=cpu_quantize, generated=r["generated"],
+               gamma=rep["gamma"], pooled=len(rep["pooled_hessian_linears"]),
+               means={m: float(v.mean()) for m, v in arrays.items() if len(v)})
+    print(f"  {run['model']} seed {seed} {c.section:4s} {c.setting} {c.label:26s} KL {run['means']['kl']:.2e} "
+          f"random-token KL {run['means'].get('random_kl', float('nan')):.2e} flips {run['means']['flips']:.3f}  "
+          f"quantize {rep['seconds']:.1f}s eval {r['seconds']:.1f}s (CPU {cpu_quantize:.1f}s + "
+          f"{run['cpu_seconds'] - cpu_quantize:.1f}s, generated "
+          f"{r['generated']})", flush=True)
+    return run, arrays
+
+
+def run_model(model_dir, configs, seeds, n_calib, n_eval, random_tokens, work) -> dict:
+    """Every configuration on every seed; calibration sets made once per seed and kind."""
+    t0, vision_cache = time.time(), evaluation.VisionCache()  # every configuration keeps the float tower
+    ref, float_acc = reference(model_dir, n_eval, random_tokens, vision_cache)
+    timing = {"reference": time.time() - t0, "calibrate": {}}
+    print(f"{model_dir}: float accuracy {accuracy_text(float_acc)} on {n_eval} held-out samples "
+          f"({timing['reference']:.0f}s)", flush=True)
+    runs, arrays, first = [], {}, {}
     for seed in seeds:
-        calib = os.path.join(work, f"calib-{seed}")
-        calibrate.calibrate(model_dir, n=n_calib, seed=seed, out=calib, command=f"calibrate seed {seed}")
-        configs = [c for c in CONFIGS if not only or c[1] == only]
-        if any(kw["method"] == "ecmfq" for _, _, kw in configs):
-            calibrate.calibrate(model_dir, n=n_calib, seed=seed, out=calib + "-macs", select="macs",
-                                command=f"calibrate --select macs seed {seed}")
-        for label, setting, kw in configs:
-            q = gptq.QuantArgs(group_size=G, **kw)
-            out = os.path.join(work, "q")
-            rep = gptq.quantize_model(model_dir, calib + ("-macs" if q.method == "ecmfq" else ""), out, q,
-                                      command=f"bench {label} {setting}")
-            r = evaluation.evaluate(out, reference=model_dir, n=n_eval, seed=0, max_new_tokens=8, ref_outputs=ref)
-            runs.append(dict(model=os.path.basename(model_dir), label=label, setting=setting, seed=seed,
-                             args=kw, seconds=rep["seconds"], gamma=rep["gamma"],
-                             pooled=len(rep["pooled_hessian_linears"]), **{k: r[k] for k in
-                             ("accuracy", "kl", "top1", "flips", "ce_delta")}))
-            print(f"  seed {seed} {setting:7s} {label:24s} KL {r['kl']['all']:.2e}  flips {r['flips']['all']:.3f}  "
-                  f"acc {r['accuracy']['all']:.3f}", flush=True)
-    return float_acc, runs
+        calibs = {}
+        for c in configs:
+            if c.q["method"] == "rtn" and (c.section, c.setting, c.label) in first:  # no calibration data used
+                runs.append({**first[(c.section, c.setting, c.label)], "seed": seed, "reused": True})
+                continue
+            key = (c.calib, c.calib_scale, c.select)
+            if key not in calibs:
+                calibs[key], t = os.path.join(work, f"calib-{seed}-{len(calibs)}"), time.time()
+                quietly(calibrate.calibrate, model_dir, c.calib, n_calib * c.calib_scale, seed, calibs[key],
+                        select=c.select, command=f"bench calibrate {key} seed {seed}", overwrite=True)
+                timing["calibrate"][f"{seed} {key}"] = time.time() - t
+            run, arrays[len(arrays)] = run_config(model_dir, c, seed, calibs[key], ref, n_eval, work, vision_cache)
+            runs.append({"index": len(arrays) - 1, **run})
+            first.setdefault((c.section, c.setting, c.label), runs[-1])
+    return {"float_accuracy": float_acc, "runs": runs, "arrays": arrays, "timing": timing}
 
 
-def mean_std(values):
-    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+def summarize(runs, arrays) -> list[dict]:
+    """One row per (section, setting, label): each metric's mean and interval over seeds x samples, and the
+    paired difference from GPTQ of the same section and setting."""
+    rows, keys = [], list(dict.fromkeys((r["section"], r["setting"], r["label"]) for r in runs))
+
+    def matrix(key, metric):
+        rs = sorted((r for r in runs if (r["section"], r["setting"], r["label"]) == key), key=lambda r: r["seed"])
+        if not rs or len(arrays[rs[0]["index"]].get(metric, ())) == 0:  # no GPTQ row, no random tokens, no text
+            return None, None
+        return np.stack([arrays[r["index"]][metric] for r in rs]), [r["seed"] for r in rs]
+
+    for key in keys:
+        section, setting, label = key
+        rs = [r for r in runs if (r["section"], r["setting"], r["label"]) == key]
+        row = {"section": section, "setting": setting, "label": label, "args": rs[0]["args"],
+               "n_calib": rs[0]["n_calib"], "seeds": sorted(r["seed"] for r in rs), "metrics": {}, "delta": {},
+               "seconds": float(np.mean([r["seconds"] for r in rs if not r.get("reused")])),
+               "eval_seconds": float(np.mean([r["eval_seconds"] for r in rs if not r.get("reused")]))}
+        for metric in METRICS:
+            x, seeds = matrix(key, metric)
+            if x is not None:
+                row["metrics"][metric] = evaluation.seeds_samples_interval(x, bounds=BOUNDS[metric])
+            base, base_seeds = matrix((section, setting, "gptq"), metric)
+            if x is not None and base is not None and label != "gptq" and metric in DELTAS[section]:
+                if base_seeds != seeds:
+                    raise ValueError(f"{label} {setting}: seeds {seeds} but GPTQ has {base_seeds}")
+                row["delta"][metric] = evaluation.seeds_samples_interval(x - base)
+        rows.append(row)
+    return rows
 
 
-def table(model, float_acc, runs) -> str:
-    lines = [f"### {model} (float accuracy {100 * float_acc['all']:.1f}%: image {100 * float_acc['image']:.1f}%, "
-             f"text {100 * float_acc['text']:.1f}%)", "",
-             "| setting | method | KL all | KL image | KL text | top-1 | flips | accuracy | % of float | s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    keys = []
-    for r in runs:
-        if (r["setting"], r["label"]) not in keys:
-            keys.append((r["setting"], r["label"]))
-    for setting, label in keys:
-        rs = [r for r in runs if r["setting"] == setting and r["label"] == label]
+def ci_cell(d, fmt, scale=1.0, mark=False) -> str:
+    if d is None:
+        return "-"
+    lo, hi = d["ci95"]
+    star = " *" if mark and d["significant"] else ""
+    return f"{fmt.format(scale * d['mean'])} [{fmt.format(scale * lo)}, {fmt.format(scale * hi)}]{star}"
 
-        def f(get, fmt, scale=1.0):
-            m, s = mean_std([scale * get(r) for r in rs])
-            return f"{fmt.format(m)} ± {fmt.format(s)}"
-        lines.append(f"| {setting} | {label} | {f(lambda r: r['kl']['all'], '{:.2e}')} | "
-                     f"{f(lambda r: r['kl']['image'], '{:.2e}')} | {f(lambda r: r['kl']['text'], '{:.2e}')} | "
-                     f"{f(lambda r: r['top1']['all'], '{:.1f}', 100)} | {f(lambda r: r['flips']['all'], '{:.1f}', 100)} | "
-                     f"{f(lambda r: r['accuracy']['all'], '{:.1f}', 100)} | "
-                     f"{100 * statistics.mean(r['accuracy']['all'] for r in rs) / max(1e-9, float_acc['all']):.1f} | "
-                     f"{statistics.mean(r['seconds'] for r in rs):.1f} |")
+
+def table(rows, section) -> str:
+    e, ed, pct = "{:.2e}", "{:+.1e}", "{:.1f}"
+    if section == "main":
+        cols = [("KL", "kl", e), ("Δ KL vs GPTQ", "Δkl", ed), ("KL image", "kl_image", e),
+                ("KL text", "kl_text", e),
+                ("top-1 %", "top1", pct), ("flips %", "flips", pct), ("accuracy %", "accuracy", pct),
+                ("random-token KL", "random_kl", e), ("Δ random-token KL", "Δrandom_kl", ed)]
+    else:
+        cols = [("KL image (in calib.)", "kl_image", e), ("Δ vs GPTQ", "Δkl_image", ed),
+                ("KL text (OOD)", "kl_text", e), ("Δ vs GPTQ", "Δkl_text", ed),
+                ("random-token KL (OOD)", "random_kl", e), ("Δ vs GPTQ", "Δrandom_kl", ed), ("flips %", "flips", pct)]
+    lines = ["| setting | method | " + " | ".join(c[0] for c in cols) + " | s |", "|---" * (len(cols) + 3) + "|"]
+    for r in (r for r in rows if r["section"] == section):
+        cells = []
+        for _, key, fmt in cols:
+            d = r["delta"].get(key[1:]) if key.startswith("Δ") else r["metrics"].get(key)
+            cells.append(ci_cell(d, fmt, 100.0 if fmt == pct else 1.0, mark=key.startswith("Δ")))
+        lines.append(f"| {r['setting']} | {r['label']} | " + " | ".join(cells) + f" | {r['seconds']:.1f} |")
     return "\n".join(lines)
+
+
+def report(name, res, args, command) -> str:
+    fa, rows = res["float_accuracy"], res["rows"]
+    runs = [r for r in res["runs"] if not r.get("reused")]
+    per_run = np.mean([r["seconds"] + r["eval_seconds"] for r in runs]) if runs else float("nan")
+    cpu_run = np.mean([r["cpu_seconds"] for r in runs]) if runs else float("nan")
+    cpu_q = np.mean([r.get("cpu_quantize_seconds", np.nan) for r in runs]) if runs else float("nan")
+    head = ("**Smoke run: too few seeds and samples to be a result; it shows that the pipeline works and times "
+            "it.**\n\n" if args.tag == "smoke" else "")
+    head += (f"Command: `{command}` (torch {torch.__version__}, {args.threads} thread(s) per model). Group size {G}, "
+             f"asymmetric weights, {args.n_calib} calibration samples per seed (shapes train split), seeds "
+             f"{args.seeds}, {args.n_eval} held-out samples, {args.random_tokens} random-token sequences of 32. "
+             f"Cells: mean over seeds and samples [95% interval: eval-sample bootstrap and seed t-interval in "
+             f"quadrature]; Δ = paired difference from GPTQ of the same section and bits, * where its interval "
+             f"excludes 0. s = quantization seconds.\n\n")
+    out = head + f"### {name} (float accuracy {accuracy_text(fa)})\n\n"
+    if any(r["section"] == "main" for r in rows):
+        out += table(rows, "main") + "\n\n"
+    if any(r["section"] == "ood" for r in rows):
+        out += ("#### Calibration distribution (OOD): W3A16 calibrated on image questions only\n\n"
+                + table(rows, "ood") + "\n\n")
+    calib_s = list(res["timing"]["calibrate"].values())
+    out += (f"Timing: reference outputs {res['timing']['reference']:.1f}s, calibration {np.mean(calib_s):.1f}s per "
+            f"set ({len(calib_s)} sets), {len(runs)} quantize+eval runs at {per_run:.1f}s wall ({cpu_run:.1f}s CPU, "
+            f"{cpu_q:.1f}s of it quantizing) each on average, "
+            f"{res['timing']['total']:.0f}s in all.\n")
+    return out
+
+
+def run_one(name, args, command):
+    configs = [c for c in CONFIGS if (not args.only or c.setting == args.only) and c.section in args.sections.split(",")
+               and (not args.methods or c.q["method"] in args.methods.split(","))]
+    if not configs:
+        raise SystemExit(f"--only {args.only} / --methods {args.methods} / --sections {args.sections}: no "
+                         f"configuration left (settings {sorted({c.setting for c in CONFIGS})})")
+    t0 = time.time()
+    with tempfile.TemporaryDirectory() as work:
+        res = run_model(os.path.join(ROOT, "models", name), configs, [int(s) for s in args.seeds.split(",")],
+                        args.n_calib, args.n_eval, args.random_tokens, work)
+    res["timing"]["total"] = time.time() - t0
+    res["rows"] = summarize(res["runs"], res["arrays"])
+    md = report(name, res, args, command)
+    print(md)
+    base = os.path.join(args.out, f"methods-{name}" + (f"-{args.only}" if args.only else "")
+                        + (f"-{args.tag}" if args.tag else ""))
+    np.savez_compressed(base + ".npz", **{f"{k}/{m}": v for k, a in res["arrays"].items() for m, v in a.items()})
+    meta = {k: getattr(args, k) for k in ("seeds", "n_calib", "n_eval", "random_tokens", "only", "methods", "tag")}
+    with open(base + ".json", "w") as f:
+        json.dump({"command": command, "model": name, "group_size": G, **meta, "smoke": args.tag == "smoke",
+                   "float_accuracy": res["float_accuracy"], "timing": res["timing"], "rows": res["rows"],
+                   "runs": res["runs"]}, f, indent=1)
+    with open(base + ".md", "w") as f:
+        f.write(md)
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="tiny-qwen3-vl-moe,tiny-kimi-vl", help="folders under models/")
-    p.add_argument("--seeds", default="0,1,2", help="calibration seeds")
-    p.add_argument("--n-calib", type=int, default=64, help="calibration samples")
-    p.add_argument("--n-eval", type=int, default=300, help="held-out evaluation samples")
-    p.add_argument("--only", default=None, help="run one setting only, e.g. W3A16 or W4A8")
-    p.add_argument("--out", default="results", help="output folder")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--seeds", default="0,1,2,3,4", help="calibration seeds")
+    p.add_argument("--n-calib", type=int, default=32, help="calibration samples per seed")
+    p.add_argument("--n-eval", type=int, default=1000, help="held-out evaluation samples")
+    p.add_argument("--random-tokens", type=int, default=128, help="random-token sequences (of 32) for the OOD KL")
+    p.add_argument("--only", default=None, help="one setting only: W4A16, W3A16, W2A16 or W4A8")
+    p.add_argument("--methods", default=None, help="comma-separated gptq.py --method names to keep (all rows of each)")
+    p.add_argument("--sections", default="main,ood", help="main (the table), ood (image-only calibration)")
+    p.add_argument("--tag", default=None, help="suffix of the output names ('smoke' marks a smoke run)")
+    p.add_argument("--out", default=os.path.join(ROOT, "results"), help="output folder")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads per model")
+    p.add_argument("--jobs", type=int, default=2, help="models run in parallel, one process each")
+    p.add_argument("--command", default=None, help=argparse.SUPPRESS)  # the parent's, in a per-model child
     a = p.parse_args()
-    torch.set_num_threads(a.threads)
-    command = "python bench/methods.py " + " ".join(sys.argv[1:])
+    command = a.command or "python bench/methods.py " + " ".join(sys.argv[1:])
     os.makedirs(a.out, exist_ok=True)
-    for name in a.models.split(","):
-        with tempfile.TemporaryDirectory() as work:
-            float_acc, runs = run_model(os.path.join(ROOT, "models", name), [int(s) for s in a.seeds.split(",")],
-                                        a.n_calib, a.n_eval, a.only, work)
-        name = os.path.basename(name.rstrip("/"))
-        md = table(name, float_acc, runs)
-        print(md)
-        base = os.path.join(a.out, f"methods-{name}" + (f"-{a.only}" if a.only else ""))
-        with open(base + ".json", "w") as f:
-            json.dump({"command": command, "float_accuracy": float_acc, "group_size": G, "n_calib": a.n_calib,
-                       "n_eval": a.n_eval, "runs": runs}, f, indent=1)
-        with open(base + ".md", "w") as f:
-            f.write(f"Command: `{command}` (2-core CPU, torch 2.13 CPU). Group size {G}, asymmetric weights, "
-                    f"{a.n_calib} calibration samples (shapes train split) per seed, {a.n_eval} held-out samples; "
-                    f"mean ± std over seeds {a.seeds}.\n\n{md}\n")
+    models = a.models.split(",")
+    if a.jobs > 1 and len(models) > 1:  # one child process per model, at most --jobs at a time
+        procs = []
+        for name in models:
+            while sum(q.poll() is None for q in procs) >= a.jobs:
+                time.sleep(1)
+            procs.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--models", name,
+                                           "--jobs", "1", "--command", command]))
+        if any(q.wait() != 0 for q in procs):
+            raise SystemExit("a model's run failed (see its output above)")
+        return
+    torch.set_num_threads(a.threads)
+    for name in models:
+        run_one(name, a, command)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,57 @@
+"""bench/methods.py: its summary statistics on synthetic runs (brute-force means, a known shift from GPTQ
+is significant, GPTQ's own copy is not) and one configuration end to end on the bundled tiny Qwen.
+
+    python -m pytest -q tests/test_bench_methods.py
+"""
+
+import numpy as np
+import pytest
+
+from bench import methods as bench
+
+
+def synthetic_runs(shift: dict, seeds=(0, 1, 2), n=60):
+    rng = np.random.default_rng(0)
+    runs, arrays = [], {}
+    base = {s: {m: rng.exponential(1e-3, n) for m in bench.METRICS} for s in seeds}
+    for label, d in shift.items():
+        for s in seeds:
+            arrays[len(arrays)] = {m: v + d for m, v in base[s].items()}
+            runs.append(dict(index=len(arrays) - 1, section="main", setting="W3A16", label=label, seed=s,
+                             args={}, n_calib=32, seconds=1.0, eval_seconds=2.0))
+    return runs, arrays
+
+
+def test_summary_against_brute_force_and_known_shifts():
+    runs, arrays = synthetic_runs({"gptq": 0.0, "copy": 0.0, "shifted": 2e-3})
+    rows = {r["label"]: r for r in bench.summarize(runs, arrays)}
+    gptq_kl = np.stack([arrays[r["index"]]["kl"] for r in runs if r["label"] == "gptq"])
+    assert rows["gptq"]["metrics"]["kl"]["mean"] == pytest.approx(gptq_kl.mean())
+    assert rows["gptq"]["delta"] == {} and set(rows["copy"]["delta"]) == set(bench.DELTAS["main"])
+    same = rows["copy"]["delta"]["kl"]
+    assert same["mean"] == 0 and same["ci95"] == [0, 0] and not same["significant"]
+    shifted = rows["shifted"]["delta"]["kl"]
+    assert shifted["mean"] == pytest.approx(2e-3) and shifted["ci95"] == pytest.approx([2e-3, 2e-3])
+    assert shifted["significant"]
+    lines = bench.table(list(rows.values()), "main").splitlines()
+    assert [("*" in line) for line in lines[2:]] == [False, False, True]
+
+
+def test_summary_refuses_mismatched_seeds():
+    runs, arrays = synthetic_runs({"gptq": 0.0, "other": 0.0})
+    runs = [r for r in runs if not (r["label"] == "gptq" and r["seed"] == 2)]
+    with pytest.raises(ValueError, match="other W3A16: seeds"):
+        bench.summarize(runs, arrays)
+
+
+@pytest.mark.slow
+def test_one_configuration_end_to_end(tmp_path):
+    """RTN W4 on two seeds: the second seed reuses the first's run (RTN reads no calibration data). Slow (about
+    10 s on an idle machine); calibrate, quantize_model and evaluate have their own fast tests."""
+    cfg = [c for c in bench.CONFIGS if c.label == "rtn" and c.setting == "W4A16"]
+    res = bench.run_model(bench.os.path.join(bench.ROOT, "models", "tiny-qwen3-vl-moe"), cfg, [0, 1], n_calib=4,
+                          n_eval=6, random_tokens=2, work=str(tmp_path))
+    assert [r.get("reused", False) for r in res["runs"]] == [False, True]
+    row, = bench.summarize(res["runs"], res["arrays"])
+    assert row["metrics"]["kl"]["seed_half"] == 0 and row["metrics"]["kl"]["mean"] > 0
+    assert row["metrics"]["random_kl"]["mean"] > 0 and res["runs"][0]["generated"] <= 6
