@@ -27,7 +27,7 @@ import hessian
 import layerwise
 import model
 from device_guard import ExplicitDevice
-from helpers import assert_parity, random_image as image, user
+from helpers import assert_parity, interrupt_after_layer, random_image as image, user
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QWEN = os.path.join(ROOT, "models", "tiny-qwen3-vl-moe")
@@ -78,14 +78,7 @@ def test_qwen_pipeline_creates_no_tensor_off_the_device(tmp_path, monkeypatch):
         quantize(tmp_path / "awq", calib, "--method", "awq", "--bits", "3", "--group-size", "32")
         quantize(tmp_path / "ecmfq", macs_calib, "--method", "ecmfq", "--bits", "4", "--abits", "8",
                  "--group-size", "-1", "--quantize-vision")  # FAQ's attention hooks, ECS, per-expert GPTQ
-        original = layerwise.print_layer
-
-        def crash_after_layer_0(i, *a, **k):
-            original(i, *a, **k)
-            if i == 0:
-                raise KeyboardInterrupt("simulated interruption")
-
-        monkeypatch.setattr(layerwise, "print_layer", crash_after_layer_0)
+        original = interrupt_after_layer(monkeypatch, 0)
         veq = ["--method", "veq-ma", "--bits", "3", "--group-size", "32", "--batched-experts", "--no-act-order"]
         with pytest.raises(KeyboardInterrupt):
             quantize(tmp_path / "veq", calib, *veq)

@@ -28,6 +28,7 @@ import distributed
 import gptq
 import layerwise
 import methods
+from helpers import interrupt_after_layer
 import model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -98,14 +99,7 @@ def test_two_processes_equal_one_process(calibs, tmp_path, monkeypatch):
     # the oracles, in this process; and a partial run of the first (interrupted after layer 1) to resume on 2 ranks
     for name, (ckpt, _) in RUNS.items():
         one_process(argv(name, calibs[ckpt], tmp_path / f"{name}-1"))
-    original = layerwise.print_layer
-
-    def crash_after_layer_1(i, *a, **k):
-        original(i, *a, **k)
-        if i == 1:
-            raise KeyboardInterrupt("simulated interruption")
-
-    monkeypatch.setattr(layerwise, "print_layer", crash_after_layer_1)
+    original = interrupt_after_layer(monkeypatch, 1)
     with pytest.raises(KeyboardInterrupt):
         one_process(argv("qwen-gptq-loop", calibs[QWEN], tmp_path / "resumed-2"))
     monkeypatch.setattr(layerwise, "print_layer", original)

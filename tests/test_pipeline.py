@@ -13,6 +13,7 @@ import data
 import export
 import gptq
 from gptq_batched import gptq_batched
+from helpers import interrupt_after_layer
 import layerwise
 import methods
 import model
@@ -49,14 +50,7 @@ def test_veq_ma_with_gamma_1_and_lambda_0_is_exactly_gptq(tiny_qwen, calib, tmp_
 
 def test_resume_equals_uninterrupted(tiny_qwen, calib, tmp_path, monkeypatch):
     run(tiny_qwen, calib, tmp_path / "full", method="gptq")
-    original = layerwise.print_layer
-
-    def crash_after_layer_1(i, *a, **k):
-        original(i, *a, **k)
-        if i == 1:
-            raise KeyboardInterrupt("simulated interruption")
-
-    monkeypatch.setattr(layerwise, "print_layer", crash_after_layer_1)
+    original = interrupt_after_layer(monkeypatch, 1)
     with pytest.raises(KeyboardInterrupt):
         run(tiny_qwen, calib, tmp_path / "resumed", method="gptq")
     assert not os.path.exists(tmp_path / "resumed")  # nothing half-written at the final path
