@@ -222,9 +222,12 @@ def ci_cell(d, fmt, scale=1.0, mark=False) -> str:
     return f"{fmt.format(scale * d['mean'])} [{fmt.format(scale * lo)}, {fmt.format(scale * hi)}]{star}"
 
 
-def table(rows, section) -> str:
+def table(rows, section, compact=False) -> str:
     e, ed, pct = "{:.2e}", "{:+.1e}", "{:.1f}"
-    if section == "main":
+    if compact:  # the README's version of the main table
+        cols = [("KL", "kl", e), ("Δ KL vs GPTQ", "Δkl", ed), ("flips %", "flips", pct),
+                ("random-token KL", "random_kl", e), ("Δ random-token KL", "Δrandom_kl", ed)]
+    elif section == "main":
         cols = [("KL", "kl", e), ("Δ KL vs GPTQ", "Δkl", ed), ("KL image", "kl_image", e),
                 ("KL text", "kl_text", e),
                 ("top-1 %", "top1", pct), ("flips %", "flips", pct), ("accuracy %", "accuracy", pct),
@@ -271,6 +274,25 @@ def report(name, res, args, command) -> str:
     return out
 
 
+def summarize_files(paths) -> str:
+    """The compact main table of every model in the given results/methods-*.json files (one file per setting
+    or one for all), settings in the order W4A16, W3A16, W2A16, W4A8; the commands that made them below it."""
+    by_model = {}
+    for path in paths:
+        with open(path) as f:
+            d = json.load(f)
+        by_model.setdefault(d["model"], []).append(d)
+    order = {s: i for i, s in enumerate(("W4A16", "W3A16", "W2A16", "W4A8"))}
+    out = []
+    for name, ds in by_model.items():
+        rows = sorted((r for d in ds for r in d["rows"] if r["section"] == "main"),
+                      key=lambda r: order.get(r["setting"], len(order)))
+        out.append(f"#### {name} (float accuracy {accuracy_text(ds[0]['float_accuracy'])})\n\n"
+                   + table(rows, "main", compact=True) + "\n\n"
+                   + "".join(f"`{d['command']}`{' (smoke)' if d.get('smoke') else ''}\n" for d in ds))
+    return "\n".join(out)
+
+
 def run_one(name, args, command):
     configs = [c for c in CONFIGS if (not args.only or c.setting == args.only) and c.section in args.sections.split(",")
                and (not args.methods or c.q["method"] in args.methods.split(","))]
@@ -312,7 +334,12 @@ def main():
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads per model")
     p.add_argument("--jobs", type=int, default=2, help="models run in parallel, one process each")
     p.add_argument("--command", default=None, help=argparse.SUPPRESS)  # the parent's, in a per-model child
+    p.add_argument("--summarize", nargs="+", metavar="JSON", help="print the compact main table of these result "
+                   "files (the README's) and exit; runs nothing")
     a = p.parse_args()
+    if a.summarize:
+        print(summarize_files(a.summarize))
+        return
     command = a.command or "python bench/methods.py " + " ".join(sys.argv[1:])
     os.makedirs(a.out, exist_ok=True)
     models = a.models.split(",")

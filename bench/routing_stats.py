@@ -23,6 +23,32 @@ def hidden_size(model_dir: str) -> int:
         return json.load(f)["text_config"]["hidden_size"]
 
 
+def modality_information(n_vis, n_text) -> tuple[float, float, float]:
+    """How much knowing the expert tells about the token's modality, over one layer's top-k slots.
+
+    With n[e, m] the slots of modality m routed to expert e and N = sum n, the plug-in mutual information
+    I(E; M) = sum_{e,m} n[e,m]/N * log2(n[e,m] N / (n[e,.] n[.,m])) in bits, its share of H(M) (0: routing
+    ignores modality, 1: every expert sees one modality only), and the value I would take on average from
+    routing that ignores modality, given the counts (approximately: the plug-in bias (E' - 1)(2 - 1) / (2 N ln 2), E' the experts
+    that got a slot): a specialization is visible only well above it.
+    """
+    import math
+
+    import torch
+
+    n = torch.stack([torch.as_tensor(n_vis), torch.as_tensor(n_text)], 1).double()  # (E, 2)
+    N = float(n.sum())
+    if N == 0:
+        return 0.0, 0.0, 0.0
+    pe, pm = n.sum(1, keepdim=True) / N, n.sum(0, keepdim=True) / N
+    p = n / N
+    nz = p > 0
+    mi = float((p[nz] * torch.log2(p[nz] / (pe * pm).expand_as(p)[nz])).sum())
+    hm = float(-(pm[pm > 0] * torch.log2(pm[pm > 0])).sum())
+    bias = (int((n.sum(1) > 0).sum()) - 1) / (2 * N * math.log(2))
+    return mi, (mi / hm if hm > 0 else 0.0), bias
+
+
 def report(calib_dir: str, per_expert: bool = False) -> dict:
     c = calibrate.load(calib_dir)
     H = hidden_size(c["model"])
@@ -33,20 +59,22 @@ def report(calib_dir: str, per_expert: bool = False) -> dict:
     print(f"{calib_dir}: model {c['model']}, {c['n']} samples ({c['selection']}), {c['T_text']} text + "
           f"{c['T_vis']} image tokens, {E} experts x {L} MoE layers, input width {H} (threshold {2 * H} tokens)")
     print("layer  image-tok/expert min/med/max  text-tok/expert min/med/max  image-mostly  text-mostly  "
-          f"zero  <{2 * H}  <{2 * H} image  <{2 * H} text")
+          f"zero  <{2 * H}  <{2 * H} image  <{2 * H} text  I(E;M) bits [share of H(M); null]")
     out = []
     for j, layer in enumerate(c["moe_layers"]):
         v, t, a = n_vis[j], n_text[j], tot[j]
         frac_vis = v / a.clamp(min=1)
         # an expert is image-mostly when >= 90% of its tokens are image tokens, text-mostly when <= 10% are
         img_mostly, txt_mostly = int(((frac_vis >= 0.9) & (a > 0)).sum()), int(((frac_vis <= 0.1) & (a > 0)).sum())
+        mi, mi_share, mi_null = modality_information(v, t)
         row = dict(layer=layer, zero=int((a == 0).sum()), few=int((a < 2 * H).sum()),
                    few_vis=int((v < 2 * H).sum()), few_text=int((t < 2 * H).sum()),
-                   image_mostly=img_mostly, text_mostly=txt_mostly)
+                   image_mostly=img_mostly, text_mostly=txt_mostly, mi_bits=mi, mi_share=mi_share, mi_null=mi_null)
         out.append(row)
         print(f"{layer:5d}  {int(v.min()):7d} {int(v.median()):6d} {int(v.max()):6d}        "
               f"{int(t.min()):7d} {int(t.median()):6d} {int(t.max()):6d}      {img_mostly:8d}  {txt_mostly:10d}  "
-              f"{row['zero']:4d}  {row['few']:5d}  {row['few_vis']:11d}  {row['few_text']:10d}")
+              f"{row['zero']:4d}  {row['few']:5d}  {row['few_vis']:11d}  {row['few_text']:10d}  "
+              f"{mi:.3f} [{mi_share:.2f}; {mi_null:.3f}]")
         if per_expert:
             print("       tokens per expert (image/text): " +
                   " ".join(f"{e}:{int(v[e])}/{int(t[e])}" for e in range(E)))

@@ -55,3 +55,26 @@ def test_one_configuration_end_to_end(tmp_path):
     row, = bench.summarize(res["runs"], res["arrays"])
     assert row["metrics"]["kl"]["seed_half"] == 0 and row["metrics"]["kl"]["mean"] > 0
     assert row["metrics"]["random_kl"]["mean"] > 0 and res["runs"][0]["generated"] <= 6
+
+
+def test_summarize_files_merges_settings_in_order(tmp_path):
+    """Two result files of one model (written as bench/methods.py writes them) give one compact table, W4 rows
+    before W3 whatever the file order, each row's shift from GPTQ marked significant, each command listed."""
+    import json
+
+    paths = []
+    for setting, d in (("W3A16", 2e-3), ("W4A16", 1e-3)):
+        runs, arrays = synthetic_runs({"gptq": 0.0, "rtn": d})
+        for r in runs:
+            r["setting"] = setting
+        path = tmp_path / f"methods-m-{setting}.json"
+        path.write_text(json.dumps({"model": "m", "command": f"cmd {setting}", "smoke": False,
+                                    "float_accuracy": {"all": 0.5, "image": 0.4, "text": 1.0},
+                                    "rows": bench.summarize(runs, arrays)}))
+        paths.append(str(path))
+    out = bench.summarize_files(paths).splitlines()
+    body = [line for line in out if line.startswith("| W")]
+    assert [line.split(" | ")[:2] for line in body] == [["| W4A16", "gptq"], ["| W4A16", "rtn"],
+                                                       ["| W3A16", "gptq"], ["| W3A16", "rtn"]]
+    assert ["*" in line for line in body] == [False, True, False, True]
+    assert "`cmd W3A16`" in out and "`cmd W4A16`" in out
