@@ -293,6 +293,39 @@ def summarize_files(paths) -> str:
     return "\n".join(out)
 
 
+def paired_from_files(paths, pairs, metrics=("kl", "kl_image", "random_kl")) -> str:
+    """Paired differences A − B between two rows of the same model, section and setting, from the saved per-sample
+    arrays (results/methods-*.json + .npz), with the same interval as the Δ vs GPTQ columns. A pair is
+    "SETTING:A:B" (labels as in the tables, e.g. "W3A16:veq-me:awq"); the OOD section's rows are "ood/A"."""
+    lines = ["| model | setting | A − B | " + " | ".join(f"Δ {m}" for m in metrics) + " |",
+             "|---" * (3 + len(metrics)) + "|"]
+    for path in paths:
+        with open(path) as f:
+            d = json.load(f)
+        arrays = np.load(path[:-len(".json")] + ".npz")
+        for pair in pairs:
+            setting, a, b = pair.split(":")
+            if not any(r["setting"] == setting for r in d["runs"]):
+                continue
+
+            def matrix(label, metric):
+                section, label = ("ood", label[4:]) if label.startswith("ood/") else ("main", label)
+                rs = sorted((r for r in d["runs"] if (r["section"], r["setting"], r["label"]) ==
+                             (section, setting, label)), key=lambda r: r["seed"])
+                if not rs:
+                    raise SystemExit(f"--pairs {pair}: no row '{label}' ({section}, {setting}) in {path}")
+                return np.stack([arrays[f"{r['index']}/{metric}"] for r in rs]), [r["seed"] for r in rs]
+
+            cells = []
+            for m in metrics:
+                (xa, sa), (xb, sb) = matrix(a, m), matrix(b, m)
+                if sa != sb:
+                    raise SystemExit(f"--pairs {pair}: seeds {sa} against {sb} in {path}")
+                cells.append(ci_cell(evaluation.seeds_samples_interval(xa - xb), "{:+.1e}", mark=True))
+            lines.append(f"| {d['model']} | {setting} | {a} − {b} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def run_one(name, args, command):
     configs = [c for c in CONFIGS if (not args.only or c.setting == args.only) and c.section in args.sections.split(",")
                and (not args.methods or c.q["method"] in args.methods.split(","))]
@@ -336,9 +369,11 @@ def main():
     p.add_argument("--command", default=None, help=argparse.SUPPRESS)  # the parent's, in a per-model child
     p.add_argument("--summarize", nargs="+", metavar="JSON", help="print the compact main table of these result "
                    "files (the README's) and exit; runs nothing")
+    p.add_argument("--pairs", default=None, help="with --summarize: comma-separated SETTING:A:B, print the paired "
+                   "differences A − B (e.g. W3A16:veq-me:awq,W4A8:ecs+faq:ecs (+gptq))")
     a = p.parse_args()
     if a.summarize:
-        print(summarize_files(a.summarize))
+        print(paired_from_files(a.summarize, a.pairs.split(",")) if a.pairs else summarize_files(a.summarize))
         return
     command = a.command or "python bench/methods.py " + " ".join(sys.argv[1:])
     os.makedirs(a.out, exist_ok=True)

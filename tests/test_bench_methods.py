@@ -78,3 +78,20 @@ def test_summarize_files_merges_settings_in_order(tmp_path):
                                                        ["| W3A16", "gptq"], ["| W3A16", "rtn"]]
     assert ["*" in line for line in body] == [False, True, False, True]
     assert "`cmd W3A16`" in out and "`cmd W4A16`" in out
+
+
+def test_pairs_from_saved_files_equal_the_delta_column(tmp_path):
+    """--pairs recomputes a paired difference from the saved per-sample arrays: against GPTQ it must print what
+    the table's Δ column holds; a row against itself is exactly 0."""
+    import json
+
+    runs, arrays = synthetic_runs({"gptq": 0.0, "rtn": 2e-3})
+    rows = bench.summarize(runs, arrays)
+    path = tmp_path / "methods-m-W3A16.json"
+    path.write_text(json.dumps({"model": "m", "runs": runs, "rows": rows}))
+    np.savez_compressed(tmp_path / "methods-m-W3A16.npz",
+                        **{f"{k}/{m}": v for k, a in arrays.items() for m, v in a.items()})
+    out = bench.paired_from_files([str(path)], ["W3A16:rtn:gptq", "W3A16:rtn:rtn"], metrics=("kl",)).splitlines()
+    delta = next(r for r in rows if r["label"] == "rtn")["delta"]["kl"]
+    assert out[2].endswith("| " + bench.ci_cell(delta, "{:+.1e}", mark=True) + " |")
+    assert out[3].endswith("| +0.0e+00 [+0.0e+00, +0.0e+00] |")
