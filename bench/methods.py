@@ -1,7 +1,7 @@
 """The results table: every method on the bundled tiny models, with 95% intervals over calibration seeds and
 eval samples, each method's difference from GPTQ at the same bits, and a calibration-distribution (OOD) section.
 
-    python bench/methods.py                       # the full table: both models, 5 seeds, 1000 eval samples
+    python bench/methods.py                       # the full table: all three bundled models, 5 seeds, 1000 eval samples
     python bench/methods.py --seeds 0,1 --n-eval 200 --only W3A16 --methods rtn,gptq,veq-ma --tag smoke
 
 What runs. Per model and calibration seed s: calibrate.py on the shapes train split (--n-calib samples, seed s;
@@ -354,7 +354,7 @@ def run_one(name, args, command):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default="tiny-qwen3-vl-moe,tiny-kimi-vl", help="folders under models/")
+    p.add_argument("--models", default="tiny-qwen3-vl-moe,tiny-kimi-vl,tiny-qwen3-vl-moe-64e", help="folders under models/")
     p.add_argument("--seeds", default="0,1,2,3,4", help="calibration seeds")
     p.add_argument("--n-calib", type=int, default=32, help="calibration samples per seed")
     p.add_argument("--n-eval", type=int, default=1000, help="held-out evaluation samples")
