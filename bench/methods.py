@@ -86,6 +86,8 @@ VEQ_ROWS = [("veq-me", "veq-me", {}), ("veq-ma", "veq-ma", {}), ("veq (ME+MA, ex
             ("veq-ma scale-free gamma", "veq-ma", dict(gamma_source="grad_x_input"))]
 CONFIGS = [
     *[Config(m, w(4), dict(method=m, bits=4)) for m in ("rtn", "awq", "gptq")],
+    *[Config(label, w(4), dict(method=m, bits=4, **extra)) for label, m, extra in VEQ_ROWS
+      if label in ("veq-me", "veq-ma", "veq-ma scale-free gamma")],  # the papers' W4 claims
     *[Config(label, w(b), dict(method=m, bits=b, **extra)) for b in (3, 2)
       for label, m, extra in [("rtn", "rtn", {}), ("awq", "awq", {}), ("gptq", "gptq", {})] + VEQ_ROWS],
     *[Config(label, w(4, 8), dict(method=m, bits=4, abits=8)) for label, m in [
