@@ -84,11 +84,33 @@ def report(calib_dir: str, per_expert: bool = False) -> dict:
     return {"calib": calib_dir, "layers": out, "few_total": few, "experts_total": L * E}
 
 
+def coverage(calib_dir: str, least: int = 8) -> dict:
+    """One line per calibration set, to compare selections (random vs MACS): experts with no tokens and with fewer
+    than 2 x input width, summed over the MoE layers; the imbalance std/mean of the experts' slot counts and the
+    slots of the `least` least-fed experts, averaged over the layers; the set's image and text tokens."""
+    c = calibrate.load(calib_dir)
+    tot = (c["n_text"] + c["n_vis"]).double()  # (moe layers, E) top-k slots
+    H = hidden_size(c["model"])
+    return dict(calib=calib_dir, selection=c["selection"], zero=int((tot == 0).sum()), few=int((tot < 2 * H).sum()),
+                imbalance=float((tot.std(1) / tot.mean(1)).mean()),
+                least_fed=float(tot.sort(1).values[:, :least].sum(1).mean()), image=c["T_vis"], text=c["T_text"])
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("calib", nargs="+", help="calib/ folders written by calibrate.py")
     p.add_argument("--per-expert", action="store_true", help="also print every expert's image/text token count")
+    p.add_argument("--coverage", action="store_true", help="one line per calibration set instead (to compare "
+                   "selections): zero-token and < 2x-width experts, imbalance, slots of the 8 least-fed experts")
     args = p.parse_args(argv)
+    if args.coverage:
+        print("| calib | selection | image + text tokens | experts with 0 tokens | < 2 x width | imbalance (std/mean) "
+              "| slots of the 8 least-fed experts per layer |\n|---|---|---|---|---|---|---|")
+        for d in args.calib:
+            r = coverage(d)
+            print(f"| {d} | {r['selection']} | {r['image']} + {r['text']} | {r['zero']} | {r['few']} | "
+                  f"{r['imbalance']:.2f} | {r['least_fed']:.1f} |")
+        return
     for d in args.calib:
         report(d, args.per_expert)
         print()

@@ -43,3 +43,19 @@ def test_null_matches_simulated_modality_blind_routing():
     mean_mi = sum(m for m, _ in sims) / len(sims)
     mean_null = sum(n for _, n in sims) / len(sims)
     assert 0.8 * mean_null < mean_mi < 1.2 * mean_null, (mean_mi, mean_null)
+
+
+def test_coverage_against_a_loop_over_experts(tmp_path):
+    import calibrate
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    calibrate.calibrate(os.path.join(root, "models", "tiny-qwen3-vl-moe"), n=4, seed=0, out=str(tmp_path / "c"),
+                        gamma=False, command="test")
+    r = routing_stats.coverage(str(tmp_path / "c"), least=3)
+    c = calibrate.load(str(tmp_path / "c"))
+    counts = [[int(a) + int(b) for a, b in zip(t, v)] for t, v in zip(c["n_text"], c["n_vis"])]
+    assert r["zero"] == sum(x == 0 for layer in counts for x in layer)
+    assert r["few"] == sum(x < 2 * 128 for layer in counts for x in layer)
+    assert abs(r["least_fed"] - sum(sum(sorted(layer)[:3]) for layer in counts) / len(counts)) < 1e-9
+    imb = [torch.tensor(layer, dtype=torch.float64) for layer in counts]
+    assert abs(r["imbalance"] - sum(float(x.std() / x.mean()) for x in imb) / len(imb)) < 1e-12
