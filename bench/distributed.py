@@ -39,7 +39,7 @@ sys.path.insert(0, ROOT)
 import model  # noqa: E402
 import torch  # noqa: E402
 from bench.synthetic_checkpoint import GB, write_checkpoint  # noqa: E402
-from bench.streaming import mem_available_gb, streamed_calibration  # noqa: E402
+from bench.streaming import add_run_args, mem_available_gb, streamed_calibration  # noqa: E402
 
 LAYER_LINE = re.compile(r"layer\s+(\d+)/(\d+):.*, (\d+\.\d)s, elapsed")  # layerwise.print_layer
 WROTE_LINE = re.compile(r"wrote .* in (\d+\.\d)s;")  # quantize_model's last line
@@ -91,12 +91,7 @@ def main():
     p.add_argument("--root", default="/tmp/dist", help="where the checkpoint, calib and outputs are written")
     p.add_argument("--nproc", type=int, default=2, help="ranks of the distributed run")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the one process, and of each rank")
-    p.add_argument("--samples", type=int, default=16, help="calibration samples (bundled shapes, train split)")
-    p.add_argument("--bits", type=int, default=4)
-    p.add_argument("--group-size", type=int, default=128)
-    p.add_argument("--per-expert", action="store_true", help="the per-expert GPTQ loop instead of batched experts")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--guard-gb", type=float, default=1.0, help="kill a run when MemAvailable falls below this")
+    add_run_args(p)
     a = p.parse_args()
     os.makedirs(a.root, exist_ok=True)
     ckpt = a.model or os.path.join(a.root, f"qwen3-vl-30b-a3b-{a.layers}l")

@@ -185,16 +185,32 @@ def run_model(model_dir, configs, seeds, n_calib, n_eval, random_tokens, work) -
     return {"float_accuracy": float_acc, "runs": runs, "arrays": arrays, "timing": timing}
 
 
+def seed_matrix(runs, arrays, key, metric):
+    """The (seeds, samples) values of one metric for the row key = (section, setting, label), seeds in order,
+    and the seeds; (None, None) when there is no such row or no such values (no random tokens, no text)."""
+    rs = sorted((r for r in runs if (r["section"], r["setting"], r["label"]) == key), key=lambda r: r["seed"])
+    if not rs or len(arrays[rs[0]["index"]].get(metric, ())) == 0:
+        return None, None
+    return np.stack([arrays[r["index"]][metric] for r in rs]), [r["seed"] for r in rs]
+
+
+def load_arrays(npz_path) -> dict:
+    """Every run's per-sample arrays as run_one saves them ("INDEX/METRIC" keys), back as {index: {metric: values}}."""
+    arrays = {}
+    with np.load(npz_path) as f:
+        for name in f.files:
+            k, m = name.split("/", 1)
+            arrays.setdefault(int(k), {})[m] = f[name]
+    return arrays
+
+
 def summarize(runs, arrays) -> list[dict]:
     """One row per (section, setting, label): each metric's mean and interval over seeds x samples, and the
     paired difference from GPTQ of the same section and setting."""
     rows, keys = [], list(dict.fromkeys((r["section"], r["setting"], r["label"]) for r in runs))
 
     def matrix(key, metric):
-        rs = sorted((r for r in runs if (r["section"], r["setting"], r["label"]) == key), key=lambda r: r["seed"])
-        if not rs or len(arrays[rs[0]["index"]].get(metric, ())) == 0:  # no GPTQ row, no random tokens, no text
-            return None, None
-        return np.stack([arrays[r["index"]][metric] for r in rs]), [r["seed"] for r in rs]
+        return seed_matrix(runs, arrays, key, metric)
 
     for key in keys:
         section, setting, label = key
@@ -304,19 +320,19 @@ def paired_from_files(paths, pairs, metrics=("kl", "kl_image", "random_kl")) -> 
     for path in paths:
         with open(path) as f:
             d = json.load(f)
-        arrays = np.load(path[:-len(".json")] + ".npz")
+        arrays = load_arrays(path[:-len(".json")] + ".npz")
         for pair in pairs:
             setting, a, b = pair.split(":")
             if not any(r["setting"] == setting for r in d["runs"]):
                 continue
 
             def matrix(label, metric):
-                section, label = ("ood", label[4:]) if label.startswith("ood/") else ("main", label)
-                rs = sorted((r for r in d["runs"] if (r["section"], r["setting"], r["label"]) ==
-                             (section, setting, label)), key=lambda r: r["seed"])
-                if not rs:
-                    raise SystemExit(f"--pairs {pair}: no row '{label}' ({section}, {setting}) in {path}")
-                return np.stack([arrays[f"{r['index']}/{metric}"] for r in rs]), [r["seed"] for r in rs]
+                key = ("ood", setting, label[4:]) if label.startswith("ood/") else ("main", setting, label)
+                x, seeds = seed_matrix(d["runs"], arrays, key, metric)
+                if x is None:
+                    raise SystemExit(f"--pairs {pair}: no row '{key[2]}' ({key[0]}, {setting}) with {metric} values "
+                                     f"in {path}")
+                return x, seeds
 
             cells = []
             for m in metrics:

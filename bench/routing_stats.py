@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import calibrate  # noqa: E402
+import torch  # noqa: E402
 
 
 def hidden_size(model_dir: str) -> int:
@@ -32,10 +34,6 @@ def modality_information(n_vis, n_text) -> tuple[float, float, float]:
     routing that ignores modality, given the counts (approximately: the plug-in bias (E' - 1)(2 - 1) / (2 N ln 2), E' the experts
     that got a slot): a specialization is visible only well above it.
     """
-    import math
-
-    import torch
-
     n = torch.stack([torch.as_tensor(n_vis), torch.as_tensor(n_text)], 1).double()  # (E, 2)
     N = float(n.sum())
     if N == 0:

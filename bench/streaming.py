@@ -258,6 +258,17 @@ def measure(n: int, a, threads: int) -> dict:
     return r
 
 
+def add_run_args(p: argparse.ArgumentParser):
+    """The quantization run's flags, shared with bench/distributed.py: calibration samples, GPTQ bits, group size,
+    per-expert loop, seed, memory guard."""
+    p.add_argument("--samples", type=int, default=16, help="calibration samples (bundled shapes, train split)")
+    p.add_argument("--bits", type=int, default=4)
+    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--per-expert", action="store_true", help="the per-expert GPTQ loop instead of batched experts")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--guard-gb", type=float, default=1.0, help="kill a run when MemAvailable falls below this")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--family", choices=sorted(FAMILIES), default="qwen", help="the real model's widths")
@@ -265,12 +276,7 @@ def main():
     p.add_argument("--layers", type=int, nargs="+", default=[2, 4], help="the two depths compared (one depth: "
                    "the per-phase table only)")
     p.add_argument("--root", default="/tmp/h8", help="where checkpoints, calib and outputs are written")
-    p.add_argument("--samples", type=int, default=16, help="calibration samples (bundled shapes, train split)")
-    p.add_argument("--bits", type=int, default=4)
-    p.add_argument("--group-size", type=int, default=128)
-    p.add_argument("--per-expert", action="store_true", help="the per-expert GPTQ loop instead of batched experts")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--guard-gb", type=float, default=1.0, help="kill a run when MemAvailable falls below this")
+    add_run_args(p)
     p.add_argument("--device", default="cpu", help="torch device of the driver (cpu, cuda; an error if absent)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="the driver's model dtype")
     p.add_argument("--experts", type=int, default=None,

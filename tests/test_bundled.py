@@ -65,12 +65,8 @@ def test_many_experts_model_routes_by_modality_and_starves_experts(tmp_path):
     """The regime the many-experts model exists for, on 32 calibration samples: routing depends on modality far
     beyond what modality-blind routing would show, and many experts get fewer than 2 x input width tokens
     (MEASURED_64E below; the floors sit well under the measured values)."""
-    import sys
-
     import calibrate
-
-    sys.path.insert(0, os.path.join(ROOT, "bench"))
-    import routing_stats
+    from bench import routing_stats
 
     calibrate.calibrate(MANY, n=32, seed=0, out=str(tmp_path / "calib"), gamma=False, command="test")
     r = routing_stats.report(str(tmp_path / "calib"))

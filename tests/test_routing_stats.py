@@ -2,12 +2,10 @@
 
 import math
 import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
-import routing_stats  # noqa: E402
+from bench import routing_stats
 
 
 def entropy(counts):
