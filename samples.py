@@ -167,11 +167,20 @@ def _text_question(rng, qtype):
     raise ValueError(f"unknown text question type {qtype!r}")
 
 
-def shapes_benchmark(n: int, seed: int = 0, split: str = "test", text_fraction: float = 0.2) -> list[Sample]:
+def shapes_benchmark(n: int, seed: int = 0, split: str = "test", text_fraction: float = 0.2,
+                     type_weights: dict[str, float] | None = None) -> list[Sample]:
     """n deterministic samples of the given split ("train" or "test"; disjoint random streams), about
-    `text_fraction` of them text-only, image question types in equal proportion."""
+    `text_fraction` of them text-only, image question types in equal proportion (in turn), or drawn with
+    probability proportional to `type_weights` (image type -> weight; a training curriculum)."""
     if split not in SPLIT_SEEDS:
         raise DataError(f"--split {split!r}: expected one of {sorted(SPLIT_SEEDS)}")
+    if type_weights is not None:
+        unknown = set(type_weights) - set(IMAGE_TYPES)
+        if unknown or any(w < 0 for w in type_weights.values()) or sum(type_weights.values()) <= 0:
+            raise DataError(f"type weights {type_weights}: expected non-negative weights, not all 0, for "
+                            f"image question types among {IMAGE_TYPES}")
+        p = np.array([type_weights.get(t, 0.0) for t in IMAGE_TYPES], dtype=float)
+        p /= p.sum()
     rng = np.random.default_rng([SPLIT_SEEDS[split], seed])
     out = []
     while len(out) < n:
@@ -180,7 +189,7 @@ def shapes_benchmark(n: int, seed: int = 0, split: str = "test", text_fraction: 
             q, a = _text_question(rng, qtype)
             out.append(Sample(q, a, qtype))
             continue
-        qtype = IMAGE_TYPES[len(out) % len(IMAGE_TYPES)]
+        qtype = IMAGE_TYPES[len(out) % len(IMAGE_TYPES) if type_weights is None else rng.choice(len(p), p=p)]
         objs = _scene(rng)
         qa = _image_question(rng, objs, qtype)
         if qa:

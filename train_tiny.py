@@ -285,7 +285,8 @@ def train(family: str = "qwen3_vl_moe", out: str = "models/tiny-qwen3-vl-moe", s
           batch: int = 64, lr: float = 2e-3, warmup: int = 150, decay_frac: float = 0.3, aux: float = 0.3,
           aux_merged: float = 0.3, balance: float = 0.01, seed: int = 0, eval_every: int = 250, eval_n: int = 400,
           threads: int = 2, overwrite: bool = False, experts: int | None = None, top_k: int | None = None,
-          moe_intermediate: int | None = None, init_from: str | None = None):
+          moe_intermediate: int | None = None, init_from: str | None = None, text_fraction: float = 0.2,
+          type_weights: dict[str, float] | None = None):
     model.check_output_dir(out, "tiny-model", overwrite=overwrite)  # before training: fail fast
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
@@ -325,7 +326,8 @@ def train(family: str = "qwen3_vl_moe", out: str = "models/tiny-qwen3-vl-moe", s
     for step in range(steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, lr, warmup, decay_frac)
-        samples = data.shapes_benchmark(batch, seed=seed * 1_000_000 + step, split="train")
+        samples = data.shapes_benchmark(batch, seed=seed * 1_000_000 + step, split="train",
+                                        text_fraction=text_fraction, type_weights=type_weights)
         b = data.encode_qa_batch(proc, samples)
         logits = m(b["input_ids"], attention_mask=b["attention_mask"], **data.vision_inputs(b))
         loss_ans = answer_loss(logits, b["labels"])
@@ -369,6 +371,20 @@ def train(family: str = "qwen3_vl_moe", out: str = "models/tiny-qwen3-vl-moe", s
     return acc
 
 
+def parse_type_weights(text: str) -> dict[str, float]:
+    """"color=3,exists=3,shape=2" -> {"color": 3.0, "exists": 3.0, "shape": 2.0} (argparse type)."""
+    out = {}
+    for item in text.split(","):
+        name, _, w = item.partition("=")
+        if name.strip() not in data.IMAGE_TYPES or not w:
+            raise argparse.ArgumentTypeError(f"{item!r}: expected TYPE=WEIGHT with TYPE one of {data.IMAGE_TYPES}")
+        try:
+            out[name.strip()] = float(w)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"{item!r}: the weight is not a number") from e
+    return out
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--family", default="qwen3_vl_moe", choices=sorted(FAMILIES), help="model family to train")
@@ -388,6 +404,10 @@ def main():
     p.add_argument("--init-from", default=None,
                    help="start from this checkpoint's weights (same family and configuration) instead of the init")
     p.add_argument("--warmup", type=int, default=150, help="linear warm-up steps")
+    p.add_argument("--text-fraction", type=float, default=0.2, help="share of text-only training questions")
+    p.add_argument("--type-weights", type=parse_type_weights, default=None, metavar="TYPE=W,...",
+                   help="draw training image questions by these weights (e.g. color=3,exists=3,shape=2) instead "
+                        "of in turn; types not named get 0")
     p.add_argument("--seed", type=int, default=0, help="seed for init and training data")
     p.add_argument("--eval-every", type=int, default=250, help="steps between held-out evaluations/checkpoints")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
@@ -398,7 +418,8 @@ def main():
     train(args.family, out, steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed, aux=args.aux,
           aux_merged=args.aux_merged, decay_frac=args.decay_frac, balance=args.balance, experts=args.experts,
           top_k=args.top_k, moe_intermediate=args.moe_intermediate, init_from=args.init_from, warmup=args.warmup,
-          eval_every=args.eval_every, threads=args.threads, overwrite=args.overwrite)
+          eval_every=args.eval_every, threads=args.threads, overwrite=args.overwrite,
+          text_fraction=args.text_fraction, type_weights=args.type_weights)
 
 
 if __name__ == "__main__":

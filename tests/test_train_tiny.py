@@ -35,3 +35,26 @@ def test_set_experts_overrides_and_refuses_bad_values():
         train_tiny.set_experts(train_tiny.qwen_config(tok), 1)
     with pytest.raises(ValueError, match="--moe-intermediate"):
         train_tiny.set_experts(train_tiny.qwen_config(tok), 64, 4, 64)
+
+
+def test_type_weights_curriculum_draws_by_weight_and_leaves_the_default_stream_alone():
+    """Weighted draws: a type with weight 0 never appears, two types every scene can pose come in the ratio of
+    their weights; the default (type_weights=None) keeps taking image types in turn."""
+    w = {"exists": 3, "count": 1}  # both can be posed on every scene
+    s = data.shapes_benchmark(800, seed=2, split="train", text_fraction=0.0, type_weights=w)
+    n = {t: sum(x.type == t for x in s) for t in data.IMAGE_TYPES}
+    assert n["exists"] + n["count"] == 800 and n["color"] == n["position"] == 0
+    assert 2.4 < n["exists"] / n["count"] < 3.7  # 3:1 expected; binomial sd of the share ~1.5 points
+    plain = data.shapes_benchmark(60, seed=2, split="train", text_fraction=0.0)
+    assert [x.type for x in plain] == [data.IMAGE_TYPES[i % 6] for i in range(60)]
+    with pytest.raises(data.DataError, match="type weights"):
+        data.shapes_benchmark(5, type_weights={"colour": 1})
+    with pytest.raises(data.DataError, match="type weights"):
+        data.shapes_benchmark(5, type_weights={"color": 0})
+
+
+def test_parse_type_weights():
+    assert train_tiny.parse_type_weights("color=3,exists=2.5") == {"color": 3.0, "exists": 2.5}
+    for bad in ("colr=3", "color", "color=x"):
+        with pytest.raises(Exception, match=bad.split("=")[0]):
+            train_tiny.parse_type_weights(bad)
