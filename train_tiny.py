@@ -210,6 +210,64 @@ def merged_labels(samples, grid: int = 8):
     return patch_labels(samples, "merge_block", grid).view(-1, 4)
 
 
+def looked_at_object(s) -> dict | None:
+    """The object a question about s's scene is answered from (the one the answer position should attend to):
+    the object of the named unique shape (color) or colour (shape), the object asked about when it exists, the
+    extreme object (position), the object found next to the anchor (relation); None for counts and for
+    "no" answers to exists (nothing to look at)."""
+    w, objs = s.question.split(), s.objects
+    if s.type == "color":
+        return next(o for o in objs if o["shape"] == w[4])
+    if s.type == "shape":
+        return next(o for o in objs if o["color"] == w[4])
+    if s.type == "exists" and s.answer == "yes":
+        return next(o for o in objs if (o["color"], o["shape"]) == (w[3], w[4]))
+    if s.type == "position":
+        key, pick = {"left": ("x", min), "right": ("x", max), "top": ("y", min), "bottom": ("y", max)}[w[4][:-4]]
+        return pick(objs, key=lambda p: p[key])
+    if s.type == "relation":  # "what ATTR is the object SIDE the COLOR SHAPE ?", SIDE one or two words
+        side, (color, shape) = " ".join(w[5:-4]), w[-3:-1]
+        a = next(o for o in objs if (o["color"], o["shape"]) == (color, shape))
+        key, sign = {"left of": ("x", -1), "right of": ("x", 1), "above": ("y", -1), "below": ("y", 1)}[side]
+        return min((o for o in objs if sign * (o[key] - a[key]) > 0), key=lambda p: abs(p[key] - a[key]))
+    return None
+
+
+def look_targets(samples, grid: int = 8) -> torch.Tensor:
+    """(n_image_samples, grid² / 4) bool: the merged image tokens that cover a patch centre of the object each
+    image question is answered from (all False where there is none: counts, "no" answers)."""
+    labels = merged_labels(samples, grid).view(-1, grid * grid // 4, 4)
+    image_samples = [s for s in samples if s.image is not None]
+    out = torch.zeros(labels.shape[:2], dtype=torch.bool)
+    for i, s in enumerate(image_samples):
+        o = looked_at_object(s)
+        if o is not None:
+            code = 1 + data.SHAPES.index(o["shape"]) * len(data.COLORS) + list(data.COLORS).index(o["color"])
+            out[i] = (labels[i] == code).any(-1)
+    return out
+
+
+def look_loss(probs: list[torch.Tensor], batch: dict, samples, image_token_id: int) -> torch.Tensor:
+    """Attention supervision: -log of the attention mass that head 0 of each given layer puts, from the position
+    that predicts the first answer token, on the image tokens of the object the answer is read from, averaged
+    over the image questions that have such an object. probs: per layer (B, nh, T, T) softmax probabilities."""
+    per_image = look_targets(samples)
+    targets = torch.zeros(len(samples), looks := per_image.shape[1], dtype=torch.bool)
+    targets[[i for i, s in enumerate(samples) if s.image is not None]] = per_image
+    rows = targets.any(-1).nonzero().flatten()
+    if len(rows) == 0:
+        return torch.zeros(())
+    ids, labels = batch["input_ids"][rows], batch["labels"][rows]
+    answer_pos = (labels != -100).int().argmax(-1) - 1  # logits[t] predict labels[t + 1]
+    image_pos = (ids == image_token_id).nonzero()[:, 1].view(len(rows), looks)  # image tokens in merge order
+    losses = []
+    for p in probs:
+        a = p[rows, 0, answer_pos]  # (R, T): head 0 from the answer position
+        mass = (a.gather(1, image_pos) * targets[rows]).sum(-1)
+        losses.append(-torch.log(mass + 1e-6).mean())
+    return torch.stack(losses).mean()
+
+
 class Probes:
     """Forward hooks that keep what the auxiliary losses read: the vision tower's last block output, the image
     embeddings handed to the decoder (projector / merger output) and every router's probabilities (for the
@@ -286,7 +344,7 @@ def train(family: str = "qwen3_vl_moe", out: str = "models/tiny-qwen3-vl-moe", s
           aux_merged: float = 0.3, balance: float = 0.01, seed: int = 0, eval_every: int = 250, eval_n: int = 400,
           threads: int = 2, overwrite: bool = False, experts: int | None = None, top_k: int | None = None,
           moe_intermediate: int | None = None, init_from: str | None = None, text_fraction: float = 0.2,
-          type_weights: dict[str, float] | None = None):
+          type_weights: dict[str, float] | None = None, look: float = 0.0, look_layers: list[int] | None = None):
     model.check_output_dir(out, "tiny-model", overwrite=overwrite)  # before training: fail fast
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
@@ -309,6 +367,11 @@ def train(family: str = "qwen3_vl_moe", out: str = "models/tiny-qwen3-vl-moe", s
             raise ValueError(f"--init-from {init_from}: its weights do not fit this configuration ({e})") from e
         del ref
     probes = Probes(m)
+    looked = []  # attention probabilities of the --look layers, in layer order, for the current forward
+    if look > 0:
+        for i in look_layers if look_layers is not None else range(len(m.layers) - 2, len(m.layers)):
+            m.layers[i].self_attn.probs_hook = looked.append
+    image_token_id = cfg_dict.get("image_token_id", cfg_dict.get("media_placeholder_token_id"))
     n_classes = 1 + len(data.SHAPES) * len(data.COLORS)
     probe = nn.Linear(m.vision_blocks()[-1].norm1.weight.shape[0], n_classes)
     # the same labels read from the image embeddings the decoder gets (RMS-normalized, as the decoder's first
@@ -332,6 +395,9 @@ def train(family: str = "qwen3_vl_moe", out: str = "models/tiny-qwen3-vl-moe", s
         logits = m(b["input_ids"], attention_mask=b["attention_mask"], **data.vision_inputs(b))
         loss_ans = answer_loss(logits, b["labels"])
         loss = loss_ans + balance * probes.balance_loss(n_experts)
+        loss_look = look_loss(looked, b, samples, image_token_id) if look > 0 else torch.zeros(())
+        loss = loss + look * loss_look
+        looked.clear()
         loss_aux = loss_merged = torch.zeros(())
         shape_acc = float("nan")
         if "pixel_values" in b:
@@ -356,12 +422,14 @@ def train(family: str = "qwen3_vl_moe", out: str = "models/tiny-qwen3-vl-moe", s
         if step % 25 == 0:
             print(f"step {step:5d}  loss {loss.item():.4f}  answer {loss_ans.item():.4f}  "
                   f"aux {loss_aux.item():.4f}  aux_merged {loss_merged.item():.4f}  merged_shape_acc {shape_acc:.3f}  "
+                  + (f"look {loss_look.item():.4f}  " if look > 0 else "") +
                   f"grad {grad_norm.item():.2f}  lr {opt.param_groups[0]['lr']:.2e}  {time.time() - t0:7.1f}s",
                   flush=True)
         if (step + 1) % eval_every == 0 or step + 1 == steps:
             m.eval()
             acc = evaluate(m, proc, held_out)
             probes.router_probs = []
+            looked.clear()
             probes.vision = probes.image_embeds = None
             m.train()
             print(f"eval step {step + 1}: " + "  ".join(f"{k} {v:.3f}" for k, v in sorted(acc.items())) +
@@ -408,6 +476,11 @@ def main():
     p.add_argument("--type-weights", type=parse_type_weights, default=None, metavar="TYPE=W,...",
                    help="draw training image questions by these weights (e.g. color=3,exists=3,shape=2) instead "
                         "of in turn; types not named get 0")
+    p.add_argument("--look", type=float, default=0.0,
+                   help="weight of the attention supervision: head 0 of the --look-layers, from the answer position, "
+                        "should attend to the image tokens of the object the answer is read from (0: off)")
+    p.add_argument("--look-layers", type=lambda t: [int(x) for x in t.split(",")], default=None, metavar="I,J",
+                   help="decoder layers the attention supervision acts on (default: the last two)")
     p.add_argument("--seed", type=int, default=0, help="seed for init and training data")
     p.add_argument("--eval-every", type=int, default=250, help="steps between held-out evaluations/checkpoints")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
@@ -419,7 +492,8 @@ def main():
           aux_merged=args.aux_merged, decay_frac=args.decay_frac, balance=args.balance, experts=args.experts,
           top_k=args.top_k, moe_intermediate=args.moe_intermediate, init_from=args.init_from, warmup=args.warmup,
           eval_every=args.eval_every, threads=args.threads, overwrite=args.overwrite,
-          text_fraction=args.text_fraction, type_weights=args.type_weights)
+          text_fraction=args.text_fraction, type_weights=args.type_weights, look=args.look,
+          look_layers=args.look_layers)
 
 
 if __name__ == "__main__":

@@ -58,3 +58,44 @@ def test_parse_type_weights():
     for bad in ("colr=3", "color", "color=x"):
         with pytest.raises(Exception, match=bad.split("=")[0]):
             train_tiny.parse_type_weights(bad)
+
+
+def test_looked_at_object_holds_the_answer():
+    """The object the attention supervision points at is the one the gold answer is read from: its colour or
+    shape is the answer (exists: it is the object asked about); counts and "no" answers have none."""
+    for s in data.shapes_benchmark(400, seed=7, split="train"):
+        if s.image is None:
+            continue
+        o = train_tiny.looked_at_object(s)
+        if s.type == "count" or (s.type == "exists" and s.answer == "no"):
+            assert o is None
+        elif s.type == "exists":
+            assert f"{o['color']} {o['shape']}" in s.question
+        else:
+            attr = {"color": "color", "shape": "shape"}.get(s.type) or s.question.split()[1]
+            assert o[attr] == s.answer and o in s.objects
+
+
+def test_look_targets_and_loss_against_the_label_map():
+    samples = [s for s in data.shapes_benchmark(60, seed=8, split="train") if s.image is not None][:12]
+    t = train_tiny.look_targets(samples)
+    for s, row in zip(samples, t):
+        o = train_tiny.looked_at_object(s)
+        if o is None:
+            assert not row.any()
+            continue
+        lab = np.asarray(data.draw_scene(s.objects, labels=True))
+        code = 1 + data.SHAPES.index(o["shape"]) * len(data.COLORS) + list(data.COLORS).index(o["color"])
+        for k in range(16):  # merged token k covers pixel block (k // 4, k % 4) of 16 x 16, patch centres 4 and 12
+            br, bc = divmod(k, 4)
+            centres = [(16 * br + dy, 16 * bc + dx) for dy in (4, 12) for dx in (4, 12)]
+            assert bool(row[k]) == any(lab[y, x] == code for y, x in centres)
+    # uniform attention over T keys: -log(targets / T), averaged over the rows that have a target
+    ids = torch.full((len(samples), 20), 7)
+    ids[:, 2:18] = 99  # 16 image tokens at positions 2..17
+    labels = torch.full((len(samples), 20), -100)
+    labels[:, 19] = 1  # answer at 19, predicted from position 18
+    probs = torch.full((len(samples), 2, 20, 20), 1 / 20)
+    want = torch.stack([-torch.log(r.sum() / 20 + 1e-6) for r in t if r.any()]).mean()
+    got = train_tiny.look_loss([probs], {"input_ids": ids, "labels": labels}, samples, image_token_id=99)
+    assert torch.allclose(got, want)
