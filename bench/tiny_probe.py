@@ -8,7 +8,8 @@
 Each probe is a logistic regression fitted on 2000 train-split samples (Adam, 300 full-batch steps, standardized
 features) and scored on 600 held-out ones; "shape" is the share of object patches / tokens whose predicted class
 has the right shape. Also checks that the patch labels line up with the pixels (non-grey centre pixel <=> label
-> 0) and prints the RMS of the text and image embeddings.
+> 0), prints the RMS of the text and image embeddings, and how sharp each decoder layer's attention is from the
+position that predicts the answer and how much of it lands on the object the answer is read from.
 
     python bench/tiny_probe.py models/tiny-kimi-vl
 """
@@ -28,6 +29,42 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 import model  # noqa: E402
 import train_tiny  # noqa: E402
+
+
+def fmt(t) -> str:
+    return "[" + " ".join(f"{v:.2f}" for v in t.tolist()) + "]"
+
+
+@torch.no_grad()
+def attention_report(m, proc, n: int = 200, seed: int = 5):
+    """Per decoder layer, per head, averaged over held-out image questions: the largest attention probability
+    from the position that predicts the first answer token, the entropy of that row (nats), its mass on image
+    tokens, and (over the questions that have one) its mass on the image tokens of the object the answer is read
+    from (train_tiny.look_targets), as a share of the image mass; also that share under uniform attention. A
+    saturated softmax (max prob near 1, entropy near 0) passes almost no gradient to the logits of the keys it
+    ignores."""
+    samples = [s for s in data.shapes_benchmark(n, seed=seed, split="test") if s.image is not None]
+    b = data.encode_qa_batch(proc, samples)
+    probs = []
+    for layer in m.layers:
+        layer.self_attn.probs_hook = probs.append
+    m(b["input_ids"], attention_mask=b["attention_mask"], **data.vision_inputs(b))
+    for layer in m.layers:
+        del layer.self_attn.probs_hook
+    image_id = m.cfg.image_token_id if m.family == "qwen3_vl_moe" else m.cfg.media_placeholder_token_id
+    rows = torch.arange(len(samples))
+    answer_pos = (b["labels"] != -100).int().argmax(-1) - 1
+    image_pos = (b["input_ids"] == image_id).nonzero()[:, 1].view(len(samples), -1)
+    target = train_tiny.look_targets(samples)
+    has = target.any(-1)
+    out = []
+    for p in probs:
+        a = p[rows, :, answer_pos]  # (B, nh, T)
+        ent = -(a * a.clamp_min(1e-12).log()).sum(-1)
+        img = a.gather(2, image_pos[:, None].expand(-1, a.shape[1], -1))  # (B, nh, 16)
+        share = (img * target[:, None]).sum(-1)[has] / img.sum(-1)[has].clamp_min(1e-12)
+        out.append((a.max(-1).values.mean(0), ent.mean(0), img.sum(-1).mean(0), share.mean(0)))
+    return out, target[has].float().mean().item()
 
 
 def features(m, proc, family: str, n: int, split: str, seed: int):
@@ -117,6 +154,11 @@ def main(path: str):
            else m.model.language_model.embed_tokens.weight)
     print(f"  RMS: text embeddings {emb.float().pow(2).mean().sqrt():.4f}, image embeddings "
           f"{Ev.pow(2).mean().sqrt():.4f}")
+    layers, uniform = attention_report(m, proc)
+    print(f"  attention (looked-at object share under uniform attention over the image: {uniform:.2f}):")
+    for i, (top, ent, image, share) in enumerate(layers):
+        print(f"    decoder layer {i}, from the answer position, per head: max prob {fmt(top)}  entropy {fmt(ent)} nats"
+              f"  image mass {fmt(image)}  on the looked-at object {fmt(share)}")
     g = gradient_norms(m, proc)
     print("  answer-loss gradient norm: " + ", ".join(f"{k} {v:.2e}" for k, v in g.items()) +
           f"  ({time.time() - t0:.0f}s)")
