@@ -188,6 +188,17 @@ def init_weights(m: nn.Module, n_layers: int, std: float = 0.02):
             nn.init.normal_(p, std=std)
 
 
+@torch.no_grad()
+def temper_attention(m, factor: float):
+    """Multiply every decoder attention logit q·k by `factor` (< 1 softens a saturated softmax before a continued
+    run): the query's last scale, i.e. q_norm's weight where there is one (Qwen), else the query projection's
+    weight (Kimi's q_proj, or q_b_proj with a low-rank query; its rope part included)."""
+    for layer in m.layers:
+        a = layer.self_attn
+        w = a.q_norm.weight if hasattr(a, "q_norm") else (a.q_proj if hasattr(a, "q_proj") else a.q_b_proj).weight
+        w.mul_(factor)
+
+
 def patch_labels(samples, patch_order: str, grid: int = 8, patch: int = 8):
     """Per-patch class for the auxiliary loss: the label-map value (0 background, else shape x colour) at each
     patch centre, in the order of the pixel rows (Qwen: merge blocks; Kimi: raster). (n_image_samples * grid²,)"""
@@ -344,7 +355,8 @@ def train(family: str = "qwen3_vl_moe", out: str = "models/tiny-qwen3-vl-moe", s
           aux_merged: float = 0.3, balance: float = 0.01, seed: int = 0, eval_every: int = 250, eval_n: int = 400,
           threads: int = 2, overwrite: bool = False, experts: int | None = None, top_k: int | None = None,
           moe_intermediate: int | None = None, init_from: str | None = None, text_fraction: float = 0.2,
-          type_weights: dict[str, float] | None = None, look: float = 0.0, look_layers: list[int] | None = None):
+          type_weights: dict[str, float] | None = None, look: float = 0.0, look_layers: list[int] | None = None,
+          attn_scale: float = 1.0):
     model.check_output_dir(out, "tiny-model", overwrite=overwrite)  # before training: fail fast
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
@@ -366,6 +378,8 @@ def train(family: str = "qwen3_vl_moe", out: str = "models/tiny-qwen3-vl-moe", s
         except RuntimeError as e:
             raise ValueError(f"--init-from {init_from}: its weights do not fit this configuration ({e})") from e
         del ref
+    if attn_scale != 1.0:
+        temper_attention(m, attn_scale)
     probes = Probes(m)
     looked = []  # attention probabilities of the --look layers, in layer order, for the current forward
     if look > 0:
@@ -481,6 +495,9 @@ def main():
                         "should attend to the image tokens of the object the answer is read from (0: off)")
     p.add_argument("--look-layers", type=lambda t: [int(x) for x in t.split(",")], default=None, metavar="I,J",
                    help="decoder layers the attention supervision acts on (default: the last two)")
+    p.add_argument("--attn-scale", type=float, default=1.0,
+                   help="multiply every decoder attention logit by this before training (with --init-from: < 1 "
+                        "softens attention that has saturated)")
     p.add_argument("--seed", type=int, default=0, help="seed for init and training data")
     p.add_argument("--eval-every", type=int, default=250, help="steps between held-out evaluations/checkpoints")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
@@ -493,7 +510,7 @@ def main():
           top_k=args.top_k, moe_intermediate=args.moe_intermediate, init_from=args.init_from, warmup=args.warmup,
           eval_every=args.eval_every, threads=args.threads, overwrite=args.overwrite,
           text_fraction=args.text_fraction, type_weights=args.type_weights, look=args.look,
-          look_layers=args.look_layers)
+          look_layers=args.look_layers, attn_scale=args.attn_scale)
 
 
 if __name__ == "__main__":
