@@ -99,3 +99,34 @@ def test_look_targets_and_loss_against_the_label_map():
     want = torch.stack([-torch.log(r.sum() / 20 + 1e-6) for r in t if r.any()]).mean()
     got = train_tiny.look_loss([probs], {"input_ids": ids, "labels": labels}, samples, image_token_id=99)
     assert torch.allclose(got, want)
+
+
+@pytest.mark.parametrize("name", ["tiny-qwen3-vl-moe", "tiny-kimi-vl"])
+def test_temper_attention_scales_every_logit(name):
+    """After temper_attention(m, f) the first decoder layer's attention rows are softmax(f * log p) of the rows
+    before (log p is the logit up to a per-row constant; float64, so nothing underflows); later layers see other
+    inputs once the first has changed, so for them: the query's last scale is f times what it was, and nothing
+    else in the model moved."""
+    import os
+
+    import model
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", name)
+    m = model.load_model(path).double().eval()
+    proc = data.load_processor(path)
+    b = data.encode_qa_batch(proc, data.shapes_benchmark(3, seed=1))
+    probs = []
+    m.layers[0].self_attn.probs_hook = probs.append
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with torch.no_grad():
+        m(b["input_ids"], attention_mask=b["attention_mask"], **data.vision_inputs(b))
+        train_tiny.temper_attention(m, 0.4)
+        m(b["input_ids"], attention_mask=b["attention_mask"], **data.vision_inputs(b))
+    rows = probs[0].sum(-1) > 0.5  # rows of padded queries may be all-masked
+    assert torch.allclose(probs[1][rows], torch.softmax(0.4 * probs[0].log(), dim=-1)[rows], atol=1e-9)
+    scaled = ".self_attn.q_norm.weight" if m.family == "qwen3_vl_moe" else ".self_attn.q_proj.weight"
+    changed = {k for k, v in m.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed == {k for k in before if k.endswith(scaled) and ".layers." in k and "visual" not in k}
+    assert len(changed) == len(m.layers)
+    for k in changed:
+        assert torch.allclose(m.state_dict()[k], 0.4 * before[k])
