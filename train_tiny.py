@@ -11,7 +11,8 @@ warm-up then constant then linear decay, answer cross-entropy + 0.01 load-balanc
 auxiliary per-patch loss (a linear probe on the vision tower predicting the shape x colour under each patch;
 it teaches the tower to see shape early) + 0.3 x the same labels read from the image embeddings the decoder
 gets (--aux-merged: otherwise only the answer loss trains the projector, and Kimi's never passed shape on).
-The probes are dropped from the checkpoint.
+The probes are dropped from the checkpoint. Off by default, for Kimi's decoder (docs/tiny-models.md §4.4):
+--look (attention supervision onto the object the answer is read from), --attn-scale, --type-weights.
 
     python train_tiny.py --family qwen3_vl_moe --steps 4500 --threads 1 --out models/tiny-qwen3-vl-moe
     python train_tiny.py --family kimi_vl --steps 4000 --threads 1 --out models/tiny-kimi-vl
