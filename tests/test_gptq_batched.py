@@ -44,6 +44,20 @@ def tie_distance(W, H, r, group_size, row, j, perm=None):
     return abs(abs(x - round(x)) - 0.5)
 
 
+def zero_tie_distance(W, H, r, group_size, row, j, bits):
+    """At a group's first column j: how far (in zero-point steps) the reference's -xmin / scale of that group is
+    from a half-integer, its columns recomputed in float64 as they stood when the sweep reached j (errors of the
+    columns before j only). A zero point that rounds the other way shifts every code of the group."""
+    Hd = H.double() + r.damp * torch.eye(H.shape[0], dtype=torch.float64)
+    R = torch.linalg.cholesky(Hd.flip((0, 1))).flip((0, 1))
+    D = W.double()[row] - r.W_hat.double()[row]
+    cols = torch.arange(j, j + group_size)
+    w = W.double()[row, cols] + D[:j] @ R[:j][:, cols] / R[cols, cols]
+    xmin, xmax = min(float(w.min()), 0.0), max(float(w.max()), 0.0)
+    x = -xmin / ((xmax - xmin) / (2**bits - 1))
+    return abs(abs(x - round(x)) - 0.5)
+
+
 def assert_equal_up_to_ties(W, H, ref, bat, *, bits, group_size, tol, perm=None):
     """Codes equal except in rows whose first difference (in the sweep's column order `perm`) is a rounding
     tie of the reference (within tol grid steps); Ŵ = dequantize(codes). Returns the number of rows that
@@ -53,6 +67,14 @@ def assert_equal_up_to_ties(W, H, ref, bat, *, bits, group_size, tol, perm=None)
     rows = diff.any(1).nonzero().flatten().tolist()
     for row in rows:
         j = int(diff[row][perm if perm is not None else slice(None)].nonzero()[0])
+        g = int((perm[j] if perm is not None else j)) // group_size if group_size != -1 else 0
+        if (perm is None and group_size != -1 and j % group_size == 0 and ref.zero is not None
+                and ref.zero[row, g] != bat.zero[row, g]):  # the group's zero point rounded the other way
+            # 0.05 zero-point steps, not tol: on the bundled Kimi (commit d2e176e weights, first MoE layer, W4 g32)
+            # one row's zero point sits 0.020 steps from a half and the two float32 solvers round it apart; in
+            # float64 the two solvers give identical codes on that layer at every setting of the test
+            assert zero_tie_distance(W, H, ref, group_size, row, j, bits) < max(tol, 0.05), (row, j, "zero point")
+            continue
         assert tie_distance(W, H, ref, group_size, row, j, perm) < tol, (row, j)
     same = [i for i in range(diff.shape[0]) if i not in rows]
     # float32: the group params see rounding differences (up to 1.13e-4 relative, one scale in 635, on the first
