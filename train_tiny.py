@@ -259,19 +259,26 @@ def look_targets(samples, grid: int = 8) -> torch.Tensor:
     return out
 
 
+def answer_and_image_positions(batch: dict, image_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of a teacher-forced batch whose rows all hold one image: the position whose logits predict the
+    first answer token (B,), and the image tokens' positions in merge order (B, tokens per image)."""
+    answer_pos = (batch["labels"] != -100).int().argmax(-1) - 1  # logits[t] predict labels[t + 1]
+    image_pos = (batch["input_ids"] == image_token_id).nonzero()[:, 1].view(len(answer_pos), -1)
+    return answer_pos, image_pos
+
+
 def look_loss(probs: list[torch.Tensor], batch: dict, samples, image_token_id: int) -> torch.Tensor:
     """Attention supervision: -log of the attention mass that head 0 of each given layer puts, from the position
     that predicts the first answer token, on the image tokens of the object the answer is read from, averaged
     over the image questions that have such an object. probs: per layer (B, nh, T, T) softmax probabilities."""
     per_image = look_targets(samples)
-    targets = torch.zeros(len(samples), looks := per_image.shape[1], dtype=torch.bool)
+    targets = torch.zeros(len(samples), per_image.shape[1], dtype=torch.bool)
     targets[[i for i, s in enumerate(samples) if s.image is not None]] = per_image
     rows = targets.any(-1).nonzero().flatten()
     if len(rows) == 0:
         return torch.zeros(())
-    ids, labels = batch["input_ids"][rows], batch["labels"][rows]
-    answer_pos = (labels != -100).int().argmax(-1) - 1  # logits[t] predict labels[t + 1]
-    image_pos = (ids == image_token_id).nonzero()[:, 1].view(len(rows), looks)  # image tokens in merge order
+    answer_pos, image_pos = answer_and_image_positions({k: batch[k][rows] for k in ("input_ids", "labels")},
+                                                       image_token_id)
     losses = []
     for p in probs:
         a = p[rows, 0, answer_pos]  # (R, T): head 0 from the answer position
@@ -379,10 +386,14 @@ def train(family: str = "qwen3_vl_moe", out: str = "models/tiny-qwen3-vl-moe", s
         except RuntimeError as e:
             raise ValueError(f"--init-from {init_from}: its weights do not fit this configuration ({e})") from e
         del ref
+    if attn_scale <= 0:
+        raise ValueError(f"--attn-scale {attn_scale}: expected a positive factor (< 1 softens attention)")
     if attn_scale != 1.0:
         temper_attention(m, attn_scale)
     probes = Probes(m)
     looked = []  # attention probabilities of the --look layers, in layer order, for the current forward
+    if look_layers is not None and not all(0 <= i < len(m.layers) for i in look_layers):
+        raise ValueError(f"--look-layers {look_layers}: the decoder has layers 0..{len(m.layers) - 1}")
     if look > 0:
         for i in look_layers if look_layers is not None else range(len(m.layers) - 2, len(m.layers)):
             m.layers[i].self_attn.probs_hook = looked.append

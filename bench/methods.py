@@ -209,9 +209,6 @@ def summarize(runs, arrays) -> list[dict]:
     paired difference from GPTQ of the same section and setting."""
     rows, keys = [], list(dict.fromkeys((r["section"], r["setting"], r["label"]) for r in runs))
 
-    def matrix(key, metric):
-        return seed_matrix(runs, arrays, key, metric)
-
     for key in keys:
         section, setting, label = key
         rs = [r for r in runs if (r["section"], r["setting"], r["label"]) == key]
@@ -220,10 +217,10 @@ def summarize(runs, arrays) -> list[dict]:
                "seconds": float(np.mean([r["seconds"] for r in rs if not r.get("reused")])),
                "eval_seconds": float(np.mean([r["eval_seconds"] for r in rs if not r.get("reused")]))}
         for metric in METRICS:
-            x, seeds = matrix(key, metric)
+            x, seeds = seed_matrix(runs, arrays, key, metric)
             if x is not None:
                 row["metrics"][metric] = evaluation.seeds_samples_interval(x, bounds=BOUNDS[metric])
-            base, base_seeds = matrix((section, setting, "gptq"), metric)
+            base, base_seeds = seed_matrix(runs, arrays, (section, setting, "gptq"), metric)
             if x is not None and base is not None and label != "gptq" and metric in DELTAS[section]:
                 if base_seeds != seeds:
                     raise ValueError(f"{label} {setting}: seeds {seeds} but GPTQ has {base_seeds}")

@@ -53,8 +53,7 @@ def attention_report(m, proc, n: int = 200, seed: int = 5):
         del layer.self_attn.probs_hook
     image_id = m.cfg.image_token_id if m.family == "qwen3_vl_moe" else m.cfg.media_placeholder_token_id
     rows = torch.arange(len(samples))
-    answer_pos = (b["labels"] != -100).int().argmax(-1) - 1
-    image_pos = (b["input_ids"] == image_id).nonzero()[:, 1].view(len(samples), -1)
+    answer_pos, image_pos = train_tiny.answer_and_image_positions(b, image_id)
     target = train_tiny.look_targets(samples)
     has = target.any(-1)
     out = []

@@ -30,29 +30,31 @@ def problem(E=5, out=24, d=48, dtype=torch.float64, seed=0):
     return torch.randn(E, out, d, generator=gen(seed), dtype=dtype), H
 
 
-def tie_distance(W, H, r, group_size, row, j, perm=None):
-    """How far (in grid steps) the reference's w/s at (row, column j) is from a half-integer; its w recomputed
-    in float64 from its own result r: w_j = W_j + Σ_{i<j} (W - Ŵ)_i R_ij / R_jj with H + damp·I = R Rᵀ.
-    perm (act_order): the reference's column order; j is then a position in it."""
-    perm = torch.arange(H.shape[0]) if perm is None else perm
-    W, W_hat, H = W[:, perm], r.W_hat[:, perm], H[perm][:, perm]
-    Hd = H.double() + r.damp * torch.eye(H.shape[0], dtype=torch.float64)
+def columns_when_reached(W, W_hat, H, damp, row, j, cols):
+    """The reference's row `row`, columns `cols` (positions in the sweep order of W, W_hat, H), as they stood when
+    the sweep reached position j, recomputed in float64 from its result Ŵ: w_k = W_k + Σ_{i<j} (W - Ŵ)_i R_ik / R_kk
+    with H + damp·I = R Rᵀ (every earlier column's error enters each later column independently)."""
+    Hd = H.double() + damp * torch.eye(H.shape[0], dtype=torch.float64)
     R = torch.linalg.cholesky(Hd.flip((0, 1))).flip((0, 1))
     D = W.double()[row] - W_hat.double()[row]  # (in,)
-    w = W.double()[row, j] + D[:j] @ R[:j, j] / R[j, j]
+    return W.double()[row, cols] + D[:j] @ R[:j][:, cols] / R[cols, cols]
+
+
+def tie_distance(W, H, r, group_size, row, j, perm=None):
+    """How far (in grid steps) the reference's w/s at (row, column j) is from a half-integer (w: its value when
+    the sweep reached it, `columns_when_reached`). perm (act_order): the reference's column order; j is then a
+    position in it."""
+    perm = torch.arange(H.shape[0]) if perm is None else perm
+    w = columns_when_reached(W[:, perm], r.W_hat[:, perm], H[perm][:, perm], r.damp, row, j, torch.tensor([j]))[0]
     x = float(w / r.scale[row, int(perm[j]) // (H.shape[0] if group_size == -1 else group_size)].double())
     return abs(abs(x - round(x)) - 0.5)
 
 
 def zero_tie_distance(W, H, r, group_size, row, j, bits):
     """At a group's first column j: how far (in zero-point steps) the reference's -xmin / scale of that group is
-    from a half-integer, its columns recomputed in float64 as they stood when the sweep reached j (errors of the
-    columns before j only). A zero point that rounds the other way shifts every code of the group."""
-    Hd = H.double() + r.damp * torch.eye(H.shape[0], dtype=torch.float64)
-    R = torch.linalg.cholesky(Hd.flip((0, 1))).flip((0, 1))
-    D = W.double()[row] - r.W_hat.double()[row]
-    cols = torch.arange(j, j + group_size)
-    w = W.double()[row, cols] + D[:j] @ R[:j][:, cols] / R[cols, cols]
+    from a half-integer, its columns as they stood when the sweep reached j. A zero point that rounds the other
+    way shifts every code of the group."""
+    w = columns_when_reached(W, r.W_hat, H, r.damp, row, j, torch.arange(j, j + group_size))
     xmin, xmax = min(float(w.min()), 0.0), max(float(w.max()), 0.0)
     x = -xmin / ((xmax - xmin) / (2**bits - 1))
     return abs(abs(x - round(x)) - 0.5)

@@ -130,3 +130,11 @@ def test_temper_attention_scales_every_logit(name):
     assert len(changed) == len(m.layers)
     for k in changed:
         assert torch.allclose(m.state_dict()[k], 0.4 * before[k])
+
+
+def test_train_refuses_bad_attention_flags(tmp_path):
+    """--attn-scale must be positive and --look-layers must name decoder layers; both fail before any step."""
+    with pytest.raises(ValueError, match="--attn-scale"):
+        train_tiny.train("kimi_vl", out=str(tmp_path / "a"), steps=1, attn_scale=0.0, threads=1)
+    with pytest.raises(ValueError, match="--look-layers"):
+        train_tiny.train("kimi_vl", out=str(tmp_path / "b"), steps=1, look=0.3, look_layers=[4], threads=1)
