@@ -364,7 +364,7 @@ def train(family: str = "qwen3_vl_moe", out: str = "models/tiny-qwen3-vl-moe", s
           threads: int = 2, overwrite: bool = False, experts: int | None = None, top_k: int | None = None,
           moe_intermediate: int | None = None, init_from: str | None = None, text_fraction: float = 0.2,
           type_weights: dict[str, float] | None = None, look: float = 0.0, look_layers: list[int] | None = None,
-          attn_scale: float = 1.0):
+          attn_scale: float = 1.0, eval_seed: int = 0):
     model.check_output_dir(out, "tiny-model", overwrite=overwrite)  # before training: fail fast
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
@@ -408,7 +408,9 @@ def train(family: str = "qwen3_vl_moe", out: str = "models/tiny-qwen3-vl-moe", s
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05},
                              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
                             lr=lr, betas=(0.9, 0.95))
-    held_out = data.shapes_benchmark(eval_n, split="test")
+    # eval_seed 1+ draws a validation stream of the test split, disjoint from eval.py's default (seed 0) samples:
+    # choose between runs on it and report on eval.py's
+    held_out = data.shapes_benchmark(eval_n, seed=eval_seed, split="test")
     n_experts = cfg_dict["text_config"].get("num_experts") or cfg_dict["text_config"].get("n_routed_experts")
     print(f"{family}: {sum(p.numel() for p in m.parameters()) / 1e6:.2f}M parameters, vocab {tok.get_vocab_size()}")
     t0 = time.time()
@@ -512,6 +514,9 @@ def main():
                         "softens attention that has saturated)")
     p.add_argument("--seed", type=int, default=0, help="seed for init and training data")
     p.add_argument("--eval-every", type=int, default=250, help="steps between held-out evaluations/checkpoints")
+    p.add_argument("--eval-seed", type=int, default=0,
+                   help="seed of the held-out questions scored during training (1+: a validation set disjoint "
+                        "from eval.py's default test samples, to choose between runs without touching them)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--overwrite", action="store_true",
                    help="replace --out even if it is not a tiny model written by this script")
@@ -522,7 +527,7 @@ def main():
           top_k=args.top_k, moe_intermediate=args.moe_intermediate, init_from=args.init_from, warmup=args.warmup,
           eval_every=args.eval_every, threads=args.threads, overwrite=args.overwrite,
           text_fraction=args.text_fraction, type_weights=args.type_weights, look=args.look,
-          look_layers=args.look_layers, attn_scale=args.attn_scale)
+          look_layers=args.look_layers, attn_scale=args.attn_scale, eval_seed=args.eval_seed)
 
 
 if __name__ == "__main__":
