@@ -15,10 +15,10 @@ QWEN = os.path.join(ROOT, "models", "tiny-qwen3-vl-moe")
 KIMI = os.path.join(ROOT, "models", "tiny-kimi-vl")
 MANY = os.path.join(ROOT, "models", "tiny-qwen3-vl-moe-64e")  # 64 routed experts, top-4
 # Answering the most frequent training answer of each question type scores 28.8% on held-out image questions
-# (measured on 1000 test items). On these 120 held-out samples the bundled models measured 86.3% (Qwen), 81.1%
+# (measured on 1000 test items). On these 120 held-out samples the bundled models measured 86.3% (Qwen), 86.3%
 # (Kimi) and 71.6% (64 experts) on image questions and 100% / 100% / 100% on text ones; the floors sit well
 # below that and well above guessing, so the test fails when a model stops seeing or answering, not on noise.
-FLOORS = {"qwen": (0.75, 0.95), "kimi": (0.70, 0.95), "many": (0.60, 0.95)}  # (image, text) accuracy
+FLOORS = {"qwen": (0.75, 0.95), "kimi": (0.75, 0.95), "many": (0.60, 0.95)}  # (image, text) accuracy
 # the many-experts model on 32 calibration samples (seed 0) measured: 256 of 256 experts under 256 tokens,
 # I(E; M) 0.52-0.62 bits per layer (0.52-0.63 of H(M)) against 0.010-0.011 for modality-blind routing
 MANY_FLOORS = {"few": 200, "mi_share": 0.3}
