@@ -408,7 +408,7 @@ def train(family: str = "qwen3_vl_moe", out: str = "models/tiny-qwen3-vl-moe", s
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05},
                              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
                             lr=lr, betas=(0.9, 0.95))
-    # eval_seed 1+ draws a validation stream of the test split, disjoint from eval.py's default (seed 0) samples:
+    # eval_seed 1 draws a validation stream of the test split, disjoint from eval.py's default (seed 0) samples:
     # choose between runs on it and report on eval.py's
     held_out = data.shapes_benchmark(eval_n, seed=eval_seed, split="test")
     n_experts = cfg_dict["text_config"].get("num_experts") or cfg_dict["text_config"].get("n_routed_experts")
@@ -515,8 +515,8 @@ def main():
     p.add_argument("--seed", type=int, default=0, help="seed for init and training data")
     p.add_argument("--eval-every", type=int, default=250, help="steps between held-out evaluations/checkpoints")
     p.add_argument("--eval-seed", type=int, default=0,
-                   help="seed of the held-out questions scored during training (1+: a validation set disjoint "
-                        "from eval.py's default test samples, to choose between runs without touching them)")
+                   help="seed of the held-out questions scored during training (1: a validation set that shares no "
+                        "image question with eval.py's default test samples, to choose between runs without them)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--overwrite", action="store_true",
                    help="replace --out even if it is not a tiny model written by this script")

@@ -52,7 +52,6 @@ def test_benchmark_is_deterministic_and_splits_differ():
     assert types == set(data.IMAGE_TYPES) | set(data.TEXT_TYPES)
 
 
-
 def test_validation_stream_shares_no_image_question_with_the_test_samples():
     """train_tiny --eval-seed 1 chooses between runs on the test split's seed-1 stream; eval.py reports on seed 0:
     no image question (scene + question) may be in both. Text-only questions come from a small space and may repeat."""
@@ -61,6 +60,7 @@ def test_validation_stream_shares_no_image_question_with_the_test_samples():
     test = {key(s) for s in data.shapes_benchmark(1000, seed=0) if s.image is not None}
     val = [key(s) for s in data.shapes_benchmark(400, seed=1) if s.image is not None]
     assert len(val) > 250 and not test.intersection(val)
+
 
 def test_benchmark_answers_follow_from_the_scene():
     """Brute-force check of the position and count answers from the stored object list."""
