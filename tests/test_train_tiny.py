@@ -138,3 +138,15 @@ def test_train_refuses_bad_attention_flags(tmp_path):
         train_tiny.train("kimi_vl", out=str(tmp_path / "a"), steps=1, attn_scale=0.0, threads=1)
     with pytest.raises(ValueError, match="--look-layers"):
         train_tiny.train("kimi_vl", out=str(tmp_path / "b"), steps=1, look=0.3, look_layers=[4], threads=1)
+
+
+def test_eval_seed_picks_the_held_out_questions_scored_in_training(tmp_path, monkeypatch):
+    """--eval-seed 1 scores checkpoints on the test split's seed-1 stream (the validation set), not on eval.py's
+    seed-0 items: the samples handed to evaluate are exactly shapes_benchmark(eval_n, seed=1, split="test")."""
+    seen = []
+    monkeypatch.setattr(train_tiny, "evaluate", lambda m, proc, samples: seen.append(samples) or {"image": 0.0})
+    train_tiny.train("kimi_vl", out=str(tmp_path / "k"), steps=1, batch=4, eval_n=6, eval_every=1, eval_seed=1,
+                     threads=1)
+    key = [(s.question, s.answer, s.objects) for s in data.shapes_benchmark(6, seed=1, split="test")]
+    default = [(s.question, s.answer, s.objects) for s in data.shapes_benchmark(6, seed=0, split="test")]
+    assert len(seen) == 1 and [(s.question, s.answer, s.objects) for s in seen[0]] == key != default
