@@ -397,7 +397,6 @@ def train(family: str = "qwen3_vl_moe", out: str = "models/tiny-qwen3-vl-moe", s
     if look > 0:
         for i in look_layers if look_layers is not None else range(len(m.layers) - 2, len(m.layers)):
             m.layers[i].self_attn.probs_hook = looked.append
-    image_token_id = cfg_dict.get("image_token_id", cfg_dict.get("media_placeholder_token_id"))
     n_classes = 1 + len(data.SHAPES) * len(data.COLORS)
     probe = nn.Linear(m.vision_blocks()[-1].norm1.weight.shape[0], n_classes)
     # the same labels read from the image embeddings the decoder gets (RMS-normalized, as the decoder's first
@@ -423,7 +422,7 @@ def train(family: str = "qwen3_vl_moe", out: str = "models/tiny-qwen3-vl-moe", s
         logits = m(b["input_ids"], attention_mask=b["attention_mask"], **data.vision_inputs(b))
         loss_ans = answer_loss(logits, b["labels"])
         loss = loss_ans + balance * probes.balance_loss(n_experts)
-        loss_look = look_loss(looked, b, samples, image_token_id) if look > 0 else torch.zeros(())
+        loss_look = look_loss(looked, b, samples, proc.image_token_id) if look > 0 else torch.zeros(())
         loss = loss + look * loss_look
         looked.clear()
         loss_aux = loss_merged = torch.zeros(())

@@ -51,9 +51,8 @@ def attention_report(m, proc, n: int = 200, seed: int = 5):
     m(b["input_ids"], attention_mask=b["attention_mask"], **data.vision_inputs(b))
     for layer in m.layers:
         del layer.self_attn.probs_hook
-    image_id = m.cfg.image_token_id if m.family == "qwen3_vl_moe" else m.cfg.media_placeholder_token_id
     rows = torch.arange(len(samples))
-    answer_pos, image_pos = train_tiny.answer_and_image_positions(b, image_id)
+    answer_pos, image_pos = train_tiny.answer_and_image_positions(b, proc.image_token_id)
     target = train_tiny.look_targets(samples)
     has = target.any(-1)
     out = []
