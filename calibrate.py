@@ -13,8 +13,8 @@ and over the set: T_text, T_vis (tokens per modality) and the text/vision gradie
 with x the decoder input embeddings and L the answer (or caption) cross-entropy of the float model
 (the paper reports 22.4 on Qwen3-VL with 128 COCO samples: text tokens matter more per token).
 
-Writes `calib/stats.safetensors` (tensors) and `calib/calib.json` (everything else, including which samples
-were used, so gptq.py reads back exactly the same set); never pickle. The folder is written atomically.
+Writes calib/ (quant/folders.py's CalibSet: the encoded samples, so gptq.py reads back exactly the same set,
+and the statistics; safetensors and JSON, never pickle), atomically.
 Selection: `random` (the first n samples of the seeded stream / a seeded draw from a file), or `macs`: a pool
 of pool-factor x n candidates from the same source, profiled with one float pass each here (macs_profile) and
 scored and selected greedily by macs.py; calib.json then records the pool size and the chosen indices, and the
@@ -25,7 +25,6 @@ Does not: handle video.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -33,23 +32,24 @@ import time
 import torch
 import torch.nn.functional as F
 
-import data
-import macs
-import model as modeling
+from arch import blocks
+from data import processor
+from data import samples as data_samples
 from hessian import fusion_scores
-
-DEFAULT_MODEL = "models/tiny-qwen3-vl-moe"
+import macs
+from model import DEFAULT_MODEL, load_model, resolve_device
+from quant import folders
 
 
 def moe_layers(m) -> list[int]:
     """Indices of decoder layers whose MLP is a routed MoE block (model.layer_structure: it has a router)."""
-    return [i for i, layer in enumerate(m.layers) if modeling.layer_structure(layer).router is not None]
+    return [i for i, layer in enumerate(m.layers) if blocks.layer_structure(layer).router is not None]
 
 
 def n_experts(m) -> int:
     """Routed experts per MoE layer (0 for a dense model)."""
     layers = moe_layers(m)
-    return len(modeling.layer_structure(m.layers[layers[0]]).experts) if layers else 0
+    return len(blocks.layer_structure(m.layers[layers[0]]).experts) if layers else 0
 
 
 class RoutingRecorder:
@@ -58,11 +58,11 @@ class RoutingRecorder:
 
     def __init__(self, m):
         self.last: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        routers = {i: m.layers[i].get_submodule(modeling.layer_structure(m.layers[i]).router) for i in moe_layers(m)}
+        routers = {i: m.layers[i].get_submodule(blocks.layer_structure(m.layers[i]).router) for i in moe_layers(m)}
         self.handles = [router.register_forward_hook(self._hook(i)) for i, router in routers.items()]
 
     def _hook(self, i):
-        def hook(module, inputs, routing: modeling.Routing):
+        def hook(module, inputs, routing: blocks.Routing):
             self.last[i] = (routing.topk_idx.detach(), routing.scores.detach().float())
         return hook
 
@@ -125,26 +125,35 @@ class Counts:
                 "gamma_grad_x_input": _mean([r for r in ratios_gxi if r is not None])}
 
 
+def encode(proc, s) -> dict:
+    """One sample as calib/ keeps it: prompt + gold answer + end token (encode_qa_batch), CPU tensors."""
+    return {k: v for k, v in processor.encode_qa_batch(proc, [s]).items() if k in folders.SAMPLE_KEYS}
+
+
 def encode_on(m, proc, s) -> dict:
     """encode_qa_batch of one sample with every tensor on the model's device."""
-    return {k: v.to(m.device) for k, v in data.encode_qa_batch(proc, [s]).items()}
+    return {k: v.to(m.device) for k, v in processor.encode_qa_batch(proc, [s]).items()}
+
+
+def on(m, e: dict) -> dict:
+    return {k: v.to(m.device) for k, v in e.items()}
 
 
 def _counts(m) -> Counts:
     return Counts(moe_layers(m), n_experts(m), m.device)
 
 
-def collect(m, proc, samples, gamma: bool = True) -> dict:
+def collect(m, samples: list[dict], gamma: bool = True) -> dict:
     """One float forward per sample (teacher forced on the gold answer): routing counts by modality, mean
     router probabilities, token totals, and the per-sample gradient ratios."""
     counts, ratios, ratios_gxi = _counts(m), [], []
     rec = RoutingRecorder(m)
     try:
         for s in samples:
-            b = encode_on(m, proc, s)
+            b = on(m, s)
             vis = b["is_vis"].flatten()
             with torch.no_grad():
-                x, ctx = m.embed(b["input_ids"], **data.vision_inputs(b))
+                x, ctx = m.embed(b["input_ids"], **processor.vision_inputs(b))
                 h = x
                 for i, layer in enumerate(m.layers):
                     h = m.after_layer(i, layer(h, ctx), ctx)
@@ -160,7 +169,7 @@ def collect(m, proc, samples, gamma: bool = True) -> dict:
     return counts.stats(ratios, ratios_gxi)
 
 
-def collect_streaming(m, proc, samples, gamma: bool = True) -> dict:
+def collect_streaming(m, samples: list[dict], gamma: bool = True) -> dict:
     """collect() with one decoder layer in memory (m loaded with lazy_layers=True, for checkpoints larger than
     memory): every sample's hidden states pass layer i before layer i + 1 is loaded. For gamma the input of
     every layer is kept for the image samples (n_image x layers x T x D floats: 32 samples of 400 tokens at
@@ -172,8 +181,8 @@ def collect_streaming(m, proc, samples, gamma: bool = True) -> dict:
     try:
         with torch.no_grad():
             for s in samples:
-                b = encode_on(m, proc, s)
-                x, ctx = m.embed(b["input_ids"], **data.vision_inputs(b))
+                b = on(m, s)
+                x, ctx = m.embed(b["input_ids"], **processor.vision_inputs(b))
                 vis = b["is_vis"].flatten()
                 hs.append([x, ctx, vis, b["labels"]])
                 saved.append([] if gamma and bool(vis.any()) else None)
@@ -213,41 +222,6 @@ def _mean(values):
     return sum(values) / len(values) if values else None
 
 
-def save(out: str, stats: dict, meta: dict, inputs=(), overwrite: bool = False):
-    """calib/stats.safetensors + calib/calib.json, written to a temporary sibling folder and renamed
-    (`model.publish_output_dir`: a folder that is not a previous calib/ is never replaced without `overwrite`)."""
-    from safetensors.torch import save_file
-
-    tmp = modeling.temporary_output_dir(out, "calib")
-    tensors = {k: stats[k].contiguous() for k in ("n_text", "n_vis", "mean_prob")}
-    save_file(tensors, os.path.join(tmp, "stats.safetensors"))
-    rest = {k: v for k, v in stats.items() if k not in tensors}
-    with open(os.path.join(tmp, "calib.json"), "w") as f:
-        json.dump({**meta, **rest}, f, indent=2)
-    modeling.publish_output_dir(tmp, out, "calib", inputs, overwrite)
-
-
-def load(calib_dir: str) -> dict:
-    """Read back a calib/ folder: the JSON fields plus the tensors."""
-    from safetensors.torch import load_file
-
-    path = os.path.join(calib_dir, "calib.json")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: not found; run `python calibrate.py` first (or pass --calib DIR)")
-    with open(path) as f:
-        out = json.load(f)
-    out.update(load_file(os.path.join(calib_dir, "stats.safetensors")))
-    return out
-
-
-def calibration_samples(meta: dict) -> list:
-    """The exact samples a calib.json describes (data spec, split, n, seed; for MACS the pool and the indices)."""
-    if meta["selection"] == "macs":
-        pool = data.load_samples(meta["data"], n=meta["pool"], seed=meta["seed"], split=meta["split"])
-        return [pool[i] for i in meta["indices"]]
-    return data.load_samples(meta["data"], n=meta["n"], seed=meta["seed"], split=meta["split"])
-
-
 @torch.no_grad()
 def macs_profile(m, proc, samples, layers: list[int]) -> macs.Profile:
     """MACS's pass over its candidate pool: run the float model once per sample (prompt + gold answer),
@@ -278,7 +252,7 @@ def macs_profile(m, proc, samples, layers: list[int]) -> macs.Profile:
             hook = (lambda p, v=vis, t=text_after: attention_hook(p, v, t)) if has_image else None
             for layer in m.layers:
                 layer.self_attn.probs_hook = hook
-            x, ctx = m.embed(b["input_ids"], **data.vision_inputs(b))
+            x, ctx = m.embed(b["input_ids"], **processor.vision_inputs(b))
             for k, layer in enumerate(m.layers):
                 x = m.after_layer(k, layer(x, ctx), ctx)
             counts = Counts(layers, E, dev)
@@ -300,7 +274,7 @@ def macs_profile(m, proc, samples, layers: list[int]) -> macs.Profile:
 def select_macs(m, proc, meta: dict, pool_factor: int, penalty: float) -> dict:
     """MACS over a pool of pool_factor x n candidates: fills meta's pool / indices and returns the report
     (coverage of MACS and of a random draw of the same size from the same pool)."""
-    pool = data.load_samples(meta["data"], n=pool_factor * meta["n"], seed=meta["seed"], split=meta["split"])
+    pool = data_samples.load_samples(meta["data"], n=pool_factor * meta["n"], seed=meta["seed"], split=meta["split"])
     n = min(meta["n"], len(pool))
     prof = macs_profile(m, proc, pool, moe_layers(m))
     parts = macs.scores(prof)
@@ -344,35 +318,44 @@ def summary(stats: dict, hidden: int) -> str:
 def calibrate(model: str = DEFAULT_MODEL, data_spec: str = "shapes", n: int = 128, seed: int = 0,
               out: str = "calib", gamma: bool = True, device: str = "cpu", command: str | None = None,
               select: str = "random", pool_factor: int = 4, macs_penalty: float = 1.0,
-              stream_layers: bool = False, overwrite: bool = False, dtype: torch.dtype = torch.float32) -> dict:
-    """Everything calibrate.py does (module docstring); returns calib.json's fields and the statistics. dtype: the
-    model's weights and activations (bfloat16 halves the memory on a GPU); the statistics are accumulated in
-    float32 / float64 whatever it is."""
+              stream_layers: bool = False, overwrite: bool = False,
+              dtype: torch.dtype = torch.float32) -> folders.CalibSet:
+    """Everything calibrate.py does (module docstring); returns what it wrote. dtype: the model's weights and
+    activations (bfloat16 halves the memory on a GPU); the statistics are accumulated in float32 / float64
+    whatever it is."""
     t0 = time.time()
-    modeling.resolve_device(device)  # before any work: --device cuda without CUDA is an error naming the flag
+    resolve_device(device)  # before any work: --device cuda without CUDA is an error naming the flag
     inputs = [model] + ([data_spec] if os.path.exists(data_spec) else [])
-    modeling.check_output_dir(out, "calib", inputs, overwrite)  # before any work: fail fast
+    folders.check_output_dir(out, "calib", inputs, overwrite)  # before any work: fail fast
     if select not in ("random", "macs") or pool_factor < 1:
         raise ValueError(f"--select {select!r} / --pool-factor {pool_factor}: expected random|macs and >= 1")
     if stream_layers and select == "macs":
         raise ValueError("--stream-layers with --select macs: MACS profiles its pool with the whole model in "
                          "memory; select with a model that fits, or use --select random")
-    m = modeling.load_model(model, dtype=dtype, device=device, lazy_layers=stream_layers)
-    proc = data.load_processor(model)
-    meta = {"model": model, "data": data_spec, "n": n, "seed": seed, "split": "train", "selection": select,
-            "stream_layers": stream_layers, "dtype": str(dtype).removeprefix("torch."),
+    m = load_model(model, dtype=dtype, device=device, lazy_layers=stream_layers)
+    proc = processor.load_processor(model)
+    meta = {"model": model, "data": data_spec, "n": n, "seed": seed, "split": "train", "selection": select}
+    info = {"stream_layers": stream_layers, "dtype": str(dtype).removeprefix("torch."),
             "command": command or " ".join(sys.argv)}
     report = select_macs(m, proc, meta, pool_factor, macs_penalty) if select == "macs" else None
-    samples = calibration_samples(meta)
-    stats = (collect_streaming if stream_layers else collect)(m, proc, samples, gamma=gamma)
-    meta["n"] = len(samples)
-    meta["seconds"] = time.time() - t0
-    save(out, stats, meta, inputs, overwrite)
+    if select == "macs":
+        pool = data_samples.load_samples(data_spec, n=meta["pool"], seed=seed, split="train")
+        indices = meta["indices"]
+        info.update(pool=meta["pool"], macs=report)
+    else:
+        pool = data_samples.load_samples(data_spec, n=n, seed=seed, split="train")
+        indices = list(range(len(pool)))
+    samples = [encode(proc, pool[i]) for i in indices]
+    stats = (collect_streaming if stream_layers else collect)(m, samples, gamma=gamma)
+    info["seconds"] = time.time() - t0
+    cal = folders.CalibSet(model=model, data=data_spec, split="train", seed=seed, selection=select, indices=indices,
+                           samples=samples, **stats, info=info)
+    cal.save(out, inputs, overwrite)
     print(summary(stats, m.layers[0].input_layernorm.weight.shape[0]))
     if report is not None:
         print(macs_summary(report))
-    print(f"wrote {out}/ ({len(samples)} samples, {meta['seconds']:.1f}s)")
-    return {**meta, **stats}
+    print(f"wrote {out}/ ({len(samples)} samples, {info['seconds']:.1f}s)")
+    return cal
 
 
 def main(argv=None):

@@ -21,7 +21,7 @@ ECS's ω_e) and c_j the weight of token j (FAQ's fusion weight).
 The searches minimize, over candidate scales s,
     L(s) = Σ_e w_e Σ_{j∈R(e)} c_j ||x_j W_eᵀ − Q_A(x_j / s) Q_W(W_e · s)ᵀ||²  /  Σ_e w_e Σ_{j∈R(e)} c_j out_e
 (a weighted mean squared error per output element; the denominator does not depend on s), where R(e) are the
-rows of X consumer e reads (all of them, or the tokens routed to expert e), Q_W the RTN grid of gptq.py and
+rows of X consumer e reads (all of them, or the tokens routed to expert e), Q_W the RTN grid of quant/grid.py and
 Q_A the identity (abits=16) or per-token dynamic symmetric fake-quant (abits=8, for W4A8 / W8A8).
 `search_scale` evaluates L on any list of candidate scales; `awq_scale` is it with AWQ's candidates. VEQ-ME is
 `awq_scale` with consumer_weights = S_e; ECS is `search_scale` with its own candidates (m_X^α / m_W^(1−α)) and
@@ -42,7 +42,7 @@ Choices, where the references leave room or this code differs from them:
   * awq_clip clamps each group to [r·min(w, 0), r·max(w, 0)] (the range gptq.py's grid uses), which for
     symmetric grids is llm-awq's [−r·max|w|, r·max|w|]; the ratios r = 1, 1 − 1/n_grid, ... reach 1 − max_shrink
     (llm-awq stops one step short of it).
-Does not: capture activations, decide which linears form a scaling group (model.py exposes that as data),
+Does not: capture activations, decide which linears form a scaling group (the model exposes that as data),
 quantize the final weights (gptq.py), or handle norms of the form (1 + w) · x̂ (none in Qwen3-VL / Kimi-VL).
 
 In ECS's loss, ρ replaces the squared error (trimmed_squared_error / huber), w_e = ω_e and c_j = FAQ's fusion
@@ -63,7 +63,7 @@ from typing import Callable, NamedTuple, Sequence
 
 import torch
 
-from gptq import rtn
+from quant.grid import compute_dtype, fake_quant_act, rtn
 
 AWQ_S_MIN = 1e-4  # llm-awq clamps x̄^α at this before normalizing, so channels with x̄ = 0 get a finite scale
 ABITS = (2, 3, 4, 8, 16)  # activation widths; 16 means activations stay in float
@@ -106,21 +106,6 @@ def _weights(w, n: int, name: str, dtype, device) -> torch.Tensor:
         raise ValueError(f"{name}: weights must be finite, >= 0 and not all 0; got min {float(w.min()):.3g}, "
                          f"max {float(w.max()):.3g}")
     return w / w.max()
-
-
-def fake_quant_act(X: torch.Tensor, *, bits: int = 8) -> torch.Tensor:
-    """Per-token dynamic symmetric fake-quant of X (n, d): each row on the grid max|x_t| / (2^(bits−1) − 1) · k,
-    k integer in [−(2^(bits−1) − 1), 2^(bits−1) − 1]. bits=16: X unchanged."""
-    if bits == 16:
-        return X
-    qmax = 2 ** (bits - 1) - 1
-    scale = X.abs().amax(dim=1, keepdim=True) / qmax  # (n, 1)
-    scale = torch.where(scale == 0, torch.ones_like(scale), scale)  # an all-zero token stays zero
-    return torch.clamp(torch.round(X / scale), -qmax, qmax) * scale
-
-
-def _compute_dtype(X: torch.Tensor) -> torch.dtype:
-    return torch.float64 if X.dtype == torch.float64 else torch.float32
 
 
 def _check_2d(t: torch.Tensor, d: int | None, name: str):
@@ -213,7 +198,7 @@ def _prepare(X, consumers, consumer_weights, token_weights) -> tuple[list[_Term]
     """The terms of L, its denominator Σ_e w_e Σ_j c_j out_e, and the reference power Σ_e w_e Σ_j c_j ||y_j||²
     divided by the same denominator (so L / power is a relative output error)."""
     _check_2d(X, None, "X")
-    dtype = _compute_dtype(X)
+    dtype = compute_dtype(X)
     X = X.to(dtype)
     consumers = _as_consumers(consumers)
     w = _weights(consumer_weights, len(consumers), "consumer_weights", torch.float64, "cpu").tolist()
@@ -323,7 +308,7 @@ def search_scale(X, consumers, candidates: Sequence[tuple[float, torch.Tensor]],
 
 def mean_abs(X: torch.Tensor, token_weights=None) -> torch.Tensor:
     """AWQ's activation statistic x̄ (d,) = Σ_j c_j |x_j| / Σ_j c_j over the rows of X (n, d)."""
-    c = _weights(token_weights, X.shape[0], "token_weights", _compute_dtype(X), X.device)
+    c = _weights(token_weights, X.shape[0], "token_weights", compute_dtype(X), X.device)
     return (c[:, None] * X.to(c.dtype).abs()).sum(dim=0) / c.sum()
 
 
@@ -388,7 +373,7 @@ def awq_clip(W: torch.Tensor, X: torch.Tensor, *, bits: int, group_size: int, sy
     _check_2d(W, X.shape[1], "W")
     if n_grid < 1 or not 0 <= max_shrink < 1:
         raise ValueError(f"n_grid={n_grid} must be >= 1 and max_shrink={max_shrink} in [0, 1)")
-    dtype = _compute_dtype(X)
+    dtype = compute_dtype(X)
     W, X = W.to(dtype), X.to(dtype)
     X = X[:: max(1, -(-X.shape[0] // max_tokens))]  # llm-awq samples 512 tokens the same way
     g = X.shape[1] if group_size == -1 else group_size
@@ -415,7 +400,7 @@ def smoothquant_scale(X_absmax: torch.Tensor, weights: Sequence[torch.Tensor], a
         raise ValueError(f"X_absmax: expected (d,) finite max|X| >= 0 per channel, got {tuple(X_absmax.shape)}")
     if len(weights) == 0:
         raise ValueError("weights: pass the (out, d) weights of every linear that reads these channels")
-    dtype, d = _compute_dtype(X_absmax), X_absmax.shape[0]
+    dtype, d = compute_dtype(X_absmax), X_absmax.shape[0]
     for i, W in enumerate(weights):
         _check_2d(W, d, f"weights[{i}]")
     w_max = torch.stack([W.to(dtype).abs().amax(dim=0) for W in weights]).amax(dim=0)  # (d,)
@@ -444,7 +429,7 @@ def consensus_weight_max(weights: Sequence[torch.Tensor], omega) -> torch.Tensor
     their importance ω_e (a consumer with ω_e = 0, e.g. an expert no calibration token reached, does not count).
     SmoothQuant takes the max over consumers instead; one rarely used expert with a large column would then
     set the scale for all of them."""
-    dtype = _compute_dtype(weights[0])
+    dtype = compute_dtype(weights[0])
     w = _weights(omega, len(weights), "omega", dtype, weights[0].device)
     col_max = torch.stack([W.to(dtype).abs().amax(dim=0) for W in weights])  # (E, d)
     return (w[:, None] * col_max).sum(dim=0) / w.sum()
@@ -477,7 +462,7 @@ def ecs_scale(X, consumers, *, bits: int, group_size: int, sym: bool, abits: int
     (tests/test_ecs.py)."""
     consumers = _as_consumers(consumers)
     _check_2d(X, None, "X")
-    m_X = robust_absmax(X.to(_compute_dtype(X)), percentile)  # (d,)
+    m_X = robust_absmax(X.to(compute_dtype(X)), percentile)  # (d,)
     m_W = consensus_weight_max([c.W for c in consumers], omega)
     r = search_scale(X, consumers, ecs_candidates(m_X, m_W, n_grid), bits=bits, group_size=group_size, sym=sym,
                      abits=abits, consumer_weights=omega, token_weights=token_weights,
@@ -496,7 +481,7 @@ def _check_s(s: torch.Tensor, d: int, name: str):
 
 
 def _f(t: torch.Tensor) -> torch.Tensor:
-    return t.to(_compute_dtype(t))
+    return t.to(compute_dtype(t))
 
 
 def fold_into_norm(norm_weight: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
@@ -519,3 +504,103 @@ def scale_consumer(W: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """Consumer W (out, d) times s along its input columns: (X / s)(W · s)ᵀ = X Wᵀ."""
     _check_s(s, W.shape[1], "scale_consumer")
     return (_f(W) * _f(s)[None, :]).to(W.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The searches as the methods of gptq.py's table call them: fn(g: ScalingGroup, q: gptq.Settings) -> (s, report)
+# (docs/methods.md §1.4, §2.3, §2.4, §3.2, §4.1)
+
+
+ECS_LOSSES = {"trimmed": trimmed_squared_error(0.01), "huber": huber(0.1), "mse": squared_error}  # --ecs-loss
+ECS_OMEGAS = ("freq", "prob", "veq")  # --ecs-omega: see ecs_omega
+
+
+@dataclass
+class ScalingGroup:
+    """One scaling group of a decoder layer as a scale search sees it (built by quant/scales.py's search_and_fold from
+    the model's scaling_groups and layer_structure). Names are relative to the layer."""
+
+    producer: str  # the norm (or linear) whose output is divided by s
+    consumers: list[str]  # the linears reading it, multiplied by s along their input columns
+    router: str | None  # the router reading it too (an MoE block's norm), kept float; None elsewhere
+    attention: bool  # the consumers are attention linears
+    X: torch.Tensor  # (n, d) float32 input of the group: every calibration token (an expert's down_proj: its own)
+    readers: list[Consumer]  # one per reader: an expert's gate_proj and up_proj stacked; rows = routed tokens
+    experts: list[int | None]  # the routed expert of each reader (None: shared expert, dense MLP, attention)
+    topk: torch.Tensor | None  # (n, k) the experts chosen for every token (MoE groups), else None
+    token_weights: torch.Tensor | None  # (n,) FAQ's fusion weights of X's rows (methods with fusion), else None
+    importance: list[float] | None  # VEQ-ME's S_e per reader (MoE groups, from calib/), else None
+    mean_prob: torch.Tensor | None  # (E,) the layer's mean router probability per expert (calib/), else None
+
+
+def _search_report(r: ScaleResult) -> dict:
+    return {"alpha": r.alpha, "rel_error": r.rel_error, "rel_error_no_scale": r.rel_error_no_scale}
+
+
+def awq_search(g: ScalingGroup, q):
+    """AWQ: s = x̄^α / sqrt(max x̄ · min x̄), α on a grid of 20, the least output error of the consumers
+    (awq_scale)."""
+    r = awq_scale(g.X, g.readers, bits=q.bits, group_size=q.group_size, sym=q.sym, abits=q.abits)
+    return r.s, _search_report(r)
+
+
+def veq_me_search(g: ScalingGroup, q):
+    """VEQ-ME: AWQ whose loss over the experts behind one norm weighs expert e by S_e = γ N_e^text + β N_e^vis;
+    groups without a router run plain AWQ (a constant weight does not move the optimum)."""
+    if g.router and g.importance is None:
+        raise ValueError(f"{g.producer}: VEQ-ME needs S_e for the MoE block (calib/'s token counts); none given")
+    r = awq_scale(g.X, g.readers, bits=q.bits, group_size=q.group_size, sym=q.sym, abits=q.abits,
+                      consumer_weights=g.importance if g.router else None)
+    return r.s, _search_report(r)
+
+
+def smoothquant_search(g: ScalingGroup, q):
+    """SmoothQuant: s_j = max|X_j|^0.5 / max_e max|W_e[:, j]|^0.5, no search (smoothquant_scale)."""
+    r = smoothquant_scale(g.X.abs().amax(0), [c.W for c in g.readers], alpha=0.5)
+    return r.s, {"alpha": 0.5, "zero_channels": r.n_zero_channels}
+
+
+def ecs_omega(g: ScalingGroup, q) -> list[float]:
+    """ECS's ω_e per reader of the MoE input: routing frequency n_e / N (--ecs-omega freq, the default), the
+    layer's mean router probability of e (prob), or VEQ-ME's S_e (veq); a shared expert reads every token
+    (frequency 1, probability 1)."""
+    if q.options["ecs_omega"] == "veq":
+        return g.importance
+    out = []
+    for r, e in zip(g.readers, g.experts):
+        if e is None:
+            out.append(1.0)
+        elif q.options["ecs_omega"] == "freq":
+            out.append(len(r.rows) / g.topk.shape[0])
+        else:
+            out.append(float(g.mean_prob[e]))
+    return out
+
+
+def ecs_loss(q) -> Callable:
+    """ECS's ρ chosen by --ecs-loss."""
+    return ECS_LOSSES[q.options["ecs_loss"]]
+
+
+def ecs_search(g: ScalingGroup, q):
+    """ECS (ECMFQ): one scale s(α) = m_X^α / m_W^(1−α) for the norm feeding router and experts, searched against
+    Σ_e ω_e ρ(...) with the token weights inside ρ (ecs_scale); each SwiGLU's up -> down group likewise with
+    its own tokens; attention inputs get SmoothQuant."""
+    if g.attention:
+        return smoothquant_search(g, q)
+    r = ecs_scale(g.X, g.readers, bits=q.bits, group_size=q.group_size, sym=q.sym, abits=q.abits,
+                      omega=ecs_omega(g, q) if g.router else None, token_weights=g.token_weights,
+                      percentile=q.options["ecs_percentile"], n_grid=q.options["ecs_grid"], rho=ecs_loss(q))
+    return r.s, {**_search_report(r), "zero_channels": r.n_zero_channels}
+
+
+def expert_importance(experts: list[int | None], counts, gamma: float, options: dict) -> list[float]:
+    """VEQ-ME's S_e = γ·N_e^text + β·N_e^vis (arXiv 2602.01037, eq. 5) per reader of the MoE input, given the
+    routed expert of each (None: a shared expert, which reads every token: N = T), with β = T_text / T_vis.
+    counts: calib's (n_text (E,), n_vis (E,), T_text, T_vis) of this layer. γ, β set to 1 by the ablation flags
+    (options use_gamma, use_beta)."""
+    n_text, n_vis, T_text, T_vis = counts
+    beta = T_text / max(1, T_vis)
+    g, b = (gamma if options["use_gamma"] else 1.0), (beta if options["use_beta"] else 1.0)
+    return [g * (T_text if e is None else float(n_text[e])) + b * (T_vis if e is None else float(n_vis[e]))
+            for e in experts]

@@ -47,8 +47,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-import data
-import model as modeling
+from data import processor
+from data import samples as data_samples
+import model
+from quant import grid
 
 MODALITIES = ("all", "image", "text")
 METRICS = ("kl", "top1", "flips", "accuracy", "ce_delta", "random_kl")  # per-sample metrics
@@ -60,10 +62,10 @@ def normalize_answer(text: str) -> str:
     return " ".join(text.split())
 
 
-def is_correct(prediction: str, s: data.Sample) -> bool:
+def is_correct(prediction: str, s: data_samples.Sample) -> bool:
     if s.choices:  # letter match: the first letter-like token of the prediction
         m = re.search(r"\b([A-J])\b", prediction.strip().upper())
-        return m is not None and m.group(1) == data.gold_text(s)
+        return m is not None and m.group(1) == processor.gold_text(s)
     return normalize_answer(prediction) == normalize_answer(s.answer)
 
 
@@ -74,8 +76,8 @@ def greedy_ids(m, proc, samples, max_new_tokens: int = 16, device=None) -> list[
     device = m.device if device is None else device
     out = []
     for s in samples:
-        e = data.encode_sample(proc, s)
-        vision = {k: v.to(device) for k, v in data.vision_inputs(e).items()}
+        e = processor.encode_sample(proc, s)
+        vision = {k: v.to(device) for k, v in processor.vision_inputs(e).items()}
         out.append(m.generate(e["input_ids"].to(device), max_new_tokens, stop_ids=proc.stop_ids, **vision))
     return out
 
@@ -87,19 +89,19 @@ def greedy_answers(m, proc, samples, max_new_tokens: int = 16, device=None) -> l
 @torch.no_grad()
 def answer_logprobs(m, proc, samples, batch_size: int = 32, device=None, answers=None) -> list[torch.Tensor]:
     """Per sample, log-probabilities (n_answer_tokens, V) at the gold answer (+ end) positions, teacher forced
-    (answers: other answer ids to force, see data.encode_qa_batch), float32 on `device` (default: the model's;
+    (answers: other answer ids to force, see processor.encode_qa_batch), float32 on `device` (default: the model's;
     only the answer rows of the logits are normalized and kept). Batches are made of samples of similar
     length (image ones together, then by question length), which cuts the padding, and the result put back in
     the samples' order."""
     device = m.device if device is None else device
     order = sorted(range(len(samples)),
-                   key=lambda j: (samples[j].image is not None, len(data.question_text(samples[j]))))
+                   key=lambda j: (samples[j].image is not None, len(processor.question_text(samples[j]))))
     out = [None] * len(samples)
     for i in range(0, len(samples), batch_size):
         idx = order[i:i + batch_size]
         forced = None if answers is None else [answers[j] for j in idx]
-        b = data.encode_qa_batch(proc, [samples[j] for j in idx], forced)
-        vision = {k: v.to(device) for k, v in data.vision_inputs(b).items()}
+        b = processor.encode_qa_batch(proc, [samples[j] for j in idx], forced)
+        vision = {k: v.to(device) for k, v in processor.vision_inputs(b).items()}
         logits = m(b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device), **vision)
         keep = b["labels"][:, 1:] != -100  # (B, T-1) on the CPU: the rows that predict an answer token
         logp = F.log_softmax(logits[:, :-1][keep.to(logits.device)].float(), -1)  # (answer rows of the batch, V)
@@ -110,7 +112,7 @@ def answer_logprobs(m, proc, samples, batch_size: int = 32, device=None, answers
 
 def gold_ids(proc, samples) -> list[torch.Tensor]:
     """The gold answer (+ end) token ids of each sample, from the tokenizer (CPU tensors; compare() moves them)."""
-    return [torch.tensor(proc.tokenizer.encode(data.gold_text(s)) + [proc.stop_ids[0]], device="cpu")
+    return [torch.tensor(proc.tokenizer.encode(processor.gold_text(s)) + [proc.stop_ids[0]], device="cpu")
             for s in samples]
 
 
@@ -303,7 +305,7 @@ def perplexity(m, proc, path: str, window: int = 512, device=None) -> float:
     with open(path) as f:
         ids = proc.tokenizer.encode(f.read())
     if len(ids) < 2:
-        raise data.DataError(f"{path}: needs at least two tokens for perplexity")
+        raise data_samples.DataError(f"{path}: needs at least two tokens for perplexity")
     nll, count = torch.zeros((), dtype=torch.float64, device=device), 0
     for i in range(0, len(ids) - 1, window):
         chunk = torch.tensor([ids[i:i + window + 1]], device=device)
@@ -371,7 +373,7 @@ class Reference:
 def reference_outputs(reference: str, proc, samples, max_new_tokens: int = 16, device="cpu", dtype=torch.float32,
                       random_tokens: int = 0, random_length: int = 32, seed: int = 0,
                       vision_cache: VisionCache | None = None) -> Reference:
-    ref = modeling.load_model(reference, dtype=dtype, device=device)
+    ref = model.load_model(reference, dtype=dtype, device=device)
     with vision_cache.on(ref) if vision_cache else contextlib.nullcontext():
         ids = greedy_ids(ref, proc, samples, max_new_tokens, device)
         r = Reference([proc.tokenizer.decode(i) for i in ids], ids, answer_logprobs(ref, proc, samples, device=device))
@@ -391,19 +393,19 @@ def evaluate(model: str, reference: str | None = None, data_spec: str = "shapes"
     packed model's weights dequantized once, not on every forward (same values; the float weights' memory).
     vision_cache: reuse vision-tower outputs computed for other models with the same tower (VisionCache)."""
     t0 = time.time()
-    modeling.resolve_device(device)  # before any work: a device this machine lacks is an error naming --device
+    model.resolve_device(device)  # before any work: a device this machine lacks is an error naming --device
     if (fast_flips or random_tokens) and not reference:
         raise ValueError("--fast-flips and --random-tokens need --reference (the float model to compare with)")
-    samples = data.load_samples(data_spec, n=n, seed=seed, split="test")
-    proc = data.load_processor(model)
-    m = modeling.load_model(model, dtype=dtype, device=device)
+    samples = data_samples.load_samples(data_spec, n=n, seed=seed, split="test")
+    proc = processor.load_processor(model)
+    m = model.load_model(model, dtype=dtype, device=device)
     ref = None if not reference else ref_outputs or reference_outputs(
         reference, proc, samples, max_new_tokens, device, dtype, random_tokens, random_length, seed)
     result = {"model": model, "reference": reference, "data": data_spec, "n": len(samples), "seed": seed,
               "command": command or " ".join(sys.argv)}
     with contextlib.ExitStack() as stack:
         if dequantize_once:
-            stack.enter_context(modeling.dequantize_once(m))
+            stack.enter_context(grid.dequantize_once(m))
         if vision_cache is not None:
             stack.enter_context(vision_cache.on(m))
         result.update(metrics(m, proc, samples, ref, max_new_tokens=max_new_tokens, device=device,
@@ -533,8 +535,8 @@ def main(argv=None):
               fast_flips=args.fast_flips, random_tokens=args.random_tokens, random_length=args.random_length,
               dequantize_once=args.dequantize_once)
     if args.compare and args.reference:  # the reference's outputs, once for both models
-        proc = data.load_processor(args.model)
-        kw["ref_outputs"] = reference_outputs(args.reference, proc, data.load_samples(args.data, args.n, args.seed),
+        proc = processor.load_processor(args.model)
+        kw["ref_outputs"] = reference_outputs(args.reference, proc, data_samples.load_samples(args.data, args.n, args.seed),
                                               args.max_new_tokens, args.device, kw["dtype"], args.random_tokens,
                                               args.random_length, args.seed)
     result = evaluate(args.model, ppl=args.ppl, **kw)

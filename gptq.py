@@ -1,23 +1,23 @@
-"""Weight quantization of one linear layer: the quantizer grid, round-to-nearest (RTN) and the GPTQ solver; and,
-last, the command line `python gptq.py`, which runs the layer-by-layer driver (layerwise.py) on a model.
+"""GPTQ, and `python gptq.py`: quantize a Mixture-of-Experts VLM layer by layer with any method of the table below.
 
-GPTQ: Frantar, Ashkboos, Hoefler, Alistarh, "GPTQ: Accurate Post-Training Quantization for Generative
+    python gptq.py --bits 3                       VEQ-MA on the bundled tiny model and calib/ (python calibrate.py)
+    python gptq.py --method gptq --bits 4 --group-size 32 --model DIR --calib calib/ --out quantized/
+    torchrun --nproc-per-node N gptq.py ...       the same flags over N processes (quant/distributed.py)
+
+Read this file top to bottom: (1) the GPTQ solver for one matrix, (2) the methods as data, (3) the layer loop
+quantize_model, whose steps are the algorithm, (4) the command line. Read next, in the order the loop calls them:
+model.py (load a layer), hessian.py (the token-weighted Hessians of its linears), quant/grid.py (the grid and
+the packed weight), quant/folders.py (the output on disk).
+
+(1) GPTQ: Frantar, Ashkboos, Hoefler, Alistarh, "GPTQ: Accurate Post-Training Quantization for Generative
 Pre-trained Transformers" (arXiv 2210.17323), following the IST-DASLab reference `gptq.py` (`fasterquant`).
 Symbols as there: W (out, in) the weight, H (in, in) the Hessian of the layer's inputs (hessian.py),
 Hinv the upper Cholesky factor of H⁻¹, Q the quantized columns, Err the scaled errors of one block.
 Quantizing column j to q adds error (w - q); GPTQ compensates by moving the not-yet-quantized columns k > j
 by -(w - q) / Hinv_jj · Hinv_jk (the optimal update of Optimal Brain Surgeon, with H⁻¹ kept in Cholesky form).
 Blocks of `block_size` columns get these updates immediately; later columns get them in one matmul per block.
-
-Quantizer grid (the reference's and compressed-tensors'):
-  codes are unsigned integers in [0, 2^bits - 1]; Ŵ = scale · (code - zero), one (scale, zero) per output row
-  and group of `group_size` consecutive input columns (-1: one group spanning the row, "per channel").
-  asymmetric: the range [min(w, 0), max(w, 0)] is cut into 2^bits - 1 steps, zero = round(-min / scale);
-  symmetric:  scale = max|w| / ((2^bits - 1) / 2), zero = 2^(bits-1) fixed (not stored).
-  compressed-tensors stores signed codes (code - 2^(bits-1)) and adds the offset back when packing, so the
-  packed int32 words are identical (packing itself lives with the runtime: model.pack_int32).
-
-Deliberate differences from the reference code, each for correctness or honest reporting:
+The grid (scale, zero, codes) is quant/grid.py's. Deliberate differences from the reference code, each for
+correctness or honest reporting:
   * dynamic group parameters are computed from the group's columns as they are at that moment (including the
     block's pending lazy updates); the reference reads stale columns when group_size < block_size. With the
     defaults (group_size == block_size == 128) both are the same.
@@ -26,138 +26,48 @@ Deliberate differences from the reference code, each for correctness or honest r
     fail, GPTQError. Never an identity Hessian.
   * act_order with groups requires static_groups: the output format has no g_idx, so groups must stay
     contiguous in the original column order.
-Does not: capture activations or build Hessians (hessian.py), search scales (ecs.py), search clipping ranges,
-choose a method (methods.py) or walk a model (layerwise.py). Imports only torch at module level: the CLI
-imports the driver when it runs.
+The same GPTQ for all experts of a layer as one batched problem is quant/batched.py (--batched-experts).
 
-The same GPTQ for all experts of an MoE layer at once, as one batched problem, is gptq_batched.py; gptq() here
-stays the reference.
+(2) A method is a record: a scale search run before quantizing (ecs.py), a solver (GPTQ or RTN), the weight c_j
+of each token in the Hessians (hessian.py), and its own options (which become command-line flags).
 
-Run the tests:  python -m pytest -q tests/test_gptq.py tests/test_gptq_batched.py
-Solver speed:   OMP_NUM_THREADS=1 python bench/gptq_solver.py --experts 16 --reference-experts 2
+(3) The loop, for each decoder layer l (its inputs made by the already-quantized layers < l), docs/methods.md §1.3:
+  load layer l  ->  [scale search, folded]  ->  token-weighted Hessians of every linear  ->  solve and pack every
+  linear  ->  save the layer  ->  its quantized outputs are the next layer's inputs.
+Router, norms, embeddings and lm_head stay float; --quantize-vision quantizes the vision tower first
+(quant/vision.py). Several processes, resume and timing are passed in (quant/distributed.py's Group,
+quant/folders.py's Partial, a phase timer) and do nothing in the plain one-process run.
+
+Tests: python -m pytest -q tests/test_gptq.py tests/test_pipeline.py
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-from typing import NamedTuple, Sequence
+import argparse
+from dataclasses import dataclass, field, fields
+import os
+import sys
+import time
+from typing import Callable, Sequence
 
 import torch
 
-BITS = (2, 3, 4, 8)  # supported weight widths
-DAMP_ESCALATION = 10.0  # each Cholesky retry multiplies the damping by this
-
-
-class GPTQError(RuntimeError):
-    """The damped Hessian could not be Cholesky-factorized at any damping tried. The message names the
-    matrix, its shape and the dampings."""
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Quantizer grid
-
-
-def n_groups(in_features: int, group_size: int) -> int:
-    """Number of column groups per row; a last partial group is allowed (ceil)."""
-    return 1 if group_size == -1 else math.ceil(in_features / group_size)
-
-
-def _group_len(in_features: int, group_size: int) -> int:
-    return in_features if group_size == -1 else group_size
-
-
-def _expand(t: torch.Tensor, in_features: int, group_size: int) -> torch.Tensor:
-    """Per-group (out, n_groups) -> per-column (out, in)."""
-    return t.repeat_interleave(_group_len(in_features, group_size), dim=1)[:, :in_features]
-
-
-def _check_grid(bits: int, group_size: int, name: str):
-    if bits not in BITS:
-        raise ValueError(f"{name}: bits={bits} is not supported; use one of {BITS}")
-    if group_size != -1 and group_size <= 0:
-        raise ValueError(f"{name}: group_size={group_size}; use a positive group size or -1 (per output channel)")
-
-
-def quant_params(W: torch.Tensor, *, bits: int, sym: bool, dim: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
-    """scale, zero (out,) for one group of columns W (out, g) (or (..., g) -> (...); the group along `dim`).
-    zero is integer-valued (float tensor)."""
-    maxq = 2**bits - 1
-    lo, hi = W.amin(dim=dim), W.amax(dim=dim)
-    zeros = torch.zeros_like(lo)
-    xmin = torch.minimum(lo, zeros)  # the range always contains 0, so zero lands in [0, maxq]
-    xmax = torch.maximum(hi, zeros)
-    if sym:
-        xmax = torch.maximum(-xmin, xmax)
-        xmin = -xmax
-    empty = xmax == xmin  # an all-zero row: any scale works; the reference uses [-1, 1]
-    xmin, xmax = torch.where(empty, -1.0, xmin), torch.where(empty, 1.0, xmax)
-    scale = (xmax - xmin) / maxq
-    zero = torch.full_like(scale, 2 ** (bits - 1)) if sym else torch.round(-xmin / scale)
-    return scale, zero
-
-
-def group_params(W: torch.Tensor, *, bits: int, group_size: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """scale, zero (out, n_groups) for W (out, in), groups of `group_size` consecutive columns (-1: one)."""
-    params = [quant_params(Wg, bits=bits, sym=sym) for Wg in W.split(_group_len(W.shape[1], group_size), dim=1)]
-    return torch.stack([s for s, _ in params], 1), torch.stack([z for _, z in params], 1)
-
-
-def quantize(W: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, *, bits: int, group_size: int):
-    """Integer codes (out, in) uint8 in [0, 2^bits - 1]: clamp(round(W / scale) + zero)."""
-    s, z = _expand(scale, W.shape[1], group_size), _expand(zero.to(scale.dtype), W.shape[1], group_size)
-    return torch.clamp(torch.round(W / s) + z, 0, 2**bits - 1).to(torch.uint8)
-
-
-def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, *, bits: int,
-               group_size: int) -> torch.Tensor:
-    """Ŵ = scale · (codes - zero), in scale's dtype; zero None means symmetric (zero = 2^(bits-1))."""
-    in_features = codes.shape[1]
-    z = 2 ** (bits - 1) if zero is None else _expand(zero.to(scale.dtype), in_features, group_size)
-    return (codes.to(scale.dtype) - z) * _expand(scale, in_features, group_size)
-
-
-class Quantized(NamedTuple):
-    codes: torch.Tensor  # (out, in) uint8
-    scale: torch.Tensor  # (out, n_groups)
-    zero: torch.Tensor | None  # (out, n_groups) uint8; None when symmetric
-    W_hat: torch.Tensor  # (out, in) dequantized
-
-
-def _compute_dtype(W: torch.Tensor) -> torch.dtype:
-    return torch.float64 if W.dtype == torch.float64 else torch.float32
-
-
-@torch.no_grad()
-def rtn(W: torch.Tensor, *, bits: int, group_size: int = 128, sym: bool = False) -> Quantized:
-    """Round-to-nearest with min/max (or symmetric max-abs) group parameters. W (out, in), any float dtype;
-    computed in float32 (float64 if W is)."""
-    _check_grid(bits, group_size, "rtn")
-    W = W.detach().to(_compute_dtype(W))
-    scale, zero = group_params(W, bits=bits, group_size=group_size, sym=sym)
-    codes = quantize(W, scale, zero, bits=bits, group_size=group_size)
-    zero_out = None if sym else zero.to(torch.uint8)
-    return Quantized(codes, scale, zero_out, dequantize(codes, scale, zero_out, bits=bits, group_size=group_size))
+import ecs
+import eval as evaluation
+import hessian
+from hessian import LayerCapture, no_timer, relative_output_error
+import model as model_lib
+from quant import distributed
+from quant.batched import gptq_batched_shared
+from quant.folders import CalibSet, Partial, export_fake_quant, write_output
+from quant.grid import (BITS, DAMP_ESCALATION, GPTQError, QuantLinear, Quantized, check_grid, compute_dtype,
+                        dequantize, dequantize_once, group_len, group_params, n_groups, quant_params, rtn, split_rows)
+from quant.scales import layer_fusion_weights, search_and_fold
+from quant.vision import quantize_vision_tower
 
 
 # ----------------------------------------------------------------------------------------------------------
-# GPTQ for one matrix
-
-
-@dataclass
-class GPTQResult:
-    codes: torch.Tensor  # (out, in) uint8 in [0, 2^bits - 1], original column order
-    scale: torch.Tensor  # (out, n_groups) float32 (float64 if W was)
-    zero: torch.Tensor | None  # (out, n_groups) uint8; None when symmetric (implicit 2^(bits-1))
-    W_hat: torch.Tensor  # (out, in) = dequantize(codes, scale, zero): dead columns are 0
-    damp: float  # absolute value added to diag(H): percdamp · mean(diag H) · 10^retries
-    retries: int  # Cholesky failures before success (each escalated the damping 10x)
-    row_loss: torch.Tensor  # (out,) GPTQ's objective per row: Σ_j (w_j - q_j)² / Hinv_jj² / 2
-    n_dead: int  # input columns with H_jj == 0 (no input ever reached them)
-
-    @property
-    def loss(self) -> float:
-        return float(self.row_loss.sum())
+# (1) GPTQ for one matrix
 
 
 def damped_inverse_cholesky(H: torch.Tensor, *, percdamp: float = 0.01, max_retries: int = 3,
@@ -228,7 +138,7 @@ def _quantize_blocks(W, Hinv, scale, zero, col_group, *, bits: int, block_size: 
 
 
 def _check_gptq_args(W, H, bits, group_size, block_size, percdamp, act_order, static_groups, name):
-    _check_grid(bits, group_size, name)
+    check_grid(bits, group_size, name)
     if W.dim() != 2 or tuple(H.shape) != (W.shape[1], W.shape[1]):
         raise ValueError(f"{name}: W {tuple(W.shape)} must be (out, in) and H {tuple(H.shape)} (in, in)")
     if block_size <= 0 or percdamp < 0:
@@ -244,20 +154,20 @@ def _check_gptq_args(W, H, bits, group_size, block_size, percdamp, act_order, st
 @torch.no_grad()
 def gptq(W: torch.Tensor, H: torch.Tensor, *, bits: int, group_size: int = 128, sym: bool = False,
          block_size: int = 128, percdamp: float = 0.01, act_order: bool = False, static_groups: bool = False,
-         max_retries: int = 3, name: str = "weight") -> GPTQResult:
+         max_retries: int = 3, name: str = "weight") -> Quantized:
     """GPTQ-quantize W (out, in) given the Hessian H (in, in) of its inputs (any positive scale, e.g.
     hessian.Hessian.finalize()). Computes in float32 (float64 if W is); the Cholesky runs in H's dtype.
     act_order: quantize columns by descending H_jj. static_groups: group params from W before any update.
     name: used in error messages (pass the tensor's checkpoint name)."""
     _check_gptq_args(W, H, bits, group_size, block_size, percdamp, act_order, static_groups, name)
-    dtype = _compute_dtype(W)
+    dtype = compute_dtype(W)
     in_f = W.shape[1]
     W = W.detach().to(dtype).clone()  # (out, in), updated in place by the sweep
     H = H.detach().clone()  # (in, in)
     dead = torch.diagonal(H) == 0  # (in,) channels no token reached: nothing to preserve there
     H[dead, dead] = 1
     W[:, dead] = 0
-    g = _group_len(in_f, group_size)
+    g = group_len(in_f, group_size)
     dynamic = group_size != -1 and not static_groups
     if dynamic:  # filled group by group during the sweep
         scale = torch.empty(W.shape[0], n_groups(in_f, group_size), dtype=dtype, device=W.device)
@@ -272,73 +182,389 @@ def gptq(W: torch.Tensor, H: torch.Tensor, *, bits: int, group_size: int = 128, 
                                        block_size=block_size, dynamic_g=g if dynamic else 0, sym=sym)
     codes = codes[:, torch.argsort(perm)]  # back to the original column order
     zero_out = None if sym else zero.to(torch.uint8)
-    return GPTQResult(codes=codes, scale=scale, zero=zero_out,
+    return Quantized(codes=codes, scale=scale, zero=zero_out,
                       W_hat=dequantize(codes, scale, zero_out, bits=bits, group_size=group_size),
                       damp=damp, retries=retries, row_loss=row_loss, n_dead=int(dead.sum()))
 
 
 @torch.no_grad()
-def gptq_shared(Ws: Sequence[torch.Tensor], H: torch.Tensor, **kwargs) -> list[GPTQResult]:
+def gptq_shared(Ws: Sequence[torch.Tensor], H: torch.Tensor, **kwargs) -> list[Quantized]:
     """GPTQ of several matrices that read the same inputs (an expert's gate_proj and up_proj), sharing one
     Hessian, one damping and one Cholesky. GPTQ treats rows independently, so this equals quantizing each
     matrix on its own. kwargs as for gptq()."""
-    return _split_rows(gptq(torch.cat(list(Ws), dim=0), H, **kwargs), [W.shape[0] for W in Ws])
-
-
-def _split_rows(r: GPTQResult, sizes: Sequence[int]) -> list[GPTQResult]:
-    """One GPTQResult of row-concatenated matrices -> one result per matrix (`sizes` rows each)."""
-    zeros = r.zero.split(sizes) if r.zero is not None else [None] * len(sizes)
-    return [GPTQResult(codes=c, scale=s, zero=z, W_hat=w, damp=r.damp, retries=r.retries, row_loss=l,
-                       n_dead=r.n_dead)
-            for c, s, z, w, l in zip(r.codes.split(sizes), r.scale.split(sizes), zeros, r.W_hat.split(sizes),
-                                     r.row_loss.split(sizes))]
-
-
-@torch.no_grad()
-def relative_output_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float:
-    """tr(ΔW H ΔWᵀ) / tr(W H Wᵀ). With H ∝ Σ x xᵀ this is ||(W - Ŵ) X||² / ||W X||²: the layer's relative
-    output error on the calibration tokens, without the tokens. In H's dtype (float32 in the driver: a reported
-    figure, good to ~1e-6 relative; float64 would double the time of the two (out, in, in) matmuls, which at
-    real width took about a quarter of a 128-expert layer's quantization time)."""
-    dtype = torch.float64 if H.dtype == torch.float64 else torch.float32
-    W, H = W.to(dtype), H.to(dtype)
-    dW = W - W_hat.to(dtype)
-    return float(((dW @ H) * dW).sum(dtype=torch.float64) / ((W @ H) * W).sum(dtype=torch.float64))
+    return split_rows(gptq(torch.cat(list(Ws), dim=0), H, **kwargs), [W.shape[0] for W in Ws])
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The command line: python gptq.py --bits 3 (VEQ-MA on the bundled tiny model and calib/; README "Quick start")
-#
-#   python gptq.py --method gptq --bits 4 --group-size 32 --model DIR --calib calib/ --out quantized/
-#   torchrun --nproc-per-node N gptq.py ...   (the same flags; samples and solves split over N processes:
-#                                              distributed.py, README "Several processes / GPUs")
-#
-# The methods are methods.METHODS; the loop is layerwise.quantize_model; the output export.py's.
+# (2) The methods as data
+
+
+@dataclass(frozen=True)
+class Option:
+    """One knob of a method: its name in Settings.options, default, help, and how it reaches the command line
+    (`--name-with-dashes`, or `flag`; a bool default True becomes a `--no-...` switch)."""
+
+    name: str
+    default: object
+    help: str
+    type: Callable | None = None  # argparse type (None: bool switch)
+    choices: tuple | None = None
+    flag: str | None = None
+    check: Callable | None = None  # value -> error text or None
+
+    @property
+    def cli(self) -> str:
+        return self.flag or "--" + self.name.replace("_", "-")
+
+
+VEQ = (  # arXiv 2602.01037; docs/methods.md §3
+    Option("lam", 1.0, "VEQ-MA: exponent λ on the router probability p", float),
+    Option("gamma", None, "VEQ: text-token weight γ (default: calib/'s gamma)", float),
+    Option("gamma_source", "grad", "calib/'s gamma: the paper's mean |dL/dx| ratio, or the scale-free |x * dL/dx|",
+           str, ("grad", "grad_x_input")),
+    Option("use_gamma", True, "VEQ-ME ablation: gamma = 1 in S_e", flag="--no-gamma"),
+    Option("use_beta", True, "VEQ-ME ablation: beta = 1 in S_e", flag="--no-beta"),
+    Option("affinity", True, "VEQ-MA ablation: p = 1", flag="--no-affinity"),
+    Option("modality", True, "VEQ-MA ablation: alpha = 1", flag="--no-modality"),
+    Option("plain_dense", False, "VEQ-MA: no modality weights outside the experts"),
+)
+FAQ = (Option("eta", 0.5, "FAQ: w = (1 - eta) + eta * phi / mean(phi)", float,
+              check=lambda v: None if 0 <= v < 1 else "must be in [0, 1)"),)
+ECS = (  # ECMFQ's expert-consensus smoothing; docs/methods.md §4.1
+    Option("ecs_loss", "trimmed", "ECS loss: MSE with the top 1%% token errors dropped, Huber, or plain MSE", str,
+           tuple(ecs.ECS_LOSSES)),
+    Option("ecs_omega", "freq", "ECS expert weights: routing frequency, mean router probability, or VEQ-ME's S_e",
+           str, ecs.ECS_OMEGAS),
+    Option("ecs_percentile", 99.9, "ECS: percentile of |X| for m_X", float,
+           check=lambda v: None if 0 < v <= 100 else "must be in (0, 100]"),
+    Option("ecs_grid", 21, "ECS: number of alphas in [0, 1]", int, check=lambda v: None if v >= 2 else "must be >= 2"),
+)
+
+
+@dataclass(frozen=True)
+class Method:
+    """One quantization method. token_weights: fn(q, gamma, is_vis (n,), p (n,) | None, fusion (n,) | None) ->
+    (n,) float64 weights >= 0 or None (all 1), for the n tokens reaching one linear (p: their router weight for
+    its expert, None outside the routed experts; fusion: FAQ's weights). scales: fn(g: ecs.ScalingGroup, q) ->
+    (s (d,) > 0, report dict); the loop folds 1/s into the group's producer and s into its readers."""
+
+    name: str  # --method
+    description: str
+    solver: str = "gptq"  # "gptq" or "rtn"
+    scales: Callable | None = None  # scale search run on every scaling group before quantizing; None: no scaling
+    token_weights: Callable = hessian.plain_weights  # c_j of each token in the Hessians
+    fusion: bool = False  # compute FAQ's fusion weights per layer (passed to token_weights and the scale search)
+    needs_gamma: bool = False  # refuses a calib/ without γ (unless --gamma, --no-modality or --no-gamma)
+    needs_macs: bool = False  # refuses a calib/ not selected by MACS (calibrate.py --select macs)
+    options: tuple[Option, ...] = ()  # its knobs
+
+    def __post_init__(self):
+        if self.solver not in ("gptq", "rtn") or not callable(self.token_weights) or \
+                (self.scales is not None and not callable(self.scales)):
+            raise ValueError(f"method {self.name!r}: solver must be 'gptq' or 'rtn', token_weights a function and "
+                             "scales a function or None (gptq.Method)")
+
+
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("veq-ma", "VEQ-MA: GPTQ with expert Hessians weighted by p^λ · α (§3.3)",
+           token_weights=hessian.veq_ma_weights, needs_gamma=True, options=VEQ),
+    Method("gptq", "GPTQ, every token weighing 1 (§2.2)"),
+    Method("rtn", "round to nearest (§2.1)", solver="rtn"),
+    Method("awq", "AWQ scales, then RTN (§2.3)", solver="rtn", scales=ecs.awq_search),
+    Method("smoothquant", "SmoothQuant scales (α = 0.5), then RTN (§2.4)", solver="rtn",
+           scales=ecs.smoothquant_search),
+    Method("smoothquant-gptq", "SmoothQuant scales, then GPTQ (§2.4)", scales=ecs.smoothquant_search),
+    Method("veq-me", "VEQ-ME: AWQ with experts weighted by S_e, then RTN (§3.2)", solver="rtn",
+           scales=ecs.veq_me_search, needs_gamma=True, options=VEQ),
+    Method("veq", "VEQ-ME scales, then VEQ-MA GPTQ: not in the paper (§3.4)", scales=ecs.veq_me_search,
+           token_weights=hessian.veq_ma_weights, needs_gamma=True, options=VEQ),
+    Method("ecs", "ECS scales, then GPTQ (§4.1)", scales=ecs.ecs_search, options=ECS),
+    Method("ecs-faq", "ECS with FAQ token weights, then FAQ-weighted GPTQ (§4.1, §4.2)", scales=ecs.ecs_search,
+           token_weights=hessian.faq_weights, fusion=True, options=FAQ + ECS),
+    Method("ecmfq", "ECMFQ: ecs-faq on a MACS-selected calib/ (§4.4)", scales=ecs.ecs_search,
+           token_weights=hessian.faq_weights, fusion=True, needs_macs=True, options=FAQ + ECS),
+)}
+
+
+def register(method: Method) -> Method:
+    """Add a method at run time (a fork's script, a test); its name must be new."""
+    if method.name in METHODS:
+        raise ValueError(f"method {method.name!r} exists already; pick another name")
+    METHODS[method.name] = method
+    return method
+
+
+def get_method(name: str) -> Method:
+    """The record of a method name; an unknown name is an error."""
+    if name not in METHODS:
+        raise ValueError(f"--method {name!r}: unknown; expected one of {', '.join(METHODS)} (or register() it)")
+    return METHODS[name]
+
+
+def all_options() -> dict[str, Option]:
+    """Every method's options by name, in table order (methods share VEQ's, FAQ's, ECS's)."""
+    return {o.name: o for m in METHODS.values() for o in m.options}
+
+
+@dataclass
+class Settings:
+    """What decides the quantized weights (report.json's `args`): the settings every method shares, and the
+    methods' own options by name (every declared option, at its default unless set)."""
+
+    method: str = "veq-ma"
+    bits: int = 3
+    group_size: int = 128
+    sym: bool = False
+    abits: int = 16  # 8: per-token int8 activations (W4A8)
+    act_order: bool = True  # GPTQ columns by descending H_jj (llm-compressor's default `actorder: static`)
+    static_groups: bool = True  # group params from W before the sweep (needed with act_order: no g_idx)
+    block_size: int = 128
+    percdamp: float = 0.01
+    min_expert_tokens: int = 1  # experts with fewer routed tokens are quantized from the pooled MoE Hessian
+    all_experts_hessian: bool = False  # every expert from the pooled Hessian: all MoE tokens (llm-compressor's)
+    batched_experts: bool = False  # solve all experts of a layer as one batched GPTQ problem
+    quantize_vision: bool = False  # also quantize the vision tower's / projector's linears
+    options: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        declared = all_options()
+        unknown = sorted(set(self.options) - set(declared))
+        if unknown:
+            raise ValueError(f"options {unknown}: no method declares them; known: {', '.join(declared)}")
+        self.options = {k: self.options.get(k, o.default) for k, o in declared.items()}
+
+    def args(self) -> dict:
+        """The flat record written to report.json and the output config."""
+        return {**{f.name: getattr(self, f.name) for f in fields(self) if f.name != "options"}, **self.options}
+
+    def check(self):
+        """Refuse an unknown method and out-of-range options before any work."""
+        method = get_method(self.method)
+        check_grid(self.bits, self.group_size, "--bits/--group-size")
+        for name, o in all_options().items():
+            v = self.options[name]
+            why = None if o.choices is None or v in o.choices else f"expected one of {o.choices}"
+            why = why or (o.check(v) if o.check else None)
+            if why:
+                raise ValueError(f"{o.cli} {v!r}: {why}")
+        return method
+
+
+# ----------------------------------------------------------------------------------------------------------
+# (3) The layer loop
+
+
+def quantize_model(model: str, calib: str = "calib", out: str = "quantized", q: Settings | None = None,
+                   resume: bool = False, device: str = "cpu", command: str | None = None,
+                   overwrite: bool = False, dtype: torch.dtype = torch.float32,
+                   group: distributed.Group | None = None, timer: Callable = no_timer) -> dict:
+    """Quantize `model` with calib/'s samples into `out` (written to out.partial/ layer by layer, then renamed;
+    refused before any work unless out is empty or a previous output). Returns the run report (out/report.json).
+    device, dtype: where the layers run and their weights' dtype (bfloat16 on a GPU); Hessians accumulate in
+    float64 and the solvers run in float32 either way. group: several processes (distributed.init), the samples
+    split across them and each layer's linears solved across them; rank 0 alone writes. None: one process."""
+    q = q or Settings()
+    method = q.check()
+    group = distributed.check_group(group, device)
+    t0 = time.time()
+    inputs = [model, calib]
+    partial = Partial(out, inputs, resume, overwrite, command, group)
+    cal = CalibSet.load(calib)
+    gamma = veq_gamma(cal, q, method, calib)
+    if method.needs_macs and cal.selection != "macs":
+        raise ValueError(f"--method {q.method} quantizes on a MACS-selected calibration set, but {calib}/ was "
+                         f"selected by {cal.selection!r}: run `python calibrate.py --select macs --out {calib}` "
+                         "first, or use a method without MACS (ecs-faq: ecmfq's quantizer on any calib/)")
+    if os.path.abspath(cal.model) != os.path.abspath(model):
+        group.log(f"note: {calib}/ was made with --model {cal.model}, quantizing {model}", file=sys.stderr)
+    group, samples = group.take(cal.samples)  # this rank's share (every sample in one process)
+    m = model_lib.load_model(model, dtype=dtype, device=device, lazy_layers=True)
+    solve = solver(q, method)
+    report = {"method": q.method, "bits": q.bits, "group_size": q.group_size, "abits": q.abits, "sym": q.sym,
+              "model": model, "calib": calib, "gamma": gamma, "n_samples": len(cal.samples), "seed": cal.seed,
+              "command": command or " ".join(sys.argv), "args": q.args(),
+              "vision": quantize_vision_tower(m, samples, q, solver(q, method, act_order=False), group)
+              if q.quantize_vision else None,
+              "layers": {}}
+    acts = embed(m, samples, device)  # the decoder's inputs of every sample
+    partial.start()
+    for i in range(len(m.layers)):
+        if partial.done(i):  # --resume: this layer was finished by an earlier run
+            report["layers"][str(i)] = partial.restore(m, i, q)
+        else:
+            with timer("load"):
+                layer = m.load_layer(i)
+            with timer("fusion"):
+                fusion = layer_fusion_weights(layer, acts, q.options["eta"], group) if method.fusion else None
+            with timer("scales"):
+                scales = search_and_fold(layer, m.scaling_groups(i), acts, q, method, cal.layer_counts(i), gamma,
+                                         fusion, group) if method.scales else {}
+            with timer("capture"):
+                cap = capture_hessians(layer, acts, method, q, gamma, fusion, group, timer)
+            rep = {"linears": quantize_linears(layer, cap, q, method, solve, m.layer_prefix(i), group, timer),
+                   "scales": scales, "hessian_gflop": cap.flop / 1e9}
+            del cap  # its Hessians (GBs at real width) must not live on into the next layer
+            report["layers"][str(i)] = partial.save(m, i, rep)
+        with timer("forward"):
+            acts = run_layer(m, i, acts)  # the quantized layer's outputs: the next layer's inputs
+        m.unload_layer(i)
+    return finish(m, model, out, q, method, partial, report, inputs, overwrite, t0, group)
+
+
+def veq_gamma(cal: CalibSet, q: Settings, method: Method, calib: str) -> float | None:
+    """VEQ's text weight γ: --gamma, or calib/'s (the paper's gradient ratio, or the scale-free one)."""
+    o = q.options
+    gamma = o["gamma"] if o["gamma"] is not None else \
+        {"grad": cal.gamma, "grad_x_input": cal.gamma_grad_x_input}[o["gamma_source"]]
+    if method.needs_gamma and gamma is None and (o["modality"] and o["use_gamma"]):
+        raise ValueError(f"{calib}/calib.json has no gamma (calibrate.py --no-gamma?); pass --gamma or --no-modality")
+    return gamma
+
+
+def solver(q: Settings, method: Method, act_order: bool = True) -> Callable:
+    """solve(Ws, H, name) -> one Quantized per matrix of Ws (which read the same input): GPTQ from H, or RTN.
+    act_order=False: the original column order with dynamic groups whatever q says (the vision tower's)."""
+    if method.solver == "rtn":
+        return lambda Ws, H, name: [rtn(W, bits=q.bits, group_size=q.group_size, sym=q.sym) for W in Ws]
+    order = dict(act_order=q.act_order, static_groups=q.static_groups) if act_order else {}
+    return lambda Ws, H, name: gptq_shared(Ws, H, bits=q.bits, group_size=q.group_size, sym=q.sym,
+                                           block_size=q.block_size, percdamp=q.percdamp, name=name, **order)
+
+
+def embed(m, samples: list[dict], device) -> list[hessian.LayerInput]:
+    """The decoder inputs of every calibration sample (prompt + gold answer, teacher forced, batch 1)."""
+    out = []
+    with torch.no_grad():
+        for s in samples:
+            vision = {k: v.to(device) for k, v in s.items() if k.startswith(("pixel_values", "image_grid"))}
+            x, ctx = m.embed(s["input_ids"].to(device), **vision)
+            out.append(hessian.LayerInput(x, ctx, s["is_vis"][0].to(device)))
+    return out
+
+
+def capture_hessians(layer, acts, method: Method, q: Settings, gamma, fusion, group, timer) -> LayerCapture:
+    """Run the float layer on every sample with hooks on its linears: one token-weighted Hessian per input,
+    an expert's from its routed tokens only, with c_j = the method's token_weights (hessian.LayerCapture)."""
+    if fusion is not None:  # fusion covers every sample: this rank's j-th is global_index(j)
+        fusion = [fusion[group.global_index(j)] for j in range(len(acts))]
+    cap = LayerCapture(layer, lambda is_vis, p, fus: method.token_weights(q, gamma or 1.0, is_vis, p, fus), timer)
+    try:
+        with torch.no_grad():
+            for b in range(0, len(acts), distributed.SAMPLE_BLOCK):  # a block: the same samples on any rank count
+                cap.run_block(layer, acts[b:b + distributed.SAMPLE_BLOCK],
+                              None if fusion is None else fusion[b:b + distributed.SAMPLE_BLOCK])
+    finally:
+        cap.remove()
+    return cap
+
+
+def quantize_linears(layer, cap: LayerCapture, q: Settings, method: Method, solve: Callable, prefix: str,
+                     group: distributed.Group, timer: Callable = no_timer) -> dict:
+    """Solve every linear of the layer from its Hessian, swap it for a packed QuantLinear, and return the
+    per-linear report. An expert with fewer than --min-expert-tokens routed tokens (every expert with
+    --all-experts-hessian) is solved from the pooled Hessian of all tokens entering its MoE block."""
+    distributed.reduce_capture(group, layer, cap)  # several processes: each Hessian summed on the rank solving it
+    starved = cap.starved(q.min_expert_tokens, q.all_experts_hessian, prefix)
+    inputs = distributed.own_inputs(group, cap, starved)  # this rank's share of the inputs (all in one process)
+    with timer("finalize"):
+        H = {k: cap.final_hessian(layer, k, starved[k]) for k in inputs}
+    cap.release_moe_inputs()
+    results = {}
+    with timer("solve"):
+        if q.batched_experts and method.solver == "gptq":
+            results = solve_batched(layer, [inp for inp in inputs.values() if inp.expert is not None], H, q, prefix)
+        for key, inp in inputs.items():
+            if key not in results:
+                results[key] = solve([layer.get_submodule(n).weight.float() for n in inp.readers], H[key], prefix + key)
+    report = {}
+    for key, inp in inputs.items():
+        n_text, n_vis = cap.tokens.get(key, (0, 0))
+        for name, r in zip(inp.readers, results.pop(key)):  # each result (with its W_hat) freed once packed
+            lin = layer.get_submodule(name)
+            with timer("error"):
+                err = relative_output_error(lin.weight.float(), r.W_hat, H[key])
+            with timer("pack"):
+                ql = QuantLinear.from_codes(r.codes, r.scale, r.zero, bits=q.bits, group_size=q.group_size,
+                                            sym=q.sym, abits=q.abits if q.abits < 16 else None)
+                layer.set_submodule(name, ql.to(lin.weight.device))
+            report[name] = {"tokens_text": n_text, "tokens_vis": n_vis, "pooled_hessian": starved[key],
+                            "damp": r.damp, "cholesky_retries": r.retries, "rel_error": err}
+    with timer("share"):  # several processes: every rank gets the others' packed linears and report entries
+        return distributed.share_layer(group, layer, cap.structure, report, lambda lin: QuantLinear(
+            lin.in_features, lin.out_features, bits=q.bits, group_size=q.group_size, sym=q.sym,
+            abits=q.abits if q.abits < 16 else None))
+
+
+def solve_batched(layer, expert_inputs: list, H: dict, q: Settings, prefix: str) -> dict:
+    """--batched-experts: all experts' gate/up (one Hessian each) in one gptq_batched_shared call, all down_proj
+    in another (quant/batched.py; the per-expert results up to float rounding ties). Returns input key -> one
+    result per reader."""
+    per_expert: dict[int, list] = {}
+    for inp in expert_inputs:
+        per_expert.setdefault(inp.expert, []).append(inp)
+    out = {}
+    for role in zip(*per_expert.values()):  # the same input of every expert: gate/up, then down
+        keys = [inp.readers[0] for inp in role]
+        stacks = [torch.stack([layer.get_submodule(inp.readers[j]).weight.float() for inp in role])
+                  for j in range(len(role[0].readers))]  # per reader of the input: (E, out, in)
+        Hs = H[keys[0]].new_empty((len(keys),) + tuple(H[keys[0]].shape))  # (E, in, in)
+        for e, k in enumerate(keys):  # each expert's Hessian moves into the stack (no second copy of all of them)
+            Hs[e] = H.pop(k)
+            H[k] = Hs[e]
+        res = gptq_batched_shared(stacks, Hs, bits=q.bits, group_size=q.group_size, sym=q.sym,
+                                  block_size=q.block_size, percdamp=q.percdamp, act_order=q.act_order,
+                                  static_groups=q.static_groups, names=[prefix + k for k in keys])
+        for e, k in enumerate(keys):
+            out[k] = [res[j][e] for j in range(len(stacks))]
+    return out
+
+
+def run_layer(m, i: int, samples: list) -> list:
+    """Layer i's outputs (+ DeepStack injection) for every sample, SAMPLE_BLOCK samples per forward_many."""
+    layer, out = m.layers[i], []
+    with torch.no_grad(), dequantize_once(layer):
+        for b in range(0, len(samples), distributed.SAMPLE_BLOCK):
+            block = samples[b:b + distributed.SAMPLE_BLOCK]
+            ys = layer.forward_many([s.x for s in block], [s.ctx for s in block])
+            out += [hessian.LayerInput(m.after_layer(i, y, s.ctx), s.ctx, s.is_vis) for y, s in zip(ys, block)]
+    return out
+
+
+def finish(m, model, out, q, method, partial, report, inputs, overwrite, t0, group) -> dict:
+    """The run's totals into the report; rank 0 assembles out/ from the finished layers (quant/folders.py)."""
+    report["seconds"] = time.time() - t0
+    report["pooled_hessian_linears"] = [f"{i}:{k}" for i, rep in report["layers"].items()
+                                        for k, r in rep["linears"].items() if r["pooled_hessian"]]
+    report["cholesky_retries"] = sum(r["cholesky_retries"] for rep in report["layers"].values()
+                                     for r in rep["linears"].values())
+    if group.rank == 0:
+        write_output(m, model, out, q.args(), method.solver, partial.path, report, inputs, overwrite)
+    distributed.barrier(group)  # every rank returns once OUT/ is in place
+    how = "error measured on" if method.solver == "rtn" else "quantized from"
+    which = ("with --all-experts-hessian" if q.all_experts_hessian
+             else f"with < {q.min_expert_tokens} calibration tokens")
+    group.log(f"wrote {out}/ ({q.method}, W{q.bits} g{q.group_size} A{q.abits}) in {report['seconds']:.1f}s; "
+              f"{len(report['pooled_hessian_linears'])} expert linears {which} ({how} the layer's pooled MoE "
+              f"Hessian), {report['cholesky_retries']} Cholesky retries")
+    return report
+
+
+# ----------------------------------------------------------------------------------------------------------
+# (4) The command line
 
 
 def main(argv=None):
-    import argparse
-    import os
-    import sys
-
-    import calibrate
-    import data
-    import distributed
-    import export
-    import layerwise
-    import methods
-
-    listing = "; ".join(f"{m.name}: {m.description}" for m in methods.METHODS.values())
-    p = argparse.ArgumentParser(description="Quantize an MoE VLM layer by layer (layerwise.py).",
+    listing = "; ".join(f"{m.name}: {m.description}" for m in METHODS.values())
+    p = argparse.ArgumentParser(description="Quantize an MoE VLM layer by layer (gptq.py).",
                                 epilog=f"methods (§: docs/methods.md): {listing}")
-    p.add_argument("--model", default=calibrate.DEFAULT_MODEL, help="float checkpoint folder")
+    p.add_argument("--model", default=model_lib.DEFAULT_MODEL, help="float checkpoint folder")
     p.add_argument("--calib", default="calib", help="calibration folder written by calibrate.py")
     p.add_argument("--out", default="quantized",
                    help="output checkpoint folder (replaced only if it is a previous output of gptq.py or empty)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace --out (and OUT.partial/, OUT/fake-quant/) even if not written by this tool; "
                         "the model and calib folders are never replaced")
-    p.add_argument("--method", default="veq-ma", choices=list(methods.METHODS), help="quantization method")
+    p.add_argument("--method", default="veq-ma", choices=list(METHODS), help="quantization method")
     p.add_argument("--bits", type=int, default=3, choices=BITS, help="weight bits")
     p.add_argument("--group-size", type=int, default=128, help="input columns per scale group; -1 = per channel")
     p.add_argument("--sym", action="store_true", help="symmetric weights (no zero point)")
@@ -359,22 +585,11 @@ def main(argv=None):
                    help="also quantize the vision tower's and projector's linears (patch embedding stays float)")
     p.add_argument("--batched-experts", action="store_true",
                    help="GPTQ all experts of a layer as one batched problem (same result up to rounding ties)")
-    p.add_argument("--lam", type=float, default=1.0, help="VEQ-MA: exponent on the router probability")
-    p.add_argument("--gamma", type=float, default=None, help="VEQ-MA: text-token weight (default: calib/'s gamma)")
-    p.add_argument("--gamma-source", default="grad", choices=("grad", "grad_x_input"),
-                   help="calib/'s gamma: the paper's mean |dL/dx| ratio, or the scale-free |x * dL/dx| ratio")
-    p.add_argument("--no-gamma", action="store_true", help="VEQ-ME ablation: gamma = 1 in S_e")
-    p.add_argument("--no-beta", action="store_true", help="VEQ-ME ablation: beta = 1 in S_e")
-    p.add_argument("--no-affinity", action="store_true", help="VEQ-MA ablation: p = 1")
-    p.add_argument("--no-modality", action="store_true", help="VEQ-MA ablation: alpha = 1")
-    p.add_argument("--plain-dense", action="store_true", help="VEQ-MA: no modality weights outside the experts")
-    p.add_argument("--eta", type=float, default=0.5, help="FAQ: w = (1 - eta) + eta * phi / mean(phi)")
-    p.add_argument("--ecs-loss", default="trimmed", choices=methods.ECS_LOSSES,
-                   help="ECS loss: MSE with the top 1%% token errors dropped, Huber, or plain MSE")
-    p.add_argument("--ecs-omega", default="freq", choices=methods.ECS_OMEGAS,
-                   help="ECS expert weights: routing frequency, mean router probability, or VEQ-ME's S_e")
-    p.add_argument("--ecs-percentile", type=float, default=99.9, help="ECS: percentile of |X| for m_X")
-    p.add_argument("--ecs-grid", type=int, default=21, help="ECS: number of alphas in [0, 1]")
+    for o in all_options().values():  # the methods' own knobs
+        if o.type is None:
+            p.add_argument(o.cli, dest=o.name, action="store_false" if o.default else "store_true", help=o.help)
+        else:
+            p.add_argument(o.cli, dest=o.name, type=o.type, default=o.default, choices=o.choices, help=o.help)
     p.add_argument("--fake-quant", action="store_true",
                    help="also write OUT/fake-quant/: dequantized weights in the original float layout")
     p.add_argument("--resume", action="store_true", help="continue from the last finished layer in OUT.partial/")
@@ -385,54 +600,28 @@ def main(argv=None):
                    help="the layers' weights and activations (bfloat16 on a GPU: half the memory); Hessians are "
                         "accumulated in float64 and solved in float32 either way")
     a = p.parse_args(argv)
-    q = methods.QuantArgs(method=a.method, bits=a.bits, group_size=a.group_size, sym=a.sym, abits=a.abits,
-                  act_order=a.act_order, percdamp=a.percdamp,
-                  static_groups=a.act_order if a.static_groups is None else a.static_groups,
-                  min_expert_tokens=a.min_expert_tokens, all_experts_hessian=a.all_experts_hessian, lam=a.lam,
-                  gamma=a.gamma, affinity=not a.no_affinity,
-                  modality=not a.no_modality, plain_dense=a.plain_dense, use_gamma=not a.no_gamma,
-                  use_beta=not a.no_beta, gamma_source=a.gamma_source, batched_experts=a.batched_experts,
-                  quantize_vision=a.quantize_vision, eta=a.eta, ecs_loss=a.ecs_loss, ecs_omega=a.ecs_omega,
-                  ecs_percentile=a.ecs_percentile, ecs_grid=a.ecs_grid)
+    shared = {f.name: getattr(a, f.name) for f in fields(Settings) if f.name not in ("options", "static_groups",
+                                                                                      "block_size")}
+    q = Settings(**shared, static_groups=a.act_order if a.static_groups is None else a.static_groups,
+                 options={name: getattr(a, name) for name in all_options()})
     command = "python gptq.py " + " ".join(argv if argv is not None else sys.argv[1:])
     dtype = getattr(torch, a.dtype)
     group = distributed.init(a.device)  # under torchrun: this rank of WORLD_SIZE processes; else one process
     try:
-        report = layerwise.quantize_model(a.model, a.calib, a.out, q, resume=a.resume, device=group.device,
-                                          command=command, overwrite=a.overwrite, dtype=dtype, group=group)
+        report = quantize_model(a.model, a.calib, a.out, q, resume=a.resume, device=group.device, command=command,
+                                overwrite=a.overwrite, dtype=dtype, group=group)
     finally:
         distributed.close(group)
     if group.rank != 0:  # rank 0 alone exports and evaluates the output
         return report
     if a.fake_quant:
-        export.export_fake_quant(a.out, os.path.join(a.out, "fake-quant"), [a.model, a.calib], a.overwrite)
+        export_fake_quant(a.out, os.path.join(a.out, "fake-quant"), [a.model, a.calib], a.overwrite)
         print(f"wrote {a.out}/fake-quant/ (dequantized weights, original layout)")
-    cal = calibrate.load(a.calib)
-    if cal["data"] in data.SHAPES_SPECS and not a.no_eval:
-        import eval as evaluation
-
+    if CalibSet.load(a.calib).data in ("shapes", "shapes-image", "shapes-text") and not a.no_eval:
         result = evaluation.evaluate(a.out, reference=a.model, n=a.eval_n, device=a.device, dtype=dtype,
                                      command=command)
         print(evaluation.markdown(result))
     return report
-
-
-# Names that moved out of gptq.py when it was split, still reachable as gptq.X for bench/ and older scripts:
-# imported from their new home on first use, so that `import gptq` itself stays torch-only.
-_MOVED = {"gptq_batched": ("gptq_batched", "gptq_batched_shared", "CPU_EXPERT_CHUNK", "CHOL_BLOCK", "_block_edges",
-                           "_sub_edges"),
-          "methods": ("METHODS", "QuantArgs"),
-          "layerwise": ("quantize_model",),
-          "export": ("export_fake_quant",)}
-
-
-def __getattr__(name: str):
-    for module, names in _MOVED.items():
-        if name in names:
-            import importlib
-
-            return getattr(importlib.import_module(module), name)
-    raise AttributeError(f"module 'gptq' has no attribute {name!r}")
 
 
 if __name__ == "__main__":

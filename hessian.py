@@ -25,17 +25,28 @@ kind of CPU runs at about half the float32 rate, and a product of 50 rows at abo
 driver flushes after fixed blocks of calibration samples, so the partial products do not depend on how the
 samples are split between processes (distributed.py): only the float64 order of their sum does.
 
-FAQ's weights are computed here from attention probabilities (fusion_scores, fusion_weights); which tokens
-get them is the method's choice (methods.faq_weights).
+The token weightings (plain_weights, veq_ma_weights, faq_weights) are here, each a few lines: the methods
+table in gptq.py points at them. FAQ's weights come from attention probabilities (fusion_scores, fusion_weights).
 
-Does not: capture activations or attention (the driver hooks the model), or fall back when an expert got no
-tokens (finalize() raises; the caller decides, and reports, what to do).
-Run the tests:  python -m pytest -q tests/test_hessian.py
+LayerCapture runs one decoder layer with hooks on its linears and feeds every input's tokens, weighted, into one
+Hessian per input (model.py's layer_structure says which linears share one: q/k/v, an expert's gate/up); an
+expert's linears see only the tokens routed to it, with p_j their router weight, as the router's Routing assigns
+them (arch/blocks.py's expert_assignments, the same function the expert loop runs on).
+finalize() never falls back when an expert got no tokens (it raises); the driver decides, and reports, what to do
+(a pooled Hessian: pooled_hessian).
+Read next: quant/grid.py (what the solver's codes become). Tests: python -m pytest -q tests/test_hessian.py
 """
 
 from __future__ import annotations
 
+import contextlib
+from dataclasses import dataclass
+
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from arch.blocks import expert_assignments, layer_structure
 
 
 class Hessian:
@@ -130,6 +141,18 @@ class Hessian:
         return H.to(dtype or H.dtype)
 
 
+@torch.no_grad()
+def relative_output_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float:
+    """tr(ΔW H ΔWᵀ) / tr(W H Wᵀ). With H ∝ Σ x xᵀ this is ||(W - Ŵ) X||² / ||W X||²: the layer's relative
+    output error on the calibration tokens, without the tokens. In H's dtype (float32 in the driver: a reported
+    figure, good to ~1e-6 relative; float64 would double the time of the two (out, in, in) matmuls, which at
+    real width took about a quarter of a 128-expert layer's quantization time)."""
+    dtype = torch.float64 if H.dtype == torch.float64 else torch.float32
+    W, H = W.to(dtype), H.to(dtype)
+    dW = W - W_hat.to(dtype)
+    return float(((dW @ H) * dW).sum(dtype=torch.float64) / ((W @ H) * W).sum(dtype=torch.float64))
+
+
 def dead_columns(H: torch.Tensor) -> torch.Tensor:
     """Boolean mask (d,) of input channels that were exactly zero for every weighted token (H_jj == 0).
     GPTQ sets H_jj = 1 and zeroes W[:, j] for them: the weights there never met any input."""
@@ -173,3 +196,177 @@ def fusion_weights(scores: list[torch.Tensor], is_vis: list[torch.Tensor], eta: 
         if float(mean) > 0:
             w[mask] = (1 - eta) + eta * phi[mask] / mean
     return list(w.split([len(s) for s in scores]))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Token weights: c_j of each token in a linear's Hessian (docs/methods.md §2.2, §3.3, §4.2). The signature:
+#   fn(q: gptq.Settings, gamma, is_vis (n,) bool, p (n,) | None, fusion (n,) | None) -> (n,) float64 or None (all 1)
+
+
+def plain_weights(q, gamma: float, is_vis, p=None, fusion=None):
+    """GPTQ: every token weighs 1."""
+    return None
+
+
+def veq_ma_weights(q, gamma: float, is_vis, p=None, fusion=None):
+    """VEQ-MA (arXiv 2602.01037, eq. 7): c_j = p_j^λ · α_j on an expert's routed tokens, with p_j the router
+    weight of that expert for token j and α_j = γ for text, 1 for image tokens; non-expert linears get α_j alone
+    (or nothing with plain_dense)."""
+    o = q.options
+    alpha = torch.where(is_vis, 1.0, gamma if o["modality"] else 1.0).double()
+    if p is None:  # attention, shared expert, dense MLP
+        return None if o["plain_dense"] else alpha
+    affinity = p.double() ** o["lam"] if o["affinity"] else torch.ones_like(alpha)
+    return affinity * alpha
+
+
+def faq_weights(q, gamma: float, is_vis, p=None, fusion=None):
+    """FAQ (docs/methods.md §4.2): c_j = w_j · p_j on experts, w_j elsewhere, with w_j the fusion weight of the
+    token (fusion_weights)."""
+    return fusion.double() if p is None else fusion.double() * p.double()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Capture: the Hessians of every linear of one decoder layer
+
+
+@dataclass
+class LayerInput:
+    """One calibration sample flowing through the decoder: hidden states (1, T, D), the per-forward inputs,
+    and which positions are image tokens (T,)."""
+
+    x: torch.Tensor
+    ctx: object
+    is_vis: torch.Tensor
+
+
+def no_timer(phase: str):
+    """A phase timer that does nothing: the driver's default (bench/streaming.py passes one that records seconds)."""
+    return contextlib.nullcontext()
+
+
+def new_hessian(d: int, device) -> Hessian:
+    """The driver's accumulator: float64 sums of float32 products."""
+    return Hessian(d, dtype=torch.float64, compute_dtype=torch.float32, device=device)
+
+
+class LayerCapture:
+    """Forward hooks on every nn.Linear of one decoder layer and on its router, accumulating one Hessian per
+    input of layer_structure (keyed by its first reader), each token weighted by weigh(is_vis, p, fusion)."""
+
+    def __init__(self, layer: nn.Module, weigh, timer=no_timer):
+        self.timer, self.weigh = timer, weigh
+        self.structure = layer_structure(layer)
+        self.n_experts = len(self.structure.experts)
+        self.input_of = {name: inp for inp in self.structure.inputs for name in inp.readers}
+        self.H: dict[str, Hessian] = {}  # input key (its first reader) -> accumulator
+        self.tokens: dict[str, list[int]] = {}  # input key -> [n_text, n_vis]
+        self.moe_inputs: list[torch.Tensor] = []
+        self.pool: Hessian | None = None  # all tokens entering the MoE block: built by pooled_hessian if needed
+        self.is_vis, self.fusion, self.assigned, self._seen = None, None, None, {}
+        self.flop = 0  # floating-point operations of the Hessian products (bench/streaming.py's rate)
+        self.handles = [layer.get_submodule(name).register_forward_pre_hook(self._linear_hook(name))
+                        for name in self.input_of]
+        if self.structure.router is not None:  # kept float
+            self.handles.append(layer.get_submodule(self.structure.router).register_forward_hook(self._router_hook))
+
+    def start_sample(self, is_vis, fusion=None):
+        """is_vis (T,) of the next sample; fusion (T,) its FAQ weights (methods with fusion only)."""
+        self.is_vis, self.fusion, self.assigned, self._seen = is_vis, fusion, None, {}
+
+    def run_block(self, layer, block: list, fusion: list | None):
+        """The float layer on a block of samples (DecoderLayer.forward_many: attention per sample, the MLP on
+        all their tokens), the hooks told which tokens each linear's input holds; then the block's products."""
+        vis = [s.is_vis for s in block]
+        fus = fusion if fusion is not None else [None] * len(block)
+        layer.forward_many([s.x for s in block], [s.ctx for s in block],
+                           before_attention=lambda j: self.start_sample(vis[j], fus[j]),
+                           before_mlp=lambda: self.start_sample(torch.cat(vis), None if fusion is None else
+                                                                torch.cat(fusion)))
+        self.flush()
+
+    def _router_hook(self, module, args, routing):
+        x = args[0].reshape(-1, args[0].shape[-1])
+        weights = routing.topk_weight.float()
+        self.assigned = [(tok, weights[tok, slot]) for tok, slot in
+                         expert_assignments(routing.topk_idx, self.n_experts)]  # expert e: its tokens, their p
+        self.moe_inputs.append(x.detach())  # for pooled_hessian, should an expert get (almost) no tokens
+
+    def _linear_hook(self, name):
+        inp = self.input_of[name]
+        key = inp.readers[0]
+
+        def hook(module, args):
+            with self.timer("hessians"):
+                add(args)
+
+        def add(args):
+            if key in self._seen:  # another reader of this input already added it in this forward
+                if self._seen[key] is not args[0]:
+                    raise RuntimeError(f"{name} and {key} read different tensors, but layer_structure says "
+                                       "they share one input: fix the layer's description")
+                return
+            self._seen[key] = args[0]
+            x = args[0].reshape(-1, args[0].shape[-1])
+            tok, p = slice(None), None
+            if inp.expert is not None:
+                tok, p = self.assigned[inp.expert]
+            is_vis, fusion = self.is_vis[tok], None if self.fusion is None else self.fusion[tok]
+            if key not in self.H:
+                self.H[key] = new_hessian(x.shape[-1], x.device)
+                self.tokens[key] = [0, 0]
+            self.H[key].add(x, self.weigh(is_vis, p, fusion))
+            self.flop += 2 * x.shape[0] * x.shape[1] ** 2  # the (d, n) @ (n, d) product
+            self.tokens[key][0] += int((~is_vis).sum())
+            self.tokens[key][1] += int(is_vis.sum())
+        return hook
+
+    def flush(self):
+        """Multiply out every Hessian's kept rows (after each block of samples)."""
+        with self.timer("hessians"):
+            for H in self.H.values():
+                H.flush()
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+    def starved(self, min_tokens: int, all_experts: bool, prefix: str) -> dict[str, bool]:
+        """Input key -> whether it is solved from the pooled Hessian: an expert with fewer than min_tokens routed
+        tokens, or every expert with all_experts. A non-expert input no token reached is an error."""
+        out = {}
+        for inp in self.structure.inputs:
+            key = inp.readers[0]
+            if inp.expert is None and key not in self.H:
+                raise RuntimeError(f"{prefix}{key}: no calibration token reached this linear")
+            out[key] = inp.expert is not None and (all_experts or
+                                                   (self.H[key].n_tokens if key in self.H else 0) < min_tokens)
+        return out
+
+    def final_hessian(self, layer, key: str, starved: bool) -> torch.Tensor:
+        """The float32 Hessian the solver takes: the captured one (its float64 sum released), or the pooled one."""
+        return pooled_hessian(layer, self.input_of[key], self) if starved else \
+            self.H[key].finalize(release=True, dtype=torch.float32)
+
+    def release_moe_inputs(self):
+        """The pooled Hessians are built: the layer's MoE inputs can go."""
+        self.moe_inputs, self.pool = [], None
+
+
+def pooled_hessian(layer, inp, cap: LayerCapture) -> torch.Tensor:
+    """For an expert with (almost) no routed tokens: the Hessian of what its input would be if every MoE token
+    were routed to it (gate/up: the MoE input; down: that expert's activations on the MoE input)."""
+    s = cap.structure.swiglu_of(inp.readers[0])
+    if inp.readers[0] != s.down_proj:  # gate/up: every MoE token, computed once per layer
+        if cap.pool is None:
+            cap.pool = new_hessian(cap.moe_inputs[0].shape[-1], cap.moe_inputs[0].device)
+            for x in cap.moe_inputs:
+                cap.pool.add(x)
+                cap.pool.flush()
+        return cap.pool.finalize(dtype=torch.float32)
+    expert = layer.get_submodule(s.name)
+    H = new_hessian(expert.down_proj.in_features, expert.down_proj.weight.device)
+    for x in cap.moe_inputs:
+        H.add(F.silu(expert.gate_proj(x)) * expert.up_proj(x))
+        H.flush()
+    return H.finalize(release=True, dtype=torch.float32)

@@ -1,23 +1,20 @@
-"""Hand-written forward passes for Mixture-of-Experts vision-language models, loaded from safetensors: the entry
-point (load_config, load_model, the generation CLI) of the model code, which lives in
+"""The model: hand-written forward passes for Mixture-of-Experts vision-language models, loaded from safetensors
+with no transformers at run time. This file reads a checkpoint folder into the right model (load_config,
+load_model) and answers a prompt (the CLI); the model code lives in arch/:
 
-  * blocks.py        what both families share: norms, rotary embeddings, attention, SwiGLU, the decoder layer, the
-                     expert loop, the KV cache, MoEVLM (weight streaming, generation), and each decoder layer as
-                     data for the quantizers (Routing, layer_structure);
-  * qwen3_vl_moe.py  Qwen3-VL-MoE (e.g. Qwen3-VL-30B-A3B-Instruct): ViT with DeepStack, M-RoPE, softmax top-k MoE;
-  * kimi_vl.py       Kimi-VL (e.g. Kimi-VL-A3B-Instruct): MoonViT + DeepSeek-V3 style LLM (MLA, sigmoid MoE);
-  * checkpoint.py    config.json spellings, the safetensors files, tensor names (fused Qwen experts included);
-  * packed.py        packed quantized weights (compressed-tensors `pack-quantized`) and QuantLinear;
-  * outputs.py       output folders that are never destroyed.
-`model.X` reaches every public name of those files (model.QuantLinear, model.Qwen3VLMoeModel, ...).
-
-The spec these follow is docs/architectures.md (checked against transformers 5.23 in tests/).
-No transformers import: the modules mirror the checkpoint's tensor names, so the state dict of a model *is* the
-checkpoint's key list (with the fused Qwen expert tensors split into per-expert 2-D weights). Loading is strict
-(`safetensors.safe_open`, single file or sharded), optionally one decoder layer at a time
-(`load_model(..., lazy_layers=True)` then `model.load_layer(i)` / `model.unload_layer(i)`); a packed checkpoint
-(a `quantization_config`) loads into QuantLinears. Quantization methods live in methods.py, gptq.py, ecs.py.
-What it does not do: video inputs, training-time features (dropout, aux losses), sampling.
+  * arch/blocks.py        what both families share: norms, rotary embeddings, attention, SwiGLU, the decoder
+                          layer, the expert loop, the KV cache, MoEVLM (weight streaming, generation), and each
+                          decoder layer as data for the quantizers (Routing, expert_assignments, layer_structure);
+  * arch/qwen3_vl_moe.py  Qwen3-VL-MoE (e.g. Qwen3-VL-30B-A3B-Instruct): ViT with DeepStack, M-RoPE, softmax MoE;
+  * arch/kimi_vl.py       Kimi-VL (e.g. Kimi-VL-A3B-Instruct): MoonViT + DeepSeek-V3 style LLM (MLA, sigmoid MoE);
+  * arch/checkpoint.py    config.json spellings, the safetensors files, tensor names (fused Qwen experts included).
+The spec these follow is docs/architectures.md (checked against transformers 5.23 in tests/). The modules mirror
+the checkpoint's tensor names, so the state dict of a model *is* the checkpoint's key list (the fused Qwen expert
+tensors split into per-expert 2-D weights). Loading is strict, optionally one decoder layer at a time
+(`load_model(..., lazy_layers=True)`, then `model.load_layer(i)` / `model.unload_layer(i)`, as gptq.py's loop
+does); a packed checkpoint (a `quantization_config`) loads into quant/grid.py's QuantLinear.
+Does not: video inputs, training-time features (dropout, aux losses), sampling.
+Read next: arch/blocks.py (a decoder layer, its router and its experts).
 
 Run:  python model.py --model DIR --image IMG --prompt "What is in the picture?"
 """
@@ -32,25 +29,13 @@ import sys
 import torch
 import torch.nn as nn
 
-# The model is built from these files; model.X reaches every public name in them.
-from blocks import (apply_rope, attention, attention_reference, block_diagonal_attention, causal_mask,
-                    decoder_attention, DecoderInputs, DecoderLayer, gelu_tanh, KVCache, layer_structure,
-                    LayerStructure, LinearInput, mlp_readers, MoEVLM, RMSNorm, rotate_half, Routing,
-                    run_experts, SwiGLU, swiglu_groups, SwiGLUNames, text_model, TextModel, upcast)  # noqa: F401
-from checkpoint import (assign, Checkpoint, checkpoint_state_dict, CheckpointError, resolve, STALE_KEYS)  # noqa: F401
-from kimi_vl import (apply_complex_rope, deinterleave, KimiLanguageModel, KimiMoE, KimiProjector, KimiRouter,
-                     KimiTextConfig, KimiVLConfig, KimiVLModel, MLAttention, MoonViT, moonvit_rope,
-                     MoonViTBlock, MoonViTConfig, MoonViTEncoder, MoonViTMLP, MoonViTPatchEmbed,
-                     MoonViTPosEmb, text_position_ids)  # noqa: F401
-from outputs import (check_output_dir, make_output_dir, output_kind, OUTPUT_MARKER, OutputError,
-                     publish_output_dir, temporary_output_dir)  # noqa: F401
-from packed import (COMPILE_GRAPHS, dequantize_once, fake_quant_act, PACK_BITS, pack_int32, QUANT_LINEAR_FN,
-                    quant_linear_forward, QuantLinear, unpack_int32, use_compiled_quant_linear)  # noqa: F401
-from qwen3_vl_moe import (merge_block_order, mrope_position_ids, Qwen3VLMoeConfig, Qwen3VLMoeModel,
-                          QwenAttention, QwenMoE, QwenPatchEmbed, QwenPatchMerger, QwenRouter, QwenTextConfig,
-                          QwenVisionAttention, QwenVisionBlock, QwenVisionConfig, QwenVisionMLP,
-                          QwenVisionModel)  # noqa: F401
+from arch.checkpoint import Checkpoint, CheckpointError, STALE_KEYS
+from arch.kimi_vl import KimiVLConfig, KimiVLModel
+from arch.qwen3_vl_moe import Qwen3VLMoeConfig, Qwen3VLMoeModel
+from data.processor import load_processor
+from quant.grid import QuantLinear, use_compiled_quant_linear
 
+DEFAULT_MODEL = "models/tiny-qwen3-vl-moe"  # the bundled tiny model: calibrate.py's and gptq.py's default
 CONFIGS: dict[str, type] = {"qwen3_vl_moe": Qwen3VLMoeConfig, "kimi_vl": KimiVLConfig}  # model_type -> config
 MODELS: dict[str, type] = {"qwen3_vl_moe": Qwen3VLMoeModel, "kimi_vl": KimiVLModel}  # model_type -> model
 
@@ -183,8 +168,6 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.compile:
         use_compiled_quant_linear(True)
-
-    from data import load_processor  # data.py never imports model.py, so no loop
 
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.float32 if args.device == "cpu" else torch.bfloat16)
     model = load_model(args.model, dtype=dtype, device=args.device)

@@ -15,8 +15,8 @@ converted to RGB, transparency composited on white) or paths.
 
 Specs: docs/architectures.md §3 (checked against transformers' processors in tests/).
 Not handled: videos, tool calls, "thinking" templates.
-The samples themselves (the shapes benchmark, dataset readers, load_samples) are samples.py's; data.X reaches
-their public names too. This file never imports model.py.
+The samples themselves (the shapes benchmark, dataset readers, load_samples) are data/samples.py's.
+This file never imports model.py.
 """
 
 from __future__ import annotations
@@ -34,10 +34,7 @@ from PIL import Image
 
 CPU = torch.device("cpu")  # where the processor's tensors are made (module docstring)
 
-# The samples are samples.py's; data.X reaches every public name there too.
-from samples import (COLORS, DataError, draw_scene, IMAGE_TYPES, load_samples, NUMBERS, read_coco_captions,
-                     read_json, read_jsonl, read_llava, Sample, SAMPLE_FIELDS, SHAPES, shapes_benchmark,
-                     SHAPES_SPECS, shapes_vocabulary, SPLIT_SEEDS, TEXT_TYPES)  # noqa: F401
+from data.samples import DataError, read_json, Sample
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """GPTQ for all experts of an MoE layer at once: gptq_batched / gptq_batched_shared solve E matrices of one shape,
 each with its own Hessian, as one batched problem. Same arguments and results as gptq.gptq per expert (equal
 codes up to float rounding ties: tests/test_gptq_batched.py); gptq.gptq stays the readable reference, and the
-quantizer grid, GPTQResult and GPTQError are gptq.py's. Used by `python gptq.py --batched-experts`
-(layerwise.solve_batched).
+quantizer grid, Quantized and GPTQError are quant/grid.py's. Used by `python gptq.py --batched-experts`
+(gptq.solve_batched).
 
 The experts of an MoE layer share their shapes but not their Hessians. Every torch op below works on all
 experts, so a layer costs as many ops (GPU kernel launches) as one expert. The batched path also does less work
@@ -30,7 +30,7 @@ rounding tie (rare, and then the rest of that row follows another, equally good,
 act_order (static groups): each expert's columns are permuted by its own descending H_jj before the sweep and
 back after it; the group params, computed before, are looked up per column through perm // g (gptq()'s g_idx).
 
-Does not: build Hessians (hessian.py), choose which matrices share one (layerwise.py), or pack the codes.
+Does not: build Hessians (hessian.py), choose which matrices share one (gptq.py), or pack the codes.
 Run the tests:  python -m pytest -q tests/test_gptq_batched.py
 Solver speed:   OMP_NUM_THREADS=1 python bench/gptq_solver.py --experts 16 --reference-experts 2
 """
@@ -42,8 +42,8 @@ from typing import Sequence
 
 import torch
 
-from gptq import (DAMP_ESCALATION, GPTQError, GPTQResult, _check_grid, _compute_dtype, _group_len, _split_rows,
-                  n_groups, quant_params)
+from quant.grid import (DAMP_ESCALATION, GPTQError, Quantized, check_grid, compute_dtype, group_len, n_groups,
+                        quant_params, split_rows)
 
 SUB_BLOCK = 16  # columns swept one by one (rank-1 updates) before a bmm brings in their errors
 CHOL_BLOCK = 128  # block columns of reverse_cholesky (its bmm does nearly all of the work)
@@ -52,7 +52,7 @@ CPU_EXPERT_CHUNK = 16  # experts per sweep on a CPU: their blocks stay in cache 
 
 
 def _check_batched_args(W, H, bits, group_size, block_size, percdamp, act_order, static_groups, names):
-    _check_grid(bits, group_size, "gptq_batched")
+    check_grid(bits, group_size, "gptq_batched")
     if act_order and group_size != -1 and not static_groups:
         raise ValueError(f"gptq_batched: act_order with group_size={group_size} needs static_groups=True (the "
                          "packed format has no g_idx, so groups must stay contiguous in the original column order)")
@@ -261,7 +261,7 @@ def _view(flat: torch.Tensor, *shape: int) -> torch.Tensor:
 def gptq_batched(W: torch.Tensor | Sequence[torch.Tensor], H: torch.Tensor, *, bits: int, group_size: int = 128,
                  sym: bool = False, block_size: int = 128, percdamp: float = 0.01, act_order: bool = False,
                  static_groups: bool = False, max_retries: int = 3, names: Sequence[str] | None = None,
-                 expert_chunk: int | None = None) -> list[GPTQResult]:
+                 expert_chunk: int | None = None) -> list[Quantized]:
     """GPTQ of E matrices of one shape at once, each with its own Hessian: W (E, out, in), H (E, in, in), e.g.
     one projection of every expert of an MoE layer (W may also be a list of such stacks that share H, solved as
     their row concatenation: see gptq_batched_shared). Same arguments and results as [gptq(W[e], H[e]) for e]
@@ -274,7 +274,7 @@ def gptq_batched(W: torch.Tensor | Sequence[torch.Tensor], H: torch.Tensor, *, b
     if any(w.dim() != 3 or w.shape[::2] != Ws[0].shape[::2] for w in Ws) or bad_chunk:
         raise ValueError(f"gptq_batched: W {[tuple(w.shape) for w in Ws]} must be (E, out, in) stacks with the same "
                          f"E and in, and expert_chunk={expert_chunk} positive (or None)")
-    dtype, sizes = _compute_dtype(Ws[0]), [w.shape[1] for w in Ws]
+    dtype, sizes = compute_dtype(Ws[0]), [w.shape[1] for w in Ws]
     E, in_f = Ws[0].shape[0], Ws[0].shape[2]
     # (E, in, out): the sweep's transposed layout; rows padded by ROW_PAD floats, which speeds up its bmms by
     # about 7% (a row stride of 1536 or 2048 floats makes MKL's accesses collide in the cache)
@@ -289,7 +289,7 @@ def gptq_batched(W: torch.Tensor | Sequence[torch.Tensor], H: torch.Tensor, *, b
         H = H.clone()
         torch.diagonal(H, dim1=-2, dim2=-1)[dead] = 1
         WT.masked_fill_(dead[:, :, None], 0)
-    g, dynamic = _group_len(in_f, group_size), group_size != -1 and not static_groups
+    g, dynamic = group_len(in_f, group_size), group_size != -1 and not static_groups
     if dynamic:  # filled group by group during the sweep
         scale = torch.empty(E, out_f, n_groups(in_f, group_size), dtype=dtype, device=WT.device)
         zero = torch.empty_like(scale)
@@ -320,16 +320,16 @@ def gptq_batched(W: torch.Tensor | Sequence[torch.Tensor], H: torch.Tensor, *, b
     zero = None if sym else zero.to(torch.uint8)
     damp, retries, n_dead = damp.tolist(), retries.tolist(), dead.sum(1).tolist()
     codes, W_hat = codes.mT, WT.mT  # (E, out, in) views
-    return [GPTQResult(codes=codes[e], scale=scale[e], zero=None if zero is None else zero[e], W_hat=W_hat[e],
+    return [Quantized(codes=codes[e], scale=scale[e], zero=None if zero is None else zero[e], W_hat=W_hat[e],
                        damp=damp[e], retries=retries[e], row_loss=row_loss[e], n_dead=n_dead[e])
             for e in range(E)]
 
 
 @torch.no_grad()
-def gptq_batched_shared(Ws: Sequence[torch.Tensor], H: torch.Tensor, **kwargs) -> list[list[GPTQResult]]:
+def gptq_batched_shared(Ws: Sequence[torch.Tensor], H: torch.Tensor, **kwargs) -> list[list[Quantized]]:
     """gptq_batched of several stacks of matrices that read the same inputs, e.g. Ws = [gate (E, I, in),
     up (E, I, in)] of every expert, with one Hessian per expert H (E, in, in) (as gptq.gptq_shared for one expert).
     Returns one list per matrix of Ws, with one result per expert. kwargs as for gptq_batched()."""
     sizes = [W.shape[1] for W in Ws]
-    per_expert = [_split_rows(r, sizes) for r in gptq_batched(list(Ws), H, **kwargs)]
+    per_expert = [split_rows(r, sizes) for r in gptq_batched(list(Ws), H, **kwargs)]
     return [list(rs) for rs in zip(*per_expert)]

@@ -1,4 +1,4 @@
-"""Several processes (torch.distributed) for the layer-by-layer quantization of layerwise.py:
+"""Several processes (torch.distributed) for the layer-by-layer quantization of gptq.py's loop:
 
     torchrun --nproc-per-node N gptq.py ...          (the same flags as one process; WORLD_SIZE unset or 1: one process)
 
@@ -7,7 +7,7 @@ What is split, and how it is put back together (N = WORLD_SIZE, rank r):
     driver runs a block per forward and multiplies out its Hessian rows per block (hessian.Hessian.flush), so
     every float32 product is the same on any number of ranks. Each rank embeds its own
     samples, runs them through every decoder layer (the layers < l already quantized) and keeps their activations;
-  * Hessians: each rank accumulates every linear's Hessian over its own samples' tokens (layerwise.LayerCapture),
+  * Hessians: each rank accumulates every linear's Hessian over its own samples' tokens (hessian.LayerCapture),
     then each one is summed (dist.reduce, float64) on the one rank that solves it, and dropped on the others
     (reduce_capture). Token counts and weight sums are all-reduced, so every rank knows every linear's counts (the
     starved-expert decision and the report). A reduce rather than an all-reduce: after it each rank holds only the
@@ -45,7 +45,7 @@ Run the tests:  python -m pytest -q tests/test_distributed.py
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 import datetime
 import os
 from typing import Callable, NamedTuple
@@ -59,7 +59,7 @@ from hessian import Hessian
 TIMEOUT = datetime.timedelta(hours=2)  # a collective waits this long for the slowest rank (a real-width solve)
 
 
-SAMPLE_BLOCK = 8  # calibration samples per forward of a layer and per Hessian product (layerwise.HESSIAN_BLOCK)
+SAMPLE_BLOCK = 8  # calibration samples per forward of a layer and per Hessian product (gptq.py's loop)
 
 @dataclass(frozen=True)
 class Group:
@@ -70,6 +70,7 @@ class Group:
     device: str = "cpu"
     backend: str | None = None
     created: bool = False  # this process initialized the process group (close() destroys it)
+    n_samples: int = 0  # calibration samples over all ranks (set by take)
 
     @property
     def active(self) -> bool:
@@ -79,6 +80,16 @@ class Group:
     def comm_device(self) -> torch.device:
         """Where collective buffers live: the GPU for nccl, the CPU for gloo."""
         return torch.device(self.device if self.backend == "nccl" else "cpu")
+
+    def log(self, *args, **kwargs):
+        """print on rank 0 only: it speaks for all."""
+        if self.rank == 0:
+            print(*args, **kwargs)
+
+    def take(self, samples: list) -> tuple["Group", list]:
+        """This group knowing the number of samples, and this rank's share of them (all of them in one process)."""
+        check_samples(self, len(samples))
+        return replace(self, n_samples=len(samples)), self.shard(samples)
 
     def shard(self, items) -> list:
         """This rank's calibration samples: the blocks of SAMPLE_BLOCK consecutive samples b with b % world ==
@@ -133,6 +144,17 @@ def init(device: str = "cpu") -> Group:
     return Group(dist.get_rank(), dist.get_world_size(), device, backend, created)
 
 
+def check_group(group: Group | None, device: str) -> Group:
+    """The driver's group: SINGLE for one process; under torchrun the caller must pass distributed.init's."""
+    if group is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError(f"quantize_model runs under torchrun (WORLD_SIZE={os.environ['WORLD_SIZE']}) without a "
+                         "group: pass group=distributed.init(device), as gptq.py does")
+    group = group or SINGLE
+    if group.active and device != group.device:
+        raise ValueError(f"--device {device}: this process's group runs on {group.device}; pass device=group.device")
+    return group
+
+
 def close(group: Group):
     """Destroy the process group if init() created it."""
     if group.created and dist.is_initialized():
@@ -184,7 +206,7 @@ def _all_gather(group: Group, t: torch.Tensor) -> torch.Tensor:
 
 def input_owners(structure, world: int) -> dict[str, int]:
     """The rank that solves each input of a decoder layer (model.layer_structure), keyed by the input's first
-    reader (as layerwise.LayerCapture keys its Hessians): routed expert e on rank e % world; the other inputs
+    reader (as hessian.LayerCapture keys its Hessians): routed expert e on rank e % world; the other inputs
     (attention, shared experts, dense MLP) round-robin over the ranks in the structure's order."""
     owner, j = {}, 0
     for inp in structure.inputs:
@@ -254,15 +276,41 @@ def reduce_hessians(group: Group, H: dict, owner: dict, width: dict, tokens: dic
 
 
 def reduce_capture(group: Group, layer: nn.Module, cap):
-    """layerwise.LayerCapture's Hessians and token counts of this rank's samples -> every input's Hessian over all
-    samples on the rank that solves it (input_owners), counts everywhere (reduce_hessians). In place on cap."""
+    """hessian.LayerCapture's Hessians and token counts of this rank's samples -> every input's Hessian over all
+    samples on the rank that solves it (input_owners), counts everywhere (reduce_hessians). In place on cap.
+    One process: nothing to do."""
+    if not group.active:
+        return
     owner = input_owners(cap.structure, group.world)
     width = {k: layer.get_submodule(k).in_features for k in owner}
     reduce_hessians(group, cap.H, owner, width, cap.tokens)
 
 
+def own_inputs(group: Group, cap, starved: dict) -> dict:
+    """The inputs of the layer this rank solves (key: first reader -> LinearInput): all of them in one process.
+    With several, if any expert is solved from the pooled Hessian, every sample's MoE input first."""
+    inputs = {inp.readers[0]: inp for inp in cap.structure.inputs}
+    if not group.active:
+        return inputs
+    if any(starved.values()):
+        gather_moe_inputs(group, cap, group.n_samples)
+    owner = input_owners(cap.structure, group.world)
+    return {k: inp for k, inp in inputs.items() if owner[k] == group.rank}
+
+
+def share_layer(group: Group, layer: nn.Module, structure, report: dict, shell: Callable) -> dict:
+    """After each rank packed the linears it owns: every rank gets the others' (share_linears) and the report
+    of every linear. One process: the report as it is."""
+    if not group.active:
+        return report
+    owner = input_owners(structure, group.world)
+    where = {name: (layer, name) for inp in structure.inputs for name in inp.readers}
+    owner = {name: owner[inp.readers[0]] for inp in structure.inputs for name in inp.readers}
+    return share_linears(group, where, owner, report, shell)
+
+
 def gather_moe_inputs(group: Group, cap, n_samples: int):
-    """For experts quantized from the pooled MoE Hessian (layerwise.pooled_hessian): every block's MoE input in
+    """For experts quantized from the pooled MoE Hessian (hessian.pooled_hessian): every block's MoE input in
     calib/'s order on every rank (cap.moe_inputs, one (T, D) tensor per block of SAMPLE_BLOCK samples: the driver
     runs the MLP once per block), from which pooled_hessian then builds the pool as one process does."""
     if not cap.moe_inputs:

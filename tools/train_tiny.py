@@ -3,7 +3,7 @@
 The result is written in the exact checkpoint layout of the real family (config.json in the Hub spelling,
 model.safetensors in bf16 with the Hub's tensor names and fused-expert layout, tokenizer.json with the
 family's real special tokens, preprocessor_config.json, generation_config.json), so `model.load_model`,
-`data.load_processor`, calibrate.py, gptq.py and eval.py read the tiny and the real models the same way.
+`processor.load_processor`, calibrate.py, gptq.py and eval.py read the tiny and the real models the same way.
 
 Recipe (see docs/tiny-models.md for why): 64x64 scenes, 8-px patches (8x8 grid -> 16 image
 tokens), Gaussian init N(0, 0.02) with residual output projections scaled by 1/sqrt(2 * layers), AdamW,
@@ -35,8 +35,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import data
+from arch import checkpoint
+from arch import qwen3_vl_moe
+from data import processor
+from data import samples as data_samples
 import model
+from quant import folders
 
 QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
                  "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
@@ -165,8 +169,8 @@ def build_tokenizer(specials, vocab_size: int = 512):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    words = data.shapes_vocabulary() + ["user", "assistant", "system", "image", "?", "You are a helpful assistant"]
-    corpus = [s.question + " " + s.answer for s in data.shapes_benchmark(5000, split="train")] + words
+    words = data_samples.shapes_vocabulary() + ["user", "assistant", "system", "image", "?", "You are a helpful assistant"]
+    corpus = [s.question + " " + s.answer for s in data_samples.shapes_benchmark(5000, split="train")] + words
     trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(specials), show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(corpus, trainer)
@@ -203,9 +207,9 @@ def temper_attention(m, factor: float):
 def patch_labels(samples, patch_order: str, grid: int = 8, patch: int = 8):
     """Per-patch class for the auxiliary loss: the label-map value (0 background, else shape x colour) at each
     patch centre, in the order of the pixel rows (Qwen: merge blocks; Kimi: raster). (n_image_samples * grid²,)"""
-    order = model.merge_block_order(grid, grid, 2) if patch_order == "merge_block" else torch.arange(grid * grid)
+    order = qwen3_vl_moe.merge_block_order(grid, grid, 2) if patch_order == "merge_block" else torch.arange(grid * grid)
     centres = np.arange(grid) * patch + patch // 2
-    out = [torch.from_numpy(np.asarray(data.draw_scene(s.objects, labels=True))[centres][:, centres]
+    out = [torch.from_numpy(np.asarray(data_samples.draw_scene(s.objects, labels=True))[centres][:, centres]
                             .astype(np.int64).reshape(-1))[order]
            for s in samples if s.image is not None]
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
@@ -254,7 +258,7 @@ def look_targets(samples, grid: int = 8) -> torch.Tensor:
     for i, s in enumerate(image_samples):
         o = looked_at_object(s)
         if o is not None:
-            code = 1 + data.SHAPES.index(o["shape"]) * len(data.COLORS) + list(data.COLORS).index(o["color"])
+            code = 1 + data_samples.SHAPES.index(o["shape"]) * len(data_samples.COLORS) + list(data_samples.COLORS).index(o["color"])
             out[i] = (labels[i] == code).any(-1)
     return out
 
@@ -324,8 +328,8 @@ def evaluate(m, proc, samples, batch_size: int = 100) -> dict:
     right = {}
     for i in range(0, len(samples), batch_size):
         chunk = samples[i:i + batch_size]
-        b = data.encode_qa_batch(proc, chunk)
-        pred = m(b["input_ids"], attention_mask=b["attention_mask"], **data.vision_inputs(b))[:, :-1].argmax(-1)
+        b = processor.encode_qa_batch(proc, chunk)
+        pred = m(b["input_ids"], attention_mask=b["attention_mask"], **processor.vision_inputs(b))[:, :-1].argmax(-1)
         lab = b["labels"][:, 1:]
         ok = ((pred == lab) | (lab == -100)).all(-1)
         for s, good in zip(chunk, ok.tolist()):
@@ -336,18 +340,18 @@ def evaluate(m, proc, samples, batch_size: int = 100) -> dict:
 
 def save_checkpoint(m, cfg_dict, tok, files: dict, out: str, overwrite: bool = False):
     """Write the checkpoint folder atomically: everything goes to a temporary sibling, then one rename (over a
-    previous tiny model only, unless `overwrite`: `model.publish_output_dir`)."""
+    previous tiny model only, unless `overwrite`: `folders.publish_output_dir`)."""
     from safetensors.torch import save_file
 
-    tmp = model.temporary_output_dir(out, "tiny-model")
+    tmp = folders.temporary_output_dir(out, "tiny-model")
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; a checkpoint folder is meant to be shared
-    sd = {k: v.detach().to(torch.bfloat16).contiguous() for k, v in model.checkpoint_state_dict(m).items()}
+    sd = {k: v.detach().to(torch.bfloat16).contiguous() for k, v in checkpoint.checkpoint_state_dict(m).items()}
     save_file(sd, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
     tok.save(os.path.join(tmp, "tokenizer.json"))
     for name, content in {"config.json": cfg_dict, **files}.items():
         with open(os.path.join(tmp, name), "w") as f:
             json.dump(content, f, indent=2)
-    model.publish_output_dir(tmp, out, "tiny-model", overwrite=overwrite)
+    folders.publish_output_dir(tmp, out, "tiny-model", overwrite=overwrite)
 
 
 def lr_at(step: int, steps: int, peak: float, warmup: int, decay_frac: float) -> float:
@@ -365,7 +369,7 @@ def train(family: str = "qwen3_vl_moe", out: str = "models/tiny-qwen3-vl-moe", s
           moe_intermediate: int | None = None, init_from: str | None = None, text_fraction: float = 0.2,
           type_weights: dict[str, float] | None = None, look: float = 0.0, look_layers: list[int] | None = None,
           attn_scale: float = 1.0, eval_seed: int = 0):
-    model.check_output_dir(out, "tiny-model", overwrite=overwrite)  # before training: fail fast
+    folders.check_output_dir(out, "tiny-model", overwrite=overwrite)  # before training: fail fast
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
     fam = FAMILIES[family]
@@ -375,7 +379,7 @@ def train(family: str = "qwen3_vl_moe", out: str = "models/tiny-qwen3-vl-moe", s
     tok.save(os.path.join(workdir, "tokenizer.json"))
     for name, content in {"config.json": cfg_dict, **files}.items():
         json.dump(content, open(os.path.join(workdir, name), "w"))
-    proc = data.load_processor(workdir)
+    proc = processor.load_processor(workdir)
     cfg = model.CONFIGS[family].from_dict(cfg_dict)
     m = model.MODELS[family](cfg)
     init_weights(m, n_layers=len(m.layers))
@@ -397,7 +401,7 @@ def train(family: str = "qwen3_vl_moe", out: str = "models/tiny-qwen3-vl-moe", s
     if look > 0:
         for i in look_layers if look_layers is not None else range(len(m.layers) - 2, len(m.layers)):
             m.layers[i].self_attn.probs_hook = looked.append
-    n_classes = 1 + len(data.SHAPES) * len(data.COLORS)
+    n_classes = 1 + len(data_samples.SHAPES) * len(data_samples.COLORS)
     probe = nn.Linear(m.vision_blocks()[-1].norm1.weight.shape[0], n_classes)
     # the same labels read from the image embeddings the decoder gets (RMS-normalized, as the decoder's first
     # norm sees them): each merged token predicts the labels of its 4 patches
@@ -409,17 +413,17 @@ def train(family: str = "qwen3_vl_moe", out: str = "models/tiny-qwen3-vl-moe", s
                             lr=lr, betas=(0.9, 0.95))
     # eval_seed 1 draws a validation stream of the test split, disjoint from eval.py's default (seed 0) samples:
     # choose between runs on it and report on eval.py's
-    held_out = data.shapes_benchmark(eval_n, seed=eval_seed, split="test")
+    held_out = data_samples.shapes_benchmark(eval_n, seed=eval_seed, split="test")
     n_experts = cfg_dict["text_config"].get("num_experts") or cfg_dict["text_config"].get("n_routed_experts")
     print(f"{family}: {sum(p.numel() for p in m.parameters()) / 1e6:.2f}M parameters, vocab {tok.get_vocab_size()}")
     t0 = time.time()
     for step in range(steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, lr, warmup, decay_frac)
-        samples = data.shapes_benchmark(batch, seed=seed * 1_000_000 + step, split="train",
+        samples = data_samples.shapes_benchmark(batch, seed=seed * 1_000_000 + step, split="train",
                                         text_fraction=text_fraction, type_weights=type_weights)
-        b = data.encode_qa_batch(proc, samples)
-        logits = m(b["input_ids"], attention_mask=b["attention_mask"], **data.vision_inputs(b))
+        b = processor.encode_qa_batch(proc, samples)
+        logits = m(b["input_ids"], attention_mask=b["attention_mask"], **processor.vision_inputs(b))
         loss_ans = answer_loss(logits, b["labels"])
         loss = loss_ans + balance * probes.balance_loss(n_experts)
         loss_look = look_loss(looked, b, samples, proc.image_token_id) if look > 0 else torch.zeros(())
@@ -439,7 +443,7 @@ def train(family: str = "qwen3_vl_moe", out: str = "models/tiny-qwen3-vl-moe", s
             loss = loss + aux * loss_aux + (aux_merged or 1.0) * loss_merged
             with torch.no_grad():  # how well the decoder's image embeddings tell the shape of object patches
                 obj, pred = target > 0, merged_logits.argmax(-1)
-                shape_acc = ((pred > 0) & ((pred - 1) // len(data.COLORS) == (target - 1) // len(data.COLORS)))[obj]
+                shape_acc = ((pred > 0) & ((pred - 1) // len(data_samples.COLORS) == (target - 1) // len(data_samples.COLORS)))[obj]
                 shape_acc = shape_acc.float().mean().item()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -471,8 +475,8 @@ def parse_type_weights(text: str) -> dict[str, float]:
     out = {}
     for item in text.split(","):
         name, _, w = item.partition("=")
-        if name.strip() not in data.IMAGE_TYPES or not w:
-            raise argparse.ArgumentTypeError(f"{item!r}: expected TYPE=WEIGHT with TYPE one of {data.IMAGE_TYPES}")
+        if name.strip() not in data_samples.IMAGE_TYPES or not w:
+            raise argparse.ArgumentTypeError(f"{item!r}: expected TYPE=WEIGHT with TYPE one of {data_samples.IMAGE_TYPES}")
         try:
             out[name.strip()] = float(w)
         except ValueError as e:

@@ -13,10 +13,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from blocks import (DecoderInputs, MoEVLM, RMSNorm, Routing, SwiGLU, apply_rope, block_diagonal_attention,
+from arch.blocks import (DecoderInputs, MoEVLM, RMSNorm, Routing, SwiGLU, apply_rope, block_diagonal_attention,
                     causal_mask, decoder_attention, gelu_tanh, mlp_readers, run_experts, swiglu_groups, text_model,
                     upcast)
-from checkpoint import CheckpointError, _pick, _rope_fields
+from arch.checkpoint import CheckpointError, _pick, _rope_fields
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ layer, the expert loop the quantizers hook (run_experts), the KV cache, the per-
 MoEVLM, the base of both model classes (binding weights to a checkpoint, one decoder layer in memory at a time,
 greedy generation). Also each decoder layer as data for the quantizers: what a router returns (Routing), which
 linears read which input, the experts and the router (layer_structure), the scaling-group helpers.
-Does not: define a family (qwen3_vl_moe.py, kimi_vl.py) or read files (checkpoint.py, model.py).
+Does not: define a family (arch/qwen3_vl_moe.py, arch/kimi_vl.py) or read files (arch/checkpoint.py, model.py).
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoint import assign, resolve
-from packed import QuantLinear
+from arch.checkpoint import assign, resolve
+from quant.grid import QuantLinear
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -266,20 +266,25 @@ def layer_structure(layer: nn.Module) -> LayerStructure:
 # The forward's machinery: the expert loop, masks, the KV cache, and MoEVLM, the base of both model classes.
 
 
+def expert_assignments(topk_idx, n_experts: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """For each expert e, in index order: (tok, slot), the tokens routed to e in sequence order and which of
+    their k slots chose it. topk_idx (N, k) long. The expert loop (run_experts) and the quantizers' Hessian
+    capture (hessian.LayerCapture) both take the routing from here."""
+    k = topk_idx.shape[1]
+    flat = topk_idx.flatten()  # (N*k,) expert of each (token, slot)
+    order = flat.argsort(stable=True)  # grouped by expert, token order kept inside a group
+    counts = flat.bincount(minlength=n_experts).tolist()
+    return [(sel // k, sel % k) for sel in order.split(counts)]
+
+
 def run_experts(experts: nn.ModuleList, x, topk_idx, topk_w):
     """The reference expert loop: gather each expert's routed tokens, run it, scatter-add weighted outputs.
     x (N, D), topk_idx (N, k) long, topk_w (N, k) -> (N, D). Experts are visited in index order and their tokens
-    in sequence order, matching the accumulation order of the references. A quantizer hooks `experts[e]`:
-    its inputs are exactly x[tok] below."""
-    N, k = topk_idx.shape
-    flat = topk_idx.flatten()  # (N*k,) expert of each (token, slot)
-    order = flat.argsort(stable=True)  # grouped by expert, token order kept inside a group
-    counts = flat.bincount(minlength=len(experts)).tolist()
+    in sequence order, matching the accumulation order of the references."""
     out = torch.zeros_like(x)
-    for expert, sel in zip(experts, order.split(counts)):
-        if sel.numel() == 0:
+    for expert, (tok, slot) in zip(experts, expert_assignments(topk_idx, len(experts))):
+        if tok.numel() == 0:
             continue
-        tok, slot = sel // k, sel % k  # tokens routed to this expert, and which of their k slots chose it
         y = expert(x[tok]) * topk_w[tok, slot, None]
         out.index_add_(0, tok, y.to(out.dtype))
     return out
