@@ -49,7 +49,7 @@ import torch.nn.functional as F
 
 from data import processor
 from data import samples as data_samples
-import model
+from model import load_model, resolve_device
 from quant import grid
 
 MODALITIES = ("all", "image", "text")
@@ -373,7 +373,7 @@ class Reference:
 def reference_outputs(reference: str, proc, samples, max_new_tokens: int = 16, device="cpu", dtype=torch.float32,
                       random_tokens: int = 0, random_length: int = 32, seed: int = 0,
                       vision_cache: VisionCache | None = None) -> Reference:
-    ref = model.load_model(reference, dtype=dtype, device=device)
+    ref = load_model(reference, dtype=dtype, device=device)
     with vision_cache.on(ref) if vision_cache else contextlib.nullcontext():
         ids = greedy_ids(ref, proc, samples, max_new_tokens, device)
         r = Reference([proc.tokenizer.decode(i) for i in ids], ids, answer_logprobs(ref, proc, samples, device=device))
@@ -393,12 +393,12 @@ def evaluate(model: str, reference: str | None = None, data_spec: str = "shapes"
     packed model's weights dequantized once, not on every forward (same values; the float weights' memory).
     vision_cache: reuse vision-tower outputs computed for other models with the same tower (VisionCache)."""
     t0 = time.time()
-    model.resolve_device(device)  # before any work: a device this machine lacks is an error naming --device
+    resolve_device(device)  # before any work: a device this machine lacks is an error naming --device
     if (fast_flips or random_tokens) and not reference:
         raise ValueError("--fast-flips and --random-tokens need --reference (the float model to compare with)")
     samples = data_samples.load_samples(data_spec, n=n, seed=seed, split="test")
     proc = processor.load_processor(model)
-    m = model.load_model(model, dtype=dtype, device=device)
+    m = load_model(model, dtype=dtype, device=device)
     ref = None if not reference else ref_outputs or reference_outputs(
         reference, proc, samples, max_new_tokens, device, dtype, random_tokens, random_length, seed)
     result = {"model": model, "reference": reference, "data": data_spec, "n": len(samples), "seed": seed,

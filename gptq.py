@@ -333,6 +333,14 @@ class Settings:
             raise ValueError(f"options {unknown}: no method declares them; known: {', '.join(declared)}")
         self.options = {k: self.options.get(k, o.default) for k, o in declared.items()}
 
+    @classmethod
+    def of(cls, **kw) -> "Settings":
+        """Settings from flat keywords, the shared settings and any method's options alike (as `args()` writes
+        them): Settings.of(method="veq-ma", bits=4, lam=0.5)."""
+        shared = {f.name for f in fields(cls)} - {"options"}
+        return cls(**{k: v for k, v in kw.items() if k in shared},
+                   options={k: v for k, v in kw.items() if k not in shared})
+
     def args(self) -> dict:
         """The flat record written to report.json and the output config."""
         return {**{f.name: getattr(self, f.name) for f in fields(self) if f.name != "options"}, **self.options}
@@ -365,6 +373,7 @@ def quantize_model(model: str, calib: str = "calib", out: str = "quantized", q: 
     split across them and each layer's linears solved across them; rank 0 alone writes. None: one process."""
     q = q or Settings()
     method = q.check()
+    model_lib.resolve_device(device)  # before any work: a device this machine lacks is an error naming --device
     group = distributed.check_group(group, device)
     t0 = time.time()
     inputs = [model, calib]
@@ -600,10 +609,8 @@ def main(argv=None):
                    help="the layers' weights and activations (bfloat16 on a GPU: half the memory); Hessians are "
                         "accumulated in float64 and solved in float32 either way")
     a = p.parse_args(argv)
-    shared = {f.name: getattr(a, f.name) for f in fields(Settings) if f.name not in ("options", "static_groups",
-                                                                                      "block_size")}
-    q = Settings(**shared, static_groups=a.act_order if a.static_groups is None else a.static_groups,
-                 options={name: getattr(a, name) for name in all_options()})
+    flat = {k: v for k, v in vars(a).items() if k in Settings().args() and k != "static_groups"}
+    q = Settings.of(**flat, static_groups=a.act_order if a.static_groups is None else a.static_groups)
     command = "python gptq.py " + " ".join(argv if argv is not None else sys.argv[1:])
     dtype = getattr(torch, a.dtype)
     group = distributed.init(a.device)  # under torchrun: this rank of WORLD_SIZE processes; else one process

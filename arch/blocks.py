@@ -5,6 +5,7 @@ MoEVLM, the base of both model classes (binding weights to a checkpoint, one dec
 greedy generation). Also each decoder layer as data for the quantizers: what a router returns (Routing), which
 linears read which input, the experts and the router (layer_structure), the scaling-group helpers.
 Does not: define a family (arch/qwen3_vl_moe.py, arch/kimi_vl.py) or read files (arch/checkpoint.py, model.py).
+Read next: hessian.py (what a quantizer does with a layer's routed tokens).
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import model  # noqa: E402
+from arch import checkpoint  # noqa: E402
 import torch  # noqa: E402
 from bench.synthetic_checkpoint import GB, write_checkpoint  # noqa: E402
 from bench.streaming import add_run_args, mem_available_gb, streamed_calibration  # noqa: E402
@@ -78,7 +78,7 @@ def run(cmd: list[str], threads: int, guard_gb: float) -> dict:
 
 
 def differing(a: str, b: str) -> int:
-    ca, cb = model.Checkpoint(a), model.Checkpoint(b)
+    ca, cb = checkpoint.Checkpoint(a), checkpoint.Checkpoint(b)
     if sorted(ca.keys()) != sorted(cb.keys()):
         raise RuntimeError(f"{a} and {b} hold different tensors")
     return sum(int((ca.get(k) != cb.get(k)).sum()) for k in ca.keys())

@@ -20,7 +20,7 @@ from PIL import Image
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
-import data  # noqa: E402
+from data import processor  # noqa: E402
 import model  # noqa: E402
 from bench.timing import best_time  # noqa: E402
 from helpers import make_tiny_qwen  # noqa: E402
@@ -47,7 +47,7 @@ def main():
         path = make_tiny_qwen(os.path.join(tmp, "bench-qwen"), seed=0, preprocessor=PRE, vision=VISION, **TEXT)
         ours = model.load_model(path, dtype=torch.float32)
         ref = Qwen3VLMoeForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
-        proc = data.load_processor(path)
+        proc = processor.load_processor(path)
         img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (448, 512, 3), dtype=np.uint8))
         question = "what color is the circle ? how many shapes are there ? " * 4
         enc = proc.encode([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],

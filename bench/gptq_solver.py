@@ -1,6 +1,6 @@
 """GPTQ solver speed on one real-width MoE layer: the per-expert reference (gptq.gptq_shared for gate/up, gptq.gptq
-for down, one expert after another, as the driver calls them) against the batched solver (gptq.gptq_batched_shared
-and gptq.gptq_batched over all experts of the layer at once).
+for down, one expert after another, as the driver calls them) against the batched solver (batched.gptq_batched_shared
+and batched.gptq_batched over all experts of the layer at once).
 
 Layer: Qwen3-VL-30B-A3B's MoE, 128 experts; per expert gate_proj and up_proj (768, 2048) sharing one Hessian
 (2048, 2048), solved as one (1536, 2048) matrix, and down_proj (2048, 768) with its own Hessian (768, 768). Random
@@ -21,7 +21,7 @@ Prints, from one run:
   * the torch ops each mode dispatches per layer (what becomes a kernel launch on a GPU): counted with a
     TorchDispatchMode that skips views and allocations, in separate untimed runs on the same shapes but with 8
     output rows (the op count does not depend on the rows). On a CPU the batched solver sweeps 16 experts at a
-    time (gptq.CPU_EXPERT_CHUNK: their blocks stay in cache, 3-6% faster at 64 experts), so its count grows with
+    time (batched.CPU_EXPERT_CHUNK: their blocks stay in cache, 3-6% faster at 64 experts), so its count grows with
     the number of experts in steps of 16; with every expert in one sweep (the default on a GPU, or
     --expert-chunk N) it does not depend on the number of experts at all (printed: counted at 2 and at
     --experts experts).
@@ -60,7 +60,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import gptq  # noqa: E402
+import hessian  # noqa: E402
 import model  # noqa: E402
+from quant import batched  # noqa: E402
+from quant import grid  # noqa: E402
 from bench.timing import best_time, keep_freed_memory, timed  # noqa: E402
 
 HIDDEN, MOE_INTERMEDIATE, LAYER_EXPERTS = 2048, 768, 128  # Qwen3-VL-30B-A3B text config
@@ -117,22 +120,22 @@ def run_reference(L: dict, experts, q: dict) -> list:
 
 
 def run_batched(L: dict, q: dict) -> tuple:
-    return (gptq.gptq_batched_shared([L["gate"], L["up"]], L["H_gu"], **q),
-            gptq.gptq_batched(L["down"], L["H_down"], **q))
+    return (batched.gptq_batched_shared([L["gate"], L["up"]], L["H_gu"], **q),
+            batched.gptq_batched(L["down"], L["H_down"], **q))
 
 
 def batched_flops(out: int, n: int, q: dict) -> float:
     """FLOPs gptq_batched executes for one expert's matrix (out, n) and its Hessian (module docstring)."""
     f = 0.0
-    for k2 in range(n, 0, -gptq.CHOL_BLOCK):  # reverse_cholesky
-        k1 = max(0, k2 - gptq.CHOL_BLOCK)
+    for k2 in range(n, 0, -batched.CHOL_BLOCK):  # reverse_cholesky
+        k1 = max(0, k2 - batched.CHOL_BLOCK)
         nb = k2 - k1
         f += 2 * k2 * (n - k2) * nb + nb**3 / 3 + nb**3 + 2 * k1 * nb**2
-    g = gptq._group_len(n, q["group_size"])
-    for i1, i2 in gptq._block_edges(n, q["block_size"], g if g < n else 0):  # the sweep
+    g = grid.group_len(n, q["group_size"])
+    for i1, i2 in batched._block_edges(n, q["block_size"], g if g < n else 0):  # the sweep
         B = i2 - i1
         f += B**3 + 2 * i1 * B**2 + 2 * out * i1 * B
-        for s1, s2 in gptq._sub_edges(B, g):
+        for s1, s2 in batched._sub_edges(B, g):
             f += out * (s2 - s1) * (s2 - s1 - 1) + 2 * out * (s2 - s1) * (B - s2)
     return f
 
@@ -182,7 +185,7 @@ def agreement(ref: list, bat: tuple, L: dict) -> tuple[float, float, float]:
         for r, b, W, H in pairs:
             equal += int((r.codes == b.codes).sum())
             total += r.codes.numel()
-            ratios.append(gptq.relative_output_error(W, b.W_hat, H) / gptq.relative_output_error(W, r.W_hat, H))
+            ratios.append(hessian.relative_output_error(W, b.W_hat, H) / hessian.relative_output_error(W, r.W_hat, H))
     return equal / total, min(ratios), max(ratios)
 
 
@@ -246,7 +249,7 @@ def report(m: dict, q: dict, threads: int):
     print(f"agreement on the {K} reference experts: {100 * m['same']:.3f}% of codes equal; output error batched / "
           f"reference {m['r_lo']:.4f} .. {m['r_hi']:.4f}")
     loop1, batE, timed_ops = m["loop1"], m["batE"], m["bat_timed"]
-    chunk = q.get("expert_chunk") or (gptq.CPU_EXPERT_CHUNK if dev.type == "cpu" else E)
+    chunk = q.get("expert_chunk") or (batched.CPU_EXPERT_CHUNK if dev.type == "cpu" else E)
     how = "" if q.get("expert_chunk") else ", the default here"
     print(f"torch ops per layer, {E} experts: loop {loop1 * E} ({loop1} per expert); batched as timed (the sweep "
           f"{chunk} experts at a time{how}) {timed_ops}, ratio {loop1 * E / timed_ops:.1f}; batched with "
@@ -267,7 +270,7 @@ def main():
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--device", default="cpu", help="torch device (on a GPU the memory lines do not apply)")
     p.add_argument("--expert-chunk", type=int, default=None,
-                   help=f"experts per sweep of the batched solver (default: {gptq.CPU_EXPERT_CHUNK} on a CPU)")
+                   help=f"experts per sweep of the batched solver (default: {batched.CPU_EXPERT_CHUNK} on a CPU)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     q = dict(bits=args.bits, group_size=args.group_size, block_size=128, expert_chunk=args.expert_chunk)

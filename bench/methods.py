@@ -54,9 +54,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import calibrate  # noqa: E402
-import data  # noqa: E402
-import eval as evaluation  # noqa: E402
+from data import processor  # noqa: E402
+from data import samples as data_samples  # noqa: E402
 import gptq  # noqa: E402
+import eval as evaluation  # noqa: E402
+from quant import folders  # noqa: E402
 
 G = 32  # group size for the tiny widths (hidden 128)
 MAX_NEW = 8  # generation limit: the shapes answers are one or two tokens
@@ -66,7 +68,7 @@ MAX_NEW = 8  # generation limit: the shapes answers are one or two tokens
 class Config:
     label: str
     setting: str  # W4A16, W3A16, W2A16, W4A8
-    q: dict  # gptq.QuantArgs fields
+    q: dict  # gptq.Settings fields
     section: str = "main"  # "main" or "ood"
     calib: str = "shapes"  # calibrate.py --data
     calib_scale: int = 1  # calibration samples = this x --n-calib
@@ -127,8 +129,8 @@ def accuracy_text(acc: dict) -> str:
 
 def reference(model_dir, n_eval, random_tokens, vision_cache=None):
     """The float model's outputs on the eval samples (once per model) and its accuracy."""
-    proc = data.load_processor(model_dir)
-    samples = data.load_samples("shapes", n=n_eval, seed=0, split="test")
+    proc = processor.load_processor(model_dir)
+    samples = data_samples.load_samples("shapes", n=n_eval, seed=0, split="test")
     ref = evaluation.reference_outputs(model_dir, proc, samples, MAX_NEW, random_tokens=random_tokens,
                                        vision_cache=vision_cache)
     correct = [float(evaluation.is_correct(a, s)) for a, s in zip(ref.answers, samples)]
@@ -139,14 +141,14 @@ def run_config(model_dir, c: Config, seed, calib, ref, n_eval, work, vision_cach
     """Quantize with one configuration, evaluate against the float model: (the run's record, its per-sample
     arrays). CPU seconds beside wall seconds: on a shared machine they are the better measure of the work."""
     out, cpu = os.path.join(work, "q"), time.process_time()
-    rep = quietly(gptq.quantize_model, model_dir, calib, out, gptq.QuantArgs(group_size=G, **c.q),
+    rep = quietly(gptq.quantize_model, model_dir, calib, out, gptq.Settings.of(group_size=G, **c.q),
                   command=f"bench {c.label} {c.setting}", overwrite=True)
     cpu_quantize = time.process_time() - cpu
     r = evaluation.evaluate(out, reference=model_dir, n=n_eval, seed=0, max_new_tokens=MAX_NEW, ref_outputs=ref,
                             fast_flips=True, dequantize_once=True, vision_cache=vision_cache)
     arrays = per_sample(r)
     run = dict(model=os.path.basename(model_dir), section=c.section, label=c.label, setting=c.setting, seed=seed,
-               args=c.q, calib=c.calib, n_calib=calibrate.load(calib)["n"], seconds=rep["seconds"],
+               args=c.q, calib=c.calib, n_calib=len(folders.CalibSet.load(calib).samples), seconds=rep["seconds"],
                eval_seconds=r["seconds"], cpu_seconds=time.process_time() - cpu,
                cpu_quantize_seconds=cpu_quantize, generated=r["generated"],
                gamma=rep["gamma"], pooled=len(rep["pooled_hessian_linears"]),

@@ -37,10 +37,12 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 import calibrate  # noqa: E402
-import data  # noqa: E402
-import eval as evaluation  # noqa: E402
+from data import processor  # noqa: E402
+from data import samples as data_samples  # noqa: E402
 import gptq  # noqa: E402
-import model as modeling  # noqa: E402
+import model  # noqa: E402
+import eval as evaluation  # noqa: E402
+from quant import folders  # noqa: E402
 
 PEER_MISSING = 3  # exit code of --peer-run when llm-compressor cannot be imported
 
@@ -56,11 +58,9 @@ def peer_run(model: str, calib: str, bits: int, group_size: int, out: str, threa
         print(f"llm-compressor is not installed in {sys.executable} ({e}); skipping the peer", file=sys.stderr)
         sys.exit(PEER_MISSING)
     torch.set_num_threads(threads)
-    proc = data.load_processor(model)
     rows = []
-    for s in calibrate.calibration_samples(calibrate.load(calib)):
-        e = data.encode_qa_batch(proc, [s])  # prompt + gold answer + end: the token sequences gptq.py calibrates on
-        rows.append({"input_ids": e["input_ids"][0].tolist(), "attention_mask": e["attention_mask"][0].tolist(),
+    for e in folders.CalibSet.load(calib).samples:  # prompt + gold answer + end: the sequences gptq.py calibrates on
+        rows.append({"input_ids": e["input_ids"][0].tolist(), "attention_mask": [1] * e["input_ids"].shape[1],
                      "pixel_values": e["pixel_values"].tolist(), "image_grid_thw": e["image_grid_thw"].tolist(),
                      "mm_token_type_ids": e["is_vis"][0].int().tolist()})  # transformers 5 wants it with images
 
@@ -105,7 +105,7 @@ def run_peer(python: str, model: str, calib: str, bits: int, group_size: int, ou
 
 
 def kl_per_sample(folder: str, proc, samples, ref_logprobs) -> torch.Tensor:
-    lq = evaluation.answer_logprobs(modeling.load_model(folder), proc, samples)
+    lq = evaluation.answer_logprobs(model.load_model(folder), proc, samples)
     return torch.tensor([evaluation.answer_kl(q, r) for q, r in zip(lq, ref_logprobs)])
 
 
@@ -143,9 +143,9 @@ def main(argv=None):
     work = a.work or tempfile.mkdtemp(prefix="peer-")
     calib = os.path.join(work, "calib")
     calibrate.calibrate(a.model, "shapes-image", a.n_calib, a.seed, calib, command="bench/peer.py", overwrite=True)
-    samples = data.load_samples("shapes", n=a.n_eval, seed=0, split="test")
-    proc = data.load_processor(a.model)
-    ref = evaluation.answer_logprobs(modeling.load_model(a.model), proc, samples)
+    samples = data_samples.load_samples("shapes", n=a.n_eval, seed=0, split="test")
+    proc = processor.load_processor(a.model)
+    ref = evaluation.answer_logprobs(model.load_model(a.model), proc, samples)
     img = torch.tensor([s.image is not None for s in samples])
     print(f"model {a.model}, W-bits {a.bits}, group {a.group_size}, symmetric, {a.n_calib} image calibration "
           f"samples (seed {a.seed}), {a.n_eval} eval samples, {a.threads} thread(s)\n")
@@ -158,7 +158,7 @@ def main(argv=None):
         if peer is not None:
             print(row(f"W{bits} llm-compressor", peer["kl"], img, seconds, None), flush=True)
         for method in a.methods.split(","):
-            q = gptq.QuantArgs(method=method, bits=bits, group_size=a.group_size, sym=True)
+            q = gptq.Settings.of(method=method, bits=bits, group_size=a.group_size, sym=True)
             out = os.path.join(work, f"ours-w{bits}-{method}")
             seconds = []
             for _ in range(a.repeats):

@@ -16,7 +16,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import calibrate  # noqa: E402
+from quant import folders  # noqa: E402
 import torch  # noqa: E402
 
 
@@ -48,18 +48,18 @@ def modality_information(n_vis, n_text) -> tuple[float, float, float]:
 
 
 def report(calib_dir: str, per_expert: bool = False) -> dict:
-    c = calibrate.load(calib_dir)
-    H = hidden_size(c["model"])
-    n_text, n_vis = c["n_text"], c["n_vis"]  # (moe layers, E) top-k slots per modality
+    c = folders.CalibSet.load(calib_dir)
+    H = hidden_size(c.model)
+    n_text, n_vis = c.n_text, c.n_vis  # (moe layers, E) top-k slots per modality
     L, E = n_text.shape
     tot = n_text + n_vis
-    share_vis = c["T_vis"] / max(1, c["T_vis"] + c["T_text"])  # image share of all tokens
-    print(f"{calib_dir}: model {c['model']}, {c['n']} samples ({c['selection']}), {c['T_text']} text + "
-          f"{c['T_vis']} image tokens, {E} experts x {L} MoE layers, input width {H} (threshold {2 * H} tokens)")
+    share_vis = c.T_vis / max(1, c.T_vis + c.T_text)  # image share of all tokens
+    print(f"{calib_dir}: model {c.model}, {len(c.samples)} samples ({c.selection}), {c.T_text} text + "
+          f"{c.T_vis} image tokens, {E} experts x {L} MoE layers, input width {H} (threshold {2 * H} tokens)")
     print("layer  image-tok/expert min/med/max  text-tok/expert min/med/max  image-mostly  text-mostly  "
           f"zero  <{2 * H}  <{2 * H} image  <{2 * H} text  I(E;M) bits [share of H(M); null]")
     out = []
-    for j, layer in enumerate(c["moe_layers"]):
+    for j, layer in enumerate(c.moe_layers):
         v, t, a = n_vis[j], n_text[j], tot[j]
         frac_vis = v / a.clamp(min=1)
         # an expert is image-mostly when >= 90% of its tokens are image tokens, text-mostly when <= 10% are
@@ -86,12 +86,12 @@ def coverage(calib_dir: str, least: int = 8) -> dict:
     """One line per calibration set, to compare selections (random vs MACS): experts with no tokens and with fewer
     than 2 x input width, summed over the MoE layers; the imbalance std/mean of the experts' slot counts and the
     slots of the `least` least-fed experts, averaged over the layers; the set's image and text tokens."""
-    c = calibrate.load(calib_dir)
-    tot = (c["n_text"] + c["n_vis"]).double()  # (moe layers, E) top-k slots
-    H = hidden_size(c["model"])
-    return dict(calib=calib_dir, selection=c["selection"], zero=int((tot == 0).sum()), few=int((tot < 2 * H).sum()),
+    c = folders.CalibSet.load(calib_dir)
+    tot = (c.n_text + c.n_vis).double()  # (moe layers, E) top-k slots
+    H = hidden_size(c.model)
+    return dict(calib=calib_dir, selection=c.selection, zero=int((tot == 0).sum()), few=int((tot < 2 * H).sum()),
                 imbalance=float((tot.std(1) / tot.mean(1)).mean()),
-                least_fed=float(tot.sort(1).values[:, :least].sum(1).mean()), image=c["T_vis"], text=c["T_text"])
+                least_fed=float(tot.sort(1).values[:, :least].sum(1).mean()), image=c.T_vis, text=c.T_text)
 
 
 def main(argv=None):

@@ -1,5 +1,5 @@
-"""Speed and size of the packed quantized runtime (model.QuantLinear: unpack the int32 words, scale, F.linear on
-every call) against the float model, eager and through torch.compile (model.use_compiled_quant_linear).
+"""Speed and size of the packed quantized runtime (grid.QuantLinear: unpack the int32 words, scale, F.linear on
+every call) against the float model, eager and through torch.compile (grid.use_compiled_quant_linear).
 
 1. The bundled model, models/tiny-qwen3-vl-moe: calibrate.calibrate (n=16, no gradient pass) into a temporary
    folder, gptq.quantize_model with method rtn (the packed format is the one GPTQ writes) at W4 and W3, group 32,
@@ -39,12 +39,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import calibrate  # noqa: E402
-import data  # noqa: E402
+from arch import blocks  # noqa: E402
+from arch import qwen3_vl_moe  # noqa: E402
+from data import processor  # noqa: E402
+from data import samples as data_samples  # noqa: E402
 import gptq  # noqa: E402
 import model  # noqa: E402
+from quant import grid  # noqa: E402
 from bench.synthetic_checkpoint import qwen_config  # noqa: E402
 from bench.timing import best_time, timed  # noqa: E402
-from train_tiny import init_weights  # noqa: E402
+from tools.train_tiny import init_weights  # noqa: E402
 
 TINY = os.path.join(ROOT, "models", "tiny-qwen3-vl-moe")
 GB = 1e9
@@ -67,7 +71,7 @@ def linear_bytes(layers) -> dict:
     b = {"stored": 0, "fp32": 0, "bf16": 0}
     for layer in layers:
         for mod in layer.modules():
-            if isinstance(mod, model.QuantLinear):
+            if isinstance(mod, grid.QuantLinear):
                 b["stored"] += sum(t.numel() * t.element_size() for t in (mod.weight_packed, mod.weight_scale,
                                                                           mod.weight_zero_point) if t is not None)
                 n = mod.in_features * mod.out_features
@@ -82,9 +86,9 @@ def linear_bytes(layers) -> dict:
 
 def compiled_quant_linear():
     """Route QuantLinear through a fresh torch.compile: dynamo's caches are reset first, so every model's compile
-    time is its own (model.use_compiled_quant_linear raises dynamo's graph limit for the many linear shapes)."""
+    time is its own (grid.use_compiled_quant_linear raises dynamo's graph limit for the many linear shapes)."""
     torch._dynamo.reset()
-    model.use_compiled_quant_linear(True)
+    grid.use_compiled_quant_linear(True)
 
 
 # ---- 1. the bundled model --------------------------------------------------------------------------------
@@ -92,8 +96,8 @@ def compiled_quant_linear():
 
 def decode(m, enc: dict, steps: int):
     """The KV-cache prompt pass, then `steps` greedy one-token steps (MoEVLM.generate's loop)."""
-    cache = model.KVCache(len(m.layers))
-    logits = m(enc["input_ids"], cache=cache, **data.vision_inputs(enc))
+    cache = blocks.KVCache(len(m.layers))
+    logits = m(enc["input_ids"], cache=cache, **processor.vision_inputs(enc))
     for _ in range(steps):
         logits = m(logits[:, -1:].argmax(-1), cache=cache)
 
@@ -101,7 +105,7 @@ def decode(m, enc: dict, steps: int):
 def tiny_rates(m, batch: dict, prompt: dict, a, compiled: bool) -> dict:
     """prefill and decode tokens/s of model m (best of a.repeats); with compiled, the compile time first."""
     n_prefill = int(batch["attention_mask"].sum())
-    vision = data.vision_inputs(batch)
+    vision = processor.vision_inputs(batch)
     prefill = lambda: m(batch["input_ids"], attention_mask=batch["attention_mask"], **vision)  # noqa: E731
     step = lambda: decode(m, prompt, a.decode)  # noqa: E731
     prompt_only = lambda: decode(m, prompt, 0)  # noqa: E731
@@ -118,12 +122,12 @@ def tiny_model(a, tmp: str) -> dict:
     paths = {"float": TINY}
     for bits in (4, 3):
         paths[f"w{bits}"] = os.path.join(tmp, f"w{bits}")
-        gptq.quantize_model(TINY, calib, paths[f"w{bits}"], gptq.QuantArgs(method="rtn", bits=bits, group_size=32),
+        gptq.quantize_model(TINY, calib, paths[f"w{bits}"], gptq.Settings.of(method="rtn", bits=bits, group_size=32),
                             device=dev, command="bench/runtime.py")
-    proc = data.load_processor(TINY)
-    samples = data.shapes_benchmark(32, split="test")
-    batch = data.encode_qa_batch(proc, [s for s in samples if s.image is not None][:16])
-    prompt = data.encode_sample(proc, next(s for s in samples if s.image is not None))
+    proc = processor.load_processor(TINY)
+    samples = data_samples.shapes_benchmark(32, split="test")
+    batch = processor.encode_qa_batch(proc, [s for s in samples if s.image is not None][:16])
+    prompt = processor.encode_sample(proc, next(s for s in samples if s.image is not None))
     batch, prompt = ({k: v.to(dev) for k, v in d.items()} for d in (batch, prompt))
     out = {}
     with torch.no_grad():
@@ -133,7 +137,7 @@ def tiny_model(a, tmp: str) -> dict:
             if name != "float":
                 compiled_quant_linear()
                 out[name]["compiled"] = tiny_rates(m, batch, prompt, a, compiled=True)
-                model.use_compiled_quant_linear(False)
+                grid.use_compiled_quant_linear(False)
     print(f"1. {TINY}: prefill {int(batch['attention_mask'].sum())} tokens (16 samples), decode {a.decode} steps "
           f"after a {prompt['input_ids'].shape[1]}-token prompt; rtn g32; best of {a.repeats}")
     print(f"   {'model':<14}{'prefill tok/s':>14}{'decode tok/s':>14}{'compile s':>11}{'linear MB':>11}"
@@ -147,9 +151,9 @@ def tiny_model(a, tmp: str) -> dict:
 
 def real_layer(device: str):
     """A random Qwen3-VL-30B-A3B decoder layer (float32) and the model (meta) whose text_rope it uses."""
-    cfg = model.Qwen3VLMoeConfig.from_dict(qwen_config(48))
+    cfg = qwen3_vl_moe.Qwen3VLMoeConfig.from_dict(qwen_config(48))
     with torch.device("meta"):
-        m = model.Qwen3VLMoeModel(cfg)
+        m = qwen3_vl_moe.Qwen3VLMoeModel(cfg)
     layer = m.layers[0].to_empty(device=device)
     init_weights(layer, n_layers=48)
     return m, layer
@@ -159,9 +163,9 @@ def packed_copy(layer, bits: int, group_size: int):
     """A copy of `layer` with every nn.Linear replaced by its RTN-packed QuantLinear (asymmetric)."""
     q = copy.deepcopy(layer)
     for name, lin in [(n, mod) for n, mod in q.named_modules() if isinstance(mod, nn.Linear)]:
-        r = gptq.rtn(lin.weight, bits=bits, group_size=group_size)
+        r = grid.rtn(lin.weight, bits=bits, group_size=group_size)
         parent, _, attr = name.rpartition(".")
-        setattr(q.get_submodule(parent), attr, model.QuantLinear.from_codes(r.codes, r.scale, r.zero, bits=bits,
+        setattr(q.get_submodule(parent), attr, grid.QuantLinear.from_codes(r.codes, r.scale, r.zero, bits=bits,
                                                                             group_size=group_size, sym=False))
     return q
 
@@ -171,7 +175,7 @@ def layer_inputs(m, T: int, device: str, seed: int = 0):
     g = torch.Generator(device="cpu").manual_seed(seed)  # the same draws on every device
     x = torch.randn(1, T, m.cfg.text.hidden_size, generator=g, device="cpu").to(device)
     pos = torch.arange(T, device=device)[None, None].expand(3, 1, T)
-    return x, model.DecoderInputs(rope=m.text_rope(pos, torch.float32), mask=None)
+    return x, blocks.DecoderInputs(rope=m.text_rope(pos, torch.float32), mask=None)
 
 
 def real_width(a) -> dict:
@@ -187,12 +191,12 @@ def real_width(a) -> dict:
         for name, lay in layers.items():
             out[name] = {"bytes": linear_bytes([lay])}
             for mode in ("eager", "compiled") if name != "float" else ("eager",):
-                compiled_quant_linear() if mode == "compiled" else model.use_compiled_quant_linear(False)
+                compiled_quant_linear() if mode == "compiled" else grid.use_compiled_quant_linear(False)
                 r = {"compile_s": sum(timed(lambda: lay(*b))[1] for b in batches.values()) if mode == "compiled" else 0}
                 for kind, (x, ctx) in batches.items():
                     r[kind] = best_time(lambda: lay(x, ctx), a.repeats)
                 out[name][mode] = r
-            model.use_compiled_quant_linear(False)
+            grid.use_compiled_quant_linear(False)
     print(f"2. one Qwen3-VL-30B-A3B decoder layer (random): 1 token (decode) and {a.prefill_tokens} tokens "
           f"(prefill) per forward; rtn g128; best of {a.repeats}")
     print(f"   {'layer':<14}{'decode ms':>11}{'prefill ms':>12}{'compile s':>11}{'linear GB':>11}{'/ fp32':>8}"

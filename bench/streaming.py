@@ -16,7 +16,7 @@ For each N, in order:
      layer (up to the driver's line of layer i: the forward of layer i - 1 and the quantization of layer i) and
      over its last phase (after the driver printed its last layer: the closing forward and write_output).
      RSS also counts the pages of the checkpoint files the loader's memory maps hold (RssFile); the loader
-     unmaps the shards after each layer (model.Checkpoint.release), so they no longer add up with depth.
+     unmaps the shards after each layer (checkpoint.Checkpoint.release), so they no longer add up with depth.
      A guard kills the run if the machine's MemAvailable falls below --guard-gb (the machine is shared).
 Prints, per N, the wall time of quantize_model (its report's seconds), VmHWM, the RssAnon peaks, the output
 size and the driver's own per-layer seconds (its `layer i/n:` lines: Hessians, solve, report errors, packing; not
@@ -58,7 +58,9 @@ sys.path.insert(0, ROOT)
 import calibrate  # noqa: E402
 import gptq  # noqa: E402
 import model  # noqa: E402
+from quant import folders  # noqa: E402
 from bench.synthetic_checkpoint import FAMILIES, GB, write_checkpoint  # noqa: E402
+from bench.timing import LayerPhases  # noqa: E402
 
 LAYER_LINE = re.compile(r"layer\s+(\d+)/(\d+):.*, (\d+\.\d)s, elapsed (\d+)s")  # gptq.print_layer
 
@@ -73,11 +75,14 @@ def streamed_calibration(ckpt: str, out: str, n: int, seed: int, device: str, dt
 def quantize(ckpt: str, calib: str, out: str, bits: int, group_size: int, per_expert: bool, device: str,
              dtype: torch.dtype):
     """The driver; prints its seconds and, on a GPU, the peak memory torch allocated there (GB)."""
-    q = gptq.QuantArgs(method="gptq", bits=bits, group_size=group_size, batched_experts=not per_expert)
-    report = gptq.quantize_model(ckpt, calib, out, q, device=device, command="bench/streaming.py", dtype=dtype)
+    q = gptq.Settings.of(method="gptq", bits=bits, group_size=group_size, batched_experts=not per_expert)
+    phases = LayerPhases()
+    report = gptq.quantize_model(ckpt, calib, out, q, device=device, command="bench/streaming.py", dtype=dtype,
+                                 timer=phases)
     dev = torch.device(device)
     peak = torch.cuda.max_memory_allocated(dev) / GB if dev.type == "cuda" else None
-    layers = {i: {"seconds": r["seconds"], "hessian_gflop": r["hessian_gflop"]} for i, r in report["layers"].items()}
+    layers = {i: {"seconds": phases.layers[int(i)], "hessian_gflop": r["hessian_gflop"]}
+              for i, r in report["layers"].items()}
     print(json.dumps({"seconds": report["seconds"], "device_peak_gb": peak, "layers": layers}))
 
 
@@ -173,11 +178,8 @@ def run_child(args: list[str], n_layers: int, guard_gb: float) -> dict:
 
 def calib_tokens(ckpt: str, calib: str) -> dict:
     """Tokens of the calibration set as the driver sees them: total, image, samples."""
-    import data
 
-    proc = data.load_processor(ckpt)
-    lens = [(int(b["is_vis"].numel()), int(b["is_vis"].sum())) for b in
-            (data.encode_qa_batch(proc, [s]) for s in calibrate.calibration_samples(calibrate.load(calib)))]
+    lens = [(int(b["is_vis"].numel()), int(b["is_vis"].sum())) for b in folders.CalibSet.load(calib).samples]
     return {"samples": len(lens), "total": sum(t for t, _ in lens), "image": sum(v for _, v in lens)}
 
 

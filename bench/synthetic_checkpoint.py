@@ -20,7 +20,7 @@ Two families (--family):
 
 Layout: what model.load_model reads from the Hub, config.json in the Hub spelling, tensors under the Hub names in
 bf16. qwen: each layer's experts as the two fused 3-D tensors `mlp.experts.gate_up_proj` (E, H, 2I) and
-`mlp.experts.down_proj` (E, I, H) (model.checkpoint_state_dict writes them), one shard per decoder layer plus one
+`mlp.experts.down_proj` (E, I, H) (checkpoint.checkpoint_state_dict writes them), one shard per decoder layer plus one
 for the rest. kimi: per-expert tensors (`mlp.experts.{e}.gate_proj.weight` ...), and shards filled in order up to
 --shard-gb at tensor granularity, as transformers' save_pretrained shards (max_shard_size): the non-layer
 tensors first, then the layers, so a layer may straddle two shards. The real repository has 7 shards (the Hub
@@ -61,8 +61,12 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from arch import checkpoint  # noqa: E402
+from arch import kimi_vl  # noqa: E402
+from data import processor  # noqa: E402
+from data import samples as data_samples  # noqa: E402
 import model  # noqa: E402
-from train_tiny import init_weights  # noqa: E402
+from tools.train_tiny import init_weights  # noqa: E402
 
 GB = 1e9
 QWEN_TINY = os.path.join(ROOT, "models", "tiny-qwen3-vl-moe")
@@ -175,7 +179,7 @@ def kimi_stale(cfg: dict, i: int) -> dict:
     t = cfg["text_config"]
     d = t["qk_rope_head_dim"]
     inv_freq = 1.0 / t["rope_theta"] ** (torch.arange(0, d, 2, dtype=torch.float32) / d)  # (d/2,)
-    return {model.KimiVLModel.layer_prefix(i) + "self_attn.rotary_emb.inv_freq": inv_freq.to(torch.bfloat16)}
+    return {kimi_vl.KimiVLModel.layer_prefix(i) + "self_attn.rotary_emb.inv_freq": inv_freq.to(torch.bfloat16)}
 
 
 @dataclass(frozen=True)
@@ -241,15 +245,15 @@ def write_unit(m, fam: "Family", keys: list[str], extra: dict, writer: ShardWrit
     drop them back to meta. Returns bytes."""
     for k in keys:
         p = m.get_parameter(k)
-        model.assign(m, k, torch.empty(p.shape, device=device,
+        checkpoint.assign(m, k, torch.empty(p.shape, device=device,
                                        dtype=torch.float32 if k.endswith(FP32_KEYS) else torch.bfloat16))
     init_weights(m, n_layers=len(m.layers))  # by full names, as train_tiny; meta: no-op
     fam.init(m, keys)
-    sd = {**model.checkpoint_state_dict(m, keys=keys), **extra}
+    sd = {**checkpoint.checkpoint_state_dict(m, keys=keys), **extra}
     writer.add(sd)
     for k in keys:
         p = m.get_parameter(k)
-        model.assign(m, k, torch.empty(p.shape, dtype=p.dtype, device="meta"))
+        checkpoint.assign(m, k, torch.empty(p.shape, dtype=p.dtype, device="meta"))
     return sum(t.numel() * t.element_size() for t in sd.values())
 
 
@@ -306,12 +310,11 @@ def forward_check(ckpt: str, n: int = 4, seed: int = 0):
     and max |x| of the hidden states (text and image positions) and, for MoE layers, how many experts the
     tokens reached and the largest expert's share of the routed slots; then the logits' std and finiteness."""
     import calibrate
-    import data
 
     m = model.load_model(ckpt, dtype=torch.float32, lazy_layers=True)
-    proc = data.load_processor(ckpt)
-    batches = [calibrate.encode_on(m, proc, s) for s in data.load_samples("shapes", n=n, seed=seed, split="train")]
-    hs = [m.embed(b["input_ids"], **data.vision_inputs(b)) for b in batches]
+    proc = processor.load_processor(ckpt)
+    batches = [calibrate.encode_on(m, proc, s) for s in data_samples.load_samples("shapes", n=n, seed=seed, split="train")]
+    hs = [m.embed(b["input_ids"], **processor.vision_inputs(b)) for b in batches]
     vis = torch.cat([b["is_vis"].flatten() for b in batches])
     rec = calibrate.RoutingRecorder(m)
 

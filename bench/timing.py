@@ -40,3 +40,32 @@ def keep_freed_memory() -> bool:
         return False
     M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's malloc.h
     return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, -1))
+
+
+class LayerPhases:
+    """gptq.quantize_model's `timer`: wall seconds per phase of each decoder layer (`layers[i][phase]`; a layer
+    starts at its "load" phase, nested phases count in both). On a GPU each boundary synchronizes, so the
+    seconds are the device's. bench/streaming.py prints them."""
+
+    def __init__(self):
+        self.layers: list[dict[str, float]] = []
+
+    def __call__(self, name: str):
+        return _Phase(self, name)
+
+
+class _Phase:
+    def __init__(self, owner: LayerPhases, name: str):
+        self.owner, self.name = owner, name
+
+    def __enter__(self):
+        if self.name == "load":
+            self.owner.layers.append({})
+        _sync()
+        self.t0 = time.perf_counter()
+
+    def __exit__(self, *exc):
+        _sync()
+        d = self.owner.layers[-1]
+        d[self.name] = d.get(self.name, 0.0) + time.perf_counter() - self.t0
+        return False

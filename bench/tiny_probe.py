@@ -26,9 +26,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import data  # noqa: E402
+from data import processor  # noqa: E402
+from data import samples as data_samples  # noqa: E402
 import model  # noqa: E402
-import train_tiny  # noqa: E402
+from tools import train_tiny  # noqa: E402
 
 
 def fmt(t) -> str:
@@ -43,12 +44,12 @@ def attention_report(m, proc, n: int = 200, seed: int = 5):
     from (train_tiny.look_targets), as a share of the image mass; also that share under uniform attention. A
     saturated softmax (max prob near 1, entropy near 0) passes almost no gradient to the logits of the keys it
     ignores."""
-    samples = [s for s in data.shapes_benchmark(n, seed=seed, split="test") if s.image is not None]
-    b = data.encode_qa_batch(proc, samples)
+    samples = [s for s in data_samples.shapes_benchmark(n, seed=seed, split="test") if s.image is not None]
+    b = processor.encode_qa_batch(proc, samples)
     probs = []
     for layer in m.layers:
         layer.self_attn.probs_hook = probs.append
-    m(b["input_ids"], attention_mask=b["attention_mask"], **data.vision_inputs(b))
+    m(b["input_ids"], attention_mask=b["attention_mask"], **processor.vision_inputs(b))
     for layer in m.layers:
         del layer.self_attn.probs_hook
     rows = torch.arange(len(samples))
@@ -71,17 +72,17 @@ def features(m, proc, family: str, n: int, split: str, seed: int):
     keep = {}
     h1 = m.vision_blocks()[-1].register_forward_hook(lambda mod, i, o: keep.__setitem__("tower", o))
     h2 = train_tiny.image_feature_module(m).register_forward_hook(lambda mod, i, o: keep.__setitem__("emb", o))
-    samples = [s for s in data.shapes_benchmark(n, seed=seed, split=split) if s.image is not None]
+    samples = [s for s in data_samples.shapes_benchmark(n, seed=seed, split=split) if s.image is not None]
     T, E, L, ML, aligned = [], [], [], [], []
     for i in range(0, len(samples), 100):
         chunk = samples[i:i + 100]
-        b = data.encode_qa_batch(proc, chunk)
+        b = processor.encode_qa_batch(proc, chunk)
         with torch.no_grad():
-            m(b["input_ids"], attention_mask=b["attention_mask"], **data.vision_inputs(b))
+            m(b["input_ids"], attention_mask=b["attention_mask"], **processor.vision_inputs(b))
         labels = train_tiny.patch_labels(chunk, order)
         T.append(keep["tower"].float()), E.append(keep["emb"].float()), L.append(labels)
         ML.append(train_tiny.merged_labels(chunk))
-        pv = data.vision_inputs(b)["pixel_values"].float()
+        pv = processor.vision_inputs(b)["pixel_values"].float()
         centre = pv[:, :, 4, 4] if family == "kimi_vl" else pv.view(pv.shape[0], 3, 2, 8, 8)[:, :, 0, 4, 4]
         aligned.append(((centre.abs() > 0.02).any(-1) == (labels > 0)).float())  # grey is 0 after normalization
     h1.remove(), h2.remove()
@@ -99,7 +100,7 @@ def probe(X, y, Xt, yt, n_classes: int) -> dict:
         opt.step()
     with torch.no_grad():
         pred = lin(Xt).argmax(-1)
-    obj, C = yt > 0, len(data.COLORS)
+    obj, C = yt > 0, len(data_samples.COLORS)
     return {"all": (pred == yt).float().mean().item(),
             "shape": ((pred > 0) & ((pred - 1) // C == (yt - 1) // C))[obj].float().mean().item(),
             "colour": ((pred > 0) & ((pred - 1) % C == (yt - 1) % C))[obj].float().mean().item()}
@@ -114,11 +115,11 @@ def single_class(ML):
 def gradient_norms(m, proc, n: int = 64, seed: int = 3) -> dict:
     """Norm of the answer loss's gradient per part (vision tower, projector / merger, decoder) on one training
     batch of image questions: how much of the answer signal reaches the parts that must learn to pass shape on."""
-    samples = [s for s in data.shapes_benchmark(4 * n, seed=seed, split="train") if s.image is not None][:n]
-    b = data.encode_qa_batch(proc, samples)
+    samples = [s for s in data_samples.shapes_benchmark(4 * n, seed=seed, split="train") if s.image is not None][:n]
+    b = processor.encode_qa_batch(proc, samples)
     m.requires_grad_(True).zero_grad(set_to_none=True)
     with torch.enable_grad():
-        train_tiny.answer_loss(m(b["input_ids"], attention_mask=b["attention_mask"], **data.vision_inputs(b)),
+        train_tiny.answer_loss(m(b["input_ids"], attention_mask=b["attention_mask"], **processor.vision_inputs(b)),
                                b["labels"]).backward()
     proj = train_tiny.image_feature_module(m)
     parts = {"tower": [p for mod in m.vision_blocks() for p in mod.parameters()],
@@ -133,9 +134,9 @@ def main(path: str):
     torch.manual_seed(0)
     t0 = time.time()
     m = model.load_model(path).float().eval()
-    proc = data.load_processor(path)
+    proc = processor.load_processor(path)
     family = m.family
-    n_classes = 1 + len(data.SHAPES) * len(data.COLORS)
+    n_classes = 1 + len(data_samples.SHAPES) * len(data_samples.COLORS)
     Tt, Et, Lt, MLt, a1 = features(m, proc, family, 2000, "train", 7)
     Tv, Ev, Lv, MLv, a2 = features(m, proc, family, 600, "test", 0)
     print(f"{path}: patch labels line up with the pixels on {100 * min(a1, a2):.1f}% of patches")

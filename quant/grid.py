@@ -17,7 +17,7 @@ writes and reads (tests/test_gptq.py); vLLM's kernels do not run 3-bit weights, 
 Activations (W4A8): per-token dynamic symmetric fake quantization, as vLLM's dynamic int8 path (fake_quant_act).
 
 Also what both GPTQ solvers return and raise (Quantized, GPTQError, DAMP_ESCALATION), so that neither imports
-the other. Read next: gptq.py (the solver that chooses the codes).
+the other. Read next: quant/folders.py (where the packed layers go on disk).
 """
 
 from __future__ import annotations

@@ -14,8 +14,8 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
-import distributed  # noqa: E402
 import gptq  # noqa: E402
+from quant import distributed  # noqa: E402
 
 
 def main(path: str):

@@ -153,14 +153,14 @@ def make_tiny_qwen(path, seed=0, preprocessor=None, vision=None, **text):
 def interrupt_after_layer(monkeypatch, k: int):
     """Make the driver raise KeyboardInterrupt right after it has written (and printed) decoder layer k, as a
     killed run would stop: for the --resume tests. Undo with monkeypatch.undo() or let the fixture end."""
-    import layerwise
+    from quant import folders
 
-    original = layerwise.print_layer
+    original = folders.print_layer
 
     def crash(i, *a, **kw):
         original(i, *a, **kw)
         if i == k:
             raise KeyboardInterrupt("simulated interruption")
 
-    monkeypatch.setattr(layerwise, "print_layer", crash)
+    monkeypatch.setattr(folders, "print_layer", crash)
     return original

@@ -6,9 +6,11 @@ import os
 import pytest
 import torch
 
-import data
-import eval as evaluation
+from data import processor
+from data import samples as data_samples
+import gptq
 import model
+import eval as evaluation
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QWEN = os.path.join(ROOT, "models", "tiny-qwen3-vl-moe")
@@ -51,9 +53,9 @@ def test_bundled_qwen_matches_transformers(path):
     from transformers import Qwen3VLMoeForConditionalGeneration
 
     hf = Qwen3VLMoeForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
-    m, proc = model.load_model(path), data.load_processor(path)
-    s = next(s for s in data.shapes_benchmark(10) if s.image is not None)
-    e = data.encode_sample(proc, s)
+    m, proc = model.load_model(path), processor.load_processor(path)
+    s = next(s for s in data_samples.shapes_benchmark(10) if s.image is not None)
+    e = processor.encode_sample(proc, s)
     with torch.no_grad():
         ref = hf(input_ids=e["input_ids"], pixel_values=e["pixel_values"], image_grid_thw=e["image_grid_thw"],
                  mm_token_type_ids=e["is_vis"].int()).logits
@@ -78,12 +80,10 @@ def test_many_experts_model_routes_by_modality_and_starves_experts(tmp_path):
 
 def test_w8_rtn_on_bundled_model_stays_close_to_float(tmp_path):
     import calibrate
-    import layerwise
-    import methods
 
     calibrate.calibrate(QWEN, n=8, seed=0, out=str(tmp_path / "calib"), gamma=False, command="test")
-    layerwise.quantize_model(QWEN, str(tmp_path / "calib"), str(tmp_path / "q"),
-                             methods.QuantArgs(method="rtn", bits=8, group_size=32), command="test")
+    gptq.quantize_model(QWEN, str(tmp_path / "calib"), str(tmp_path / "q"),
+                             gptq.Settings.of(method="rtn", bits=8, group_size=32), command="test")
     r = evaluation.evaluate(str(tmp_path / "q"), reference=QWEN, n=60, max_new_tokens=6)
     assert r["kl"]["all"] < 1e-4, r["kl"]
 
@@ -105,20 +105,17 @@ PRESETS = [("rtn", 3, 16), ("gptq", 3, 16), ("awq", 3, 16), ("veq-me", 3, 16), (
 
 
 def test_presets_cover_every_method():
-    import methods
 
-    assert sorted(m for m, _, _ in PRESETS) == sorted(methods.METHODS)
+    assert sorted(m for m, _, _ in PRESETS) == sorted(gptq.METHODS)
 
 
 @pytest.mark.parametrize("method, bits, abits", PRESETS, ids=[p[0] for p in PRESETS])
 @pytest.mark.parametrize("name", ["qwen", "kimi"])
 def test_every_preset_runs_on_the_bundled_models(name, method, bits, abits, macs_calib, tmp_path):
     """End to end through the driver, then the packed checkpoint answers like the float model on a few samples."""
-    import layerwise
-    import methods
 
     path = {"qwen": QWEN, "kimi": KIMI}[name]
-    layerwise.quantize_model(path, macs_calib[name], str(tmp_path / "q"),
-                             methods.QuantArgs(method=method, bits=bits, abits=abits, group_size=32), command="test")
+    gptq.quantize_model(path, macs_calib[name], str(tmp_path / "q"),
+                             gptq.Settings.of(method=method, bits=bits, abits=abits, group_size=32), command="test")
     r = evaluation.evaluate(str(tmp_path / "q"), reference=path, n=6, seed=3, max_new_tokens=3)
     assert r["top1"]["all"] >= 0.8 and r["kl"]["all"] < 0.1, (method, r["kl"], r["top1"])

@@ -7,8 +7,10 @@ import pytest
 import torch
 
 import calibrate
-import data
+from data import processor
+from data import samples as data_samples
 import model
+from quant import folders
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -18,28 +20,30 @@ def test_routing_counts_and_round_trip(tiny_qwen, tmp_path):
     r = calibrate.calibrate(tiny_qwen, n=6, seed=1, out=out, command="test")
     k = model.load_config(tiny_qwen).text.num_experts_per_tok
     # every token is routed to exactly k experts in every MoE layer
-    assert torch.equal(r["n_text"].sum(1), torch.full((len(r["moe_layers"]),), float(k * r["T_text"])))
-    assert torch.equal(r["n_vis"].sum(1), torch.full((len(r["moe_layers"]),), float(k * r["T_vis"])))
-    assert torch.allclose(r["mean_prob"].sum(1), torch.ones(len(r["moe_layers"])), atol=1e-5)
+    assert torch.equal(r.n_text.sum(1), torch.full((len(r.moe_layers),), float(k * r.T_text)))
+    assert torch.equal(r.n_vis.sum(1), torch.full((len(r.moe_layers),), float(k * r.T_vis)))
+    assert torch.allclose(r.mean_prob.sum(1), torch.ones(len(r.moe_layers)), atol=1e-5)
     # the token totals are the samples' prompt + answer lengths
-    proc = data.load_processor(tiny_qwen)
-    samples = calibrate.calibration_samples(r)
-    encs = [data.encode_qa_batch(proc, [s]) for s in samples]
-    assert r["T_vis"] == sum(int(e["is_vis"].sum()) for e in encs)
-    assert r["T_text"] == sum(int((~e["is_vis"]).sum()) for e in encs)
-    back = calibrate.load(out)
-    assert torch.equal(back["n_text"], r["n_text"]) and back["gamma"] == r["gamma"] and back["seed"] == 1
+    proc = processor.load_processor(tiny_qwen)
+    samples = data_samples.load_samples("shapes", n=6, seed=1, split="train")
+    encs = [processor.encode_qa_batch(proc, [s]) for s in samples]
+    assert r.T_vis == sum(int(e["is_vis"].sum()) for e in encs)
+    assert r.T_text == sum(int((~e["is_vis"]).sum()) for e in encs)
+    back = folders.CalibSet.load(out)  # the folder holds these very samples, encoded
+    assert [sorted(s) for s in back.samples] == [sorted(k for k in e if k in folders.SAMPLE_KEYS) for e in encs]
+    assert all(torch.equal(s[k], e[k]) for s, e in zip(back.samples, encs) for k in s)
+    assert torch.equal(back.n_text, r.n_text) and back.gamma == r.gamma and back.seed == 1
     n_img = sum(s.image is not None for s in samples)
-    assert sum(g is not None for g in r["gamma_per_sample"]) == n_img and r["gamma"] > 0
+    assert sum(g is not None for g in r.gamma_per_sample) == n_img and r.gamma > 0
 
 
 def test_input_gradient_matches_finite_differences(tiny_qwen):
     """dL/dx at the decoder inputs, checked by central differences along random directions at text and image
     positions (float64); the ratio is then the plain formula on it."""
-    m, proc = model.load_model(tiny_qwen, dtype=torch.float64), data.load_processor(tiny_qwen)
-    s = next(s for s in data.shapes_benchmark(10, split="train") if s.image is not None)
-    b = data.encode_qa_batch(proc, [s])
-    x, ctx = m.embed(b["input_ids"], **data.vision_inputs(b))
+    m, proc = model.load_model(tiny_qwen, dtype=torch.float64), processor.load_processor(tiny_qwen)
+    s = next(s for s in data_samples.shapes_benchmark(10, split="train") if s.image is not None)
+    b = processor.encode_qa_batch(proc, [s])
+    x, ctx = m.embed(b["input_ids"], **processor.vision_inputs(b))
     g = calibrate.input_gradient(m, x, ctx, b["labels"])
 
     def loss(xx):
@@ -69,9 +73,10 @@ def test_streaming_collect_equals_the_whole_model_pass(which, tiny_qwen):
     """One layer in memory at a time, gamma carried back layer by layer: the same counts, probabilities and
     per-sample gradient ratios as the whole-model pass (to float rounding)."""
     path = tiny_qwen if which == "tiny_qwen" else os.path.join(ROOT, "models", "tiny-kimi-vl")
-    proc, samples = data.load_processor(path), data.load_samples("shapes", n=5, seed=2, split="train")
-    full = calibrate.collect(model.load_model(path), proc, samples)
-    streamed = calibrate.collect_streaming(model.load_model(path, lazy_layers=True), proc, samples)
+    proc = processor.load_processor(path)
+    samples = [calibrate.encode(proc, s) for s in data_samples.load_samples("shapes", n=5, seed=2, split="train")]
+    full = calibrate.collect(model.load_model(path), samples)
+    streamed = calibrate.collect_streaming(model.load_model(path, lazy_layers=True), samples)
     for k in ("n_text", "n_vis"):
         assert torch.equal(full[k], streamed[k])
     assert torch.allclose(full["mean_prob"], streamed["mean_prob"], atol=1e-7)

@@ -20,12 +20,14 @@ import pytest
 import torch
 
 import calibrate
-import data
-import eval as evaluation
+from data import processor
 import gptq
-import hessian
-import layerwise
 import model
+from quant import batched
+from quant import grid
+import eval as evaluation
+import hessian
+from quant import folders
 from device_guard import ExplicitDevice
 from helpers import assert_parity, interrupt_after_layer, random_image as image, user
 
@@ -57,7 +59,7 @@ def quantize(out, calib, *args, model_dir=QWEN, device=DEVICE):
 def codes(folder) -> dict:
     """Every packed linear of a quantized folder, dequantized (float32, CPU)."""
     m = model.load_model(str(folder))
-    return {n: mod.dequantize() for n, mod in m.named_modules() if isinstance(mod, model.QuantLinear)}
+    return {n: mod.dequantize() for n, mod in m.named_modules() if isinstance(mod, grid.QuantLinear)}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -82,7 +84,7 @@ def test_qwen_pipeline_creates_no_tensor_off_the_device(tmp_path, monkeypatch):
         veq = ["--method", "veq-ma", "--bits", "3", "--group-size", "32", "--batched-experts", "--no-act-order"]
         with pytest.raises(KeyboardInterrupt):
             quantize(tmp_path / "veq", calib, *veq)
-        monkeypatch.setattr(layerwise, "print_layer", original)
+        monkeypatch.setattr(folders, "print_layer", original)
         quantize(tmp_path / "veq", calib, *veq, "--resume")  # layer 0 restored into QuantLinear shells
         result = evaluation.main(["--model", str(tmp_path / "gptq"), "--reference", QWEN, "--n", "4",
                                   "--max-new-tokens", "4", "--ppl", str(text), "--device", DEVICE])
@@ -119,7 +121,6 @@ def test_guard_names_a_factory_call_without_a_device():
 def test_batched_cholesky_retry_keeps_its_indices_on_the_device():
     """damped_reverse_cholesky's retry path (an expert whose damped Hessian is indefinite) indexes its CPU-made
     expert list with the device's success mask: an error on a GPU before the fix, not reached by the pipeline."""
-    import gptq_batched
 
     g = torch.Generator(device="cpu").manual_seed(0)
     X = torch.randn(64, 16, generator=g, device="cpu")
@@ -127,7 +128,7 @@ def test_batched_cholesky_retry_keeps_its_indices_on_the_device():
     H = torch.stack([X.T @ X / 64, bad]).to(DEVICE)
     W = torch.randn(2, 8, 16, generator=g, device="cpu").to(DEVICE)
     with ExplicitDevice():
-        res = gptq_batched.gptq_batched(W, H, bits=4, group_size=-1, percdamp=0.01, max_retries=3)
+        res = batched.gptq_batched(W, H, bits=4, group_size=-1, percdamp=0.01, max_retries=3)
     assert res[0].retries == 0 and res[1].retries == 3  # damping 1x, 10x, 100x fail; 1000x succeeds
     assert res[1].codes.device.type == torch.device(DEVICE).type
 
@@ -147,7 +148,7 @@ def test_bfloat16_runs_with_hessians_in_float64(tmp_path, monkeypatch):
             seen.append((x.dtype, self.S.dtype, x.device.type))
             return super().add(x, weight)
 
-    monkeypatch.setattr(layerwise, "Hessian", Spy)
+    monkeypatch.setattr(hessian, "Hessian", Spy)
     calib = tmp_path / "calib"
     with ExplicitDevice():
         calibrate.main(["--model", QWEN, "--n", "4", "--out", str(calib), "--device", DEVICE, "--dtype", "bfloat16"])
@@ -157,7 +158,7 @@ def test_bfloat16_runs_with_hessians_in_float64(tmp_path, monkeypatch):
     assert {d for _, _, d in seen} == {torch.device(DEVICE).type}
     with open(calib / "calib.json") as f:
         cal = json.load(f)
-    assert cal["dtype"] == "bfloat16" and cal["gamma"] > 0
+    assert cal["info"]["dtype"] == "bfloat16" and cal["gamma"] > 0
     quantize(tmp_path / "fp32", calib, "--method", "gptq", "--bits", "4", "--group-size", "32")
     a, b = codes(tmp_path / "bf16"), codes(tmp_path / "fp32")
     same = sum(int((a[k] == b[k]).sum()) for k in a) / sum(b[k].numel() for k in b)
@@ -205,13 +206,13 @@ def kimi_oracle(tmp_path_factory):
 
 @on_gpu_only
 def test_qwen_parity_with_transformers_on_the_device(tiny_qwen, hf_qwen):
-    m, proc = model.load_model(tiny_qwen, device=DEVICE), data.load_processor(tiny_qwen)
+    m, proc = model.load_model(tiny_qwen, device=DEVICE), processor.load_processor(tiny_qwen)
     keys = ("pixel_values", "image_grid_thw")
     e1 = proc.encode(user(None, "what color is the circle ?"), [image(48, 64, 0)])
     e2 = proc.encode(user(None, "describe", None, "and this one"), [image(48, 64, 1), image(40, 90, 2)])
     e3 = proc.encode(user("how many shapes are there ? one two three"))
     e4 = proc.encode(user(None, "how many shapes are there ? one two three four"), [image(40, 90, 2)])
-    for enc in (e1, e2, e3, data.pad_batch([e1, e4], side="left")):
+    for enc in (e1, e2, e3, processor.pad_batch([e1, e4], side="left")):
         kw = dict(input_ids=enc["input_ids"], attention_mask=enc.get("attention_mask"))
         if "pixel_values" in enc:
             kw.update(pixel_values=enc["pixel_values"], image_grid_thw=enc["image_grid_thw"],
@@ -228,7 +229,7 @@ def test_qwen_parity_with_transformers_on_the_device(tiny_qwen, hf_qwen):
 @on_gpu_only
 def test_kimi_parity_with_transformers_on_the_device(kimi_oracle):
     path, hf = kimi_oracle
-    m, proc = model.load_model(path, device=DEVICE), data.load_processor(path)
+    m, proc = model.load_model(path, device=DEVICE), processor.load_processor(path)
     for enc in (proc.encode(user(None, "what color is the circle ?", None, "and here"),
                             [image(165, 150, 0), image(60, 50, 1)]),
                 proc.encode(user("how many shapes are there ? one two three"))):

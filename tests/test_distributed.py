@@ -24,12 +24,12 @@ import pytest
 import torch
 
 import calibrate
-import distributed
+from arch import blocks
+from arch import checkpoint
 import gptq
-import layerwise
-import methods
+from quant import distributed
+from quant import folders
 from helpers import interrupt_after_layer
-import model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QWEN = os.path.join(ROOT, "models", "tiny-qwen3-vl-moe")
@@ -67,7 +67,7 @@ def one_process(args):
 def differing(a, b) -> tuple[int, int]:
     """(differing elements, all elements) over every tensor of two output folders, which must hold the same names,
     shapes and dtypes."""
-    ca, cb = model.Checkpoint(str(a)), model.Checkpoint(str(b))
+    ca, cb = checkpoint.Checkpoint(str(a)), checkpoint.Checkpoint(str(b))
     assert sorted(ca.keys()) == sorted(cb.keys())
     diff = total = 0
     for k in ca.keys():
@@ -102,7 +102,7 @@ def test_two_processes_equal_one_process(calibs, tmp_path, monkeypatch):
     original = interrupt_after_layer(monkeypatch, 1)
     with pytest.raises(KeyboardInterrupt):
         one_process(argv("qwen-gptq-loop", calibs[QWEN], tmp_path / "resumed-2"))
-    monkeypatch.setattr(layerwise, "print_layer", original)
+    monkeypatch.setattr(folders, "print_layer", original)
     assert sorted(f for f in os.listdir(tmp_path / "resumed-2.partial") if f.endswith(".safetensors")) == \
         ["layer_0000.safetensors", "layer_0001.safetensors"]
 
@@ -143,7 +143,7 @@ class _Structure:
 
 
 def test_expert_and_sample_assignment():
-    LI = model.LinearInput
+    LI = blocks.LinearInput
     s = _Structure([LI(("a.q", "a.k", "a.v")), LI(("a.o",))] +
                    [LI((f"e{e}.gate", f"e{e}.up"), e) for e in range(5)] + [LI((f"e{e}.down",), e) for e in range(5)] +
                    [LI(("shared.gate", "shared.up")), LI(("shared.down",))])
@@ -169,4 +169,4 @@ def test_expert_and_sample_assignment():
 def test_under_torchrun_without_a_group_is_refused(monkeypatch, tmp_path):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ValueError, match="WORLD_SIZE=2"):
-        layerwise.quantize_model(QWEN, "calib", str(tmp_path / "q"), methods.QuantArgs(method="rtn"))
+        gptq.quantize_model(QWEN, "calib", str(tmp_path / "q"), gptq.Settings.of(method="rtn"))

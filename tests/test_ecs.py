@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from ecs import (Consumer, awq_clip, awq_scale, consensus_weight_max, ecs_candidates, ecs_scale, fake_quant_act,
                  fold_into_linear_rows, fold_into_norm, huber, robust_absmax, scale_consumer, scale_loss,
                  smoothquant_scale, squared_error, trimmed_squared_error)
-from gptq import rtn
+from quant.grid import rtn
 
 GRID = dict(bits=3, group_size=32, sym=False)
 

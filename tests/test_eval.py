@@ -6,23 +6,24 @@ import pytest
 import torch
 from PIL import Image
 
-import data
+from data import processor
+from data import samples as data_samples
 import eval as evaluation
 
 
 def test_normalized_exact_match_and_letters():
-    s = data.Sample("q", "Red", "color")
+    s = data_samples.Sample("q", "Red", "color")
     assert evaluation.is_correct(" red.", s) and not evaluation.is_correct("reddish", s)
-    mc = data.Sample("which?", "circle", "mc", choices=["square", "circle", "triangle"])
-    assert data.gold_text(mc) == "B"
+    mc = data_samples.Sample("which?", "circle", "mc", choices=["square", "circle", "triangle"])
+    assert processor.gold_text(mc) == "B"
     assert evaluation.is_correct("B", mc) and evaluation.is_correct("B. circle", mc)
     assert not evaluation.is_correct("A", mc)
-    assert data.MC_INSTRUCTION in data.question_text(mc) and "B. circle" in data.question_text(mc)
+    assert processor.MC_INSTRUCTION in processor.question_text(mc) and "B. circle" in processor.question_text(mc)
 
 
 def test_compare_against_float64_recomputation():
     torch.manual_seed(0)
-    samples = [data.Sample("q", "a", "t", image=None), data.Sample("q", "a", "t", image=Image.new("RGB", (8, 8)))]
+    samples = [data_samples.Sample("q", "a", "t", image=None), data_samples.Sample("q", "a", "t", image=Image.new("RGB", (8, 8)))]
     lp_m = [torch.log_softmax(torch.randn(3, 7), -1) for _ in samples]
     lp_r = [torch.log_softmax(torch.randn(3, 7), -1) for _ in samples]
     golds = [torch.tensor([1, 2, 3]), torch.tensor([0, 6, 5])]
@@ -42,14 +43,14 @@ def test_model_against_itself_has_zero_divergence(tiny_qwen):
 
 
 def test_benchmark_is_deterministic_and_splits_differ():
-    a, b = data.shapes_benchmark(30, split="test"), data.shapes_benchmark(30, split="test")
+    a, b = data_samples.shapes_benchmark(30, split="test"), data_samples.shapes_benchmark(30, split="test")
     assert [(s.question, s.answer) for s in a] == [(s.question, s.answer) for s in b]
     assert all((x.image is None) == (y.image is None) for x, y in zip(a, b))
     assert all(x.image is None or x.image.tobytes() == y.image.tobytes() for x, y in zip(a, b))
-    train = data.shapes_benchmark(30, split="train")
+    train = data_samples.shapes_benchmark(30, split="train")
     assert [s.question for s in train] != [s.question for s in a]
-    types = {s.type for s in data.shapes_benchmark(200)}
-    assert types == set(data.IMAGE_TYPES) | set(data.TEXT_TYPES)
+    types = {s.type for s in data_samples.shapes_benchmark(200)}
+    assert types == set(data_samples.IMAGE_TYPES) | set(data_samples.TEXT_TYPES)
 
 
 def test_validation_stream_shares_no_image_question_with_the_test_samples():
@@ -57,17 +58,17 @@ def test_validation_stream_shares_no_image_question_with_the_test_samples():
     no image question (scene + question) may be in both. Text-only questions come from a small space and may repeat."""
     def key(s):
         return s.question, s.answer, tuple(tuple(sorted(o.items())) for o in s.objects)
-    test = {key(s) for s in data.shapes_benchmark(1000, seed=0) if s.image is not None}
-    val = [key(s) for s in data.shapes_benchmark(400, seed=1) if s.image is not None]
+    test = {key(s) for s in data_samples.shapes_benchmark(1000, seed=0) if s.image is not None}
+    val = [key(s) for s in data_samples.shapes_benchmark(400, seed=1) if s.image is not None]
     assert len(val) > 250 and not test.intersection(val)
 
 
 def test_benchmark_answers_follow_from_the_scene():
     """Brute-force check of the position and count answers from the stored object list."""
-    for s in data.shapes_benchmark(300, seed=3):
+    for s in data_samples.shapes_benchmark(300, seed=3):
         objs = s.objects
         if s.type == "count" and s.question == "how many objects are there ?":
-            assert s.answer == data.NUMBERS[len(objs)]
+            assert s.answer == data_samples.NUMBERS[len(objs)]
         if s.type == "position":
             side = s.question.split()[4].replace("most", "")
             key, pick = {"left": ("x", min), "right": ("x", max), "top": ("y", min), "bottom": ("y", max)}[side]
@@ -85,7 +86,7 @@ def test_jsonl_reader(tmp_path):
     lines = [{"image": "a.png", "question": "what color?", "answer": "red"},
              {"question": "2+2?", "answer": "4", "choices": ["3", "4"]}]
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
-    s = data.load_samples(str(tmp_path / "d.jsonl"))
+    s = data_samples.load_samples(str(tmp_path / "d.jsonl"))
     assert [x.answer for x in s] == ["red", "4"] and s[0].image == str(tmp_path / "a.png") and s[1].choices
 
 
@@ -97,8 +98,8 @@ def test_jsonl_reader(tmp_path):
 ])
 def test_jsonl_errors_name_file_and_line(tmp_path, line, message):
     (tmp_path / "d.jsonl").write_text('{"question": "ok", "answer": "a"}\n' + line + "\n")
-    with pytest.raises(data.DataError, match=message):
-        data.load_samples(str(tmp_path / "d.jsonl"))
+    with pytest.raises(data_samples.DataError, match=message):
+        data_samples.load_samples(str(tmp_path / "d.jsonl"))
 
 
 def test_llava_reader(tmp_path):
@@ -106,11 +107,11 @@ def test_llava_reader(tmp_path):
     items = [{"id": "1", "image": "b.png", "conversations": [{"from": "human", "value": "<image>\nWhat is it?"},
                                                                {"from": "gpt", "value": "A red square."}]}]
     (tmp_path / "l.json").write_text(json.dumps(items))
-    s = data.load_samples(str(tmp_path / "l.json"))
+    s = data_samples.load_samples(str(tmp_path / "l.json"))
     assert s[0].question == "What is it?" and s[0].answer == "A red square."
     (tmp_path / "bad.json").write_text(json.dumps([{"conversations": [{"from": "gpt", "value": "x"}]}]))
-    with pytest.raises(data.DataError, match=r"bad\.json: item 0: expected"):
-        data.load_samples(str(tmp_path / "bad.json"))
+    with pytest.raises(data_samples.DataError, match=r"bad\.json: item 0: expected"):
+        data_samples.load_samples(str(tmp_path / "bad.json"))
 
 
 def test_coco_reader(tmp_path):
@@ -121,5 +122,5 @@ def test_coco_reader(tmp_path):
            "annotations": [{"image_id": 1, "caption": "A red square. "}, {"image_id": 1, "caption": "Red."}]}
     path = tmp_path / "annotations" / "captions_val2017.json"
     path.write_text(json.dumps(ann))
-    s = data.load_samples(str(path))
+    s = data_samples.load_samples(str(path))
     assert len(s) == 1 and s[0].answer == "A red square." and s[0].image.endswith("000001.jpg")

@@ -8,9 +8,10 @@ import torch
 import torch.nn.functional as F
 
 import gptq
-from gptq import GPTQError, dequantize, group_params, rtn
+import hessian
+from quant.grid import GPTQError, dequantize, group_params, rtn
 from hessian import Hessian
-from model import QuantLinear, fake_quant_act, pack_int32, unpack_int32
+from quant.grid import QuantLinear, fake_quant_act, pack_int32, unpack_int32
 
 GRIDS = [(bits, gs, sym) for bits in (2, 3, 4, 8) for gs in (-1, 16, 24) for sym in (False, True)]
 
@@ -46,7 +47,8 @@ def hessian_of(X, dtype=torch.float64):
 @pytest.mark.parametrize("bits,group_size,sym", GRIDS)
 def test_rtn_grid(bits, group_size, sym):
     W = torch.randn(8, 40, generator=gen())
-    codes, scale, zero, W_hat = rtn(W, bits=bits, group_size=group_size, sym=sym)
+    r = rtn(W, bits=bits, group_size=group_size, sym=sym)
+    codes, scale, zero, W_hat = r.codes, r.scale, r.zero, r.W_hat
     n_groups = 1 if group_size == -1 else -(-40 // group_size)
     assert codes.dtype == torch.uint8 and int(codes.max()) <= 2**bits - 1
     assert scale.shape == (8, n_groups) and (zero is None) == sym
@@ -100,7 +102,7 @@ def test_gptq_beats_rtn_on_correlated_inputs(bits, group_size, sym):
     assert ratio < 0.8
     # the Hessian-form error equals the explicit one on the tokens
     explicit = output_error(W, r.W_hat, X) ** 2 / float((W @ X.T).norm()) ** 2
-    assert gptq.relative_output_error(W, r.W_hat, H) == pytest.approx(explicit, rel=1e-4)
+    assert hessian.relative_output_error(W, r.W_hat, H) == pytest.approx(explicit, rel=1e-4)
 
 
 @pytest.mark.parametrize("kw", [dict(group_size=-1), dict(group_size=16), dict(group_size=24, block_size=10),

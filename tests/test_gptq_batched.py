@@ -19,8 +19,10 @@ import pytest
 import torch
 
 import gptq
-from gptq import GPTQError, dequantize
-from gptq_batched import CPU_EXPERT_CHUNK, damped_reverse_cholesky, gptq_batched, gptq_batched_shared, reverse_cholesky
+import hessian
+from quant import grid
+from quant.grid import GPTQError, dequantize
+from quant.batched import CPU_EXPERT_CHUNK, damped_reverse_cholesky, gptq_batched, gptq_batched_shared, reverse_cholesky
 from test_gptq import correlated, gen, hessian_of, indefinite_hessian
 
 
@@ -157,7 +159,7 @@ def test_larger_random_inputs(bits, sym):
         ref = gptq.gptq(W[e], H[e], **kw)
         rows += assert_equal_up_to_ties(W[e], H[e], ref, batched[e], bits=bits, group_size=128, tol=1e-3)
         equal, total = equal + int((ref.codes == batched[e].codes).sum()), total + ref.codes.numel()
-        ratio = gptq.relative_output_error(W[e], batched[e].W_hat, H[e]) / gptq.relative_output_error(
+        ratio = hessian.relative_output_error(W[e], batched[e].W_hat, H[e]) / hessian.relative_output_error(
             W[e], ref.W_hat, H[e])
         assert abs(ratio - 1) < 0.01, ratio
     print(f"bits={bits} sym={sym}: {rows} of 288 rows differ, {equal}/{total} codes equal")
@@ -254,9 +256,9 @@ def test_quant_params_on_stacked_groups():
     W = torch.randn(3, 5, 16, generator=gen(9))
     W[1, 2] = 0  # an all-zero row
     for bits, sym in itertools.product((3, 4), (False, True)):
-        scale, zero = gptq.quant_params(W, bits=bits, sym=sym)  # (3, 5) each
+        scale, zero = grid.quant_params(W, bits=bits, sym=sym)  # (3, 5) each
         for e in range(3):
-            s_e, z_e = gptq.quant_params(W[e], bits=bits, sym=sym)
+            s_e, z_e = grid.quant_params(W[e], bits=bits, sym=sym)
             assert torch.equal(scale[e], s_e) and torch.equal(zero[e], z_e)
         xmin = torch.minimum(W.min(-1).values, torch.zeros(3, 5))
         xmax = torch.maximum(W.max(-1).values, torch.zeros(3, 5))

@@ -13,7 +13,11 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-import data
+from arch import blocks
+from arch import checkpoint
+from arch import kimi_vl
+from data import processor
+from data import samples as data_samples
 import model
 from kimi_helpers import deepseek_text_dir, kimi_config, make_tiny_kimi
 
@@ -46,14 +50,14 @@ def k25_logits(hf, enc):
 def kimi(tmp_path_factory):
     """(checkpoint dir, transformers K2.5 oracle, our model, our processor) for the Kimi-VL-A3B-like config."""
     path, hf = make_tiny_kimi(tmp_path_factory.mktemp("ckpt") / "tiny-kimi", seed=0)
-    return path, hf, model.load_model(path, dtype=torch.float32), data.load_processor(path)
+    return path, hf, model.load_model(path, dtype=torch.float32), processor.load_processor(path)
 
 
 @pytest.fixture(scope="module")
 def kimi_qlora(tmp_path_factory):
     path, hf = make_tiny_kimi(tmp_path_factory.mktemp("ckpt") / "tiny-kimi-qlora", seed=1, text=QLORA,
                               small_latents=True)
-    return path, hf, model.load_model(path, dtype=torch.float32), data.load_processor(path)
+    return path, hf, model.load_model(path, dtype=torch.float32), processor.load_processor(path)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -68,8 +72,8 @@ def test_text_parity_with_deepseek_v3(variant, kimi, kimi_qlora, tmp_path):
     ds, info = DeepseekV3ForCausalLM.from_pretrained(deepseek_text_dir(path, tmp_path / "ds"), dtype=torch.float32,
                                                      attn_implementation="eager", output_loading_info=True)
     assert not any(info.values()), info  # transformers read every per-expert tensor of the Kimi-VL layout
-    assert isinstance(m.layers[0].mlp, model.SwiGLU)  # first_k_dense_replace = 1
-    assert all(isinstance(layer.mlp, model.KimiMoE) for layer in m.layers[1:])
+    assert isinstance(m.layers[0].mlp, blocks.SwiGLU)  # first_k_dense_replace = 1
+    assert all(isinstance(layer.mlp, kimi_vl.KimiMoE) for layer in m.layers[1:])
     assert hasattr(m.layers[0].self_attn, "q_a_proj") == (variant != "q_proj")
     ids = torch.randint(0, m.cfg.text.vocab_size, (2, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -121,7 +125,7 @@ def test_left_padded_batch_with_image(kimi):
     _, hf, m, proc = kimi
     e1 = proc.encode(user(None, "what"), [image(40, 60, 2)])
     e2 = proc.encode(user("the quick brown fox jumps over the lazy dog"))
-    batch = data.pad_batch([e1, e2], side="left")
+    batch = processor.pad_batch([e1, e2], side="left")
     assert batch["attention_mask"][0, 0] == 0
     got = ours(m, batch)
     alone = ours(m, e1)
@@ -133,7 +137,7 @@ def test_decode_steps_match_full_forward(kimi):
     _, _, m, proc = kimi
     enc = proc.encode(user(None, "what color"), [image(50, 70, 3)])
     vision = {k: enc[k] for k in ("pixel_values", "image_grid_hws")}
-    cache = model.KVCache(len(m.layers))
+    cache = blocks.KVCache(len(m.layers))
     m(enc["input_ids"], cache=cache, **vision)
     extra = torch.tensor([[5, 17, 42]])
     steps = torch.cat([m(extra[:, i:i + 1], cache=cache) for i in range(3)], dim=1)
@@ -185,8 +189,8 @@ def test_transformers_config_spelling(kimi, tmp_path):
 
 
 def router(seed, **text):
-    cfg = model.KimiTextConfig.from_dict(kimi_config(300, 299, text)["text_config"])
-    r = model.KimiRouter(cfg)
+    cfg = kimi_vl.KimiTextConfig.from_dict(kimi_config(300, 299, text)["text_config"])
+    r = kimi_vl.KimiRouter(cfg)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         r.weight.copy_(0.3 * torch.randn(r.weight.shape, generator=g))
@@ -247,7 +251,7 @@ def test_packed_images_do_not_see_each_other(kimi):
 # Processor
 
 
-def processor(kimi, tmp_path, **pre):
+def processor_with(kimi, tmp_path, **pre):
     """Our processor on a copy of the checkpoint with preprocessor_config.json fields overridden (None drops)."""
     path = kimi[0]
     for f in ("config.json", "tokenizer.json"):
@@ -255,7 +259,7 @@ def processor(kimi, tmp_path, **pre):
     cfg = json.load(open(os.path.join(path, "preprocessor_config.json")))
     cfg.update(pre)
     json.dump({k: v for k, v in cfg.items() if v is not None}, open(tmp_path / "preprocessor_config.json", "w"))
-    return data.load_processor(str(tmp_path))
+    return processor.load_processor(str(tmp_path))
 
 
 def reference_patches(img, limit, mean, std, P=14):
@@ -278,7 +282,7 @@ def reference_patches(img, limit, mean, std, P=14):
 @pytest.mark.parametrize("h, w", [(50, 13), (37, 100), (150, 200)])
 def test_preprocess_matches_loop_recomputation(kimi, tmp_path, h, w):
     limit = 40  # 150x200 px has 10*14 = 140 patches > 40: shrunk
-    proc = processor(kimi, tmp_path, in_token_limit=limit)
+    proc = processor_with(kimi, tmp_path, in_token_limit=limit)
     img = image(h, w, h + w)
     pv, grid = proc.preprocess_image(img)
     want, want_grid = reference_patches(img, limit, [0.5] * 3, [0.5] * 3)
@@ -291,7 +295,7 @@ def test_preprocess_matches_loop_recomputation(kimi, tmp_path, h, w):
 
 
 def test_mean_std_fall_back_to_clip_only_when_absent(kimi, tmp_path):
-    proc = processor(kimi, tmp_path, image_mean=None, image_std=None)
+    proc = processor_with(kimi, tmp_path, image_mean=None, image_std=None)
     pv, _ = proc.preprocess_image(Image.new("RGB", (28, 28), (255, 255, 255)))
     clip_mean, clip_std = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
     want = [(1 - mu) / sd for mu, sd in zip(clip_mean, clip_std)]
@@ -301,7 +305,7 @@ def test_mean_std_fall_back_to_clip_only_when_absent(kimi, tmp_path):
 
 
 def test_too_wide_image_is_rejected(kimi):
-    with pytest.raises(data.DataError, match="512"):
+    with pytest.raises(data_samples.DataError, match="512"):
         kimi[3].preprocess_image(Image.new("RGB", (14 * 520, 14)))
 
 
@@ -348,21 +352,21 @@ def edit_weights(ckpt, fn):
 def test_missing_tensor(ckpt):
     key = "language_model.model.layers.2.mlp.experts.3.up_proj.weight"
     edit_weights(ckpt, lambda sd: sd.pop(key))
-    with pytest.raises(model.CheckpointError, match=f"{key}' is missing"):
+    with pytest.raises(checkpoint.CheckpointError, match=f"{key}' is missing"):
         model.load_model(str(ckpt))
 
 
 def test_wrong_shape(ckpt):
     key = "vision_tower.encoder.blocks.0.wqkv.weight"
     edit_weights(ckpt, lambda sd: sd.update({key: torch.zeros(3, 32)}))
-    with pytest.raises(model.CheckpointError, match=f"{key}' has shape"):
+    with pytest.raises(checkpoint.CheckpointError, match=f"{key}' has shape"):
         model.load_model(str(ckpt))
 
 
 def test_unknown_tensor(ckpt):
     key = "language_model.model.layers.0.self_attn.extra_proj.weight"
     edit_weights(ckpt, lambda sd: sd.update({key: torch.zeros(2, 2)}))
-    with pytest.raises(model.CheckpointError, match=f"unexpected tensors.*{key}"):
+    with pytest.raises(checkpoint.CheckpointError, match=f"unexpected tensors.*{key}"):
         model.load_model(str(ckpt))
 
 

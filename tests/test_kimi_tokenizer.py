@@ -16,8 +16,10 @@ import shutil
 import pytest
 import torch
 
-import data
-from data import KIMI_PAT_STR, DataError
+from data import processor
+from data import samples as data_samples
+from data.processor import KIMI_PAT_STR
+from data.samples import DataError
 
 tiktoken = pytest.importorskip("tiktoken")
 
@@ -71,7 +73,7 @@ def train_bpe_ranks(lines, vocab_size: int) -> list[bytes]:
     tok.train_from_iterator(lines, trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     merges = json.loads(tok.to_str())["model"]["merges"]
-    byte_of = {c: b for b, c in enumerate(data._byte_chars())}
+    byte_of = {c: b for b, c in enumerate(processor._byte_chars())}
     tokens = [bytes([b]) for b in range(256)]
     seen = set(tokens)
     for a, b in merges:
@@ -118,7 +120,7 @@ def pair(request, tmp_path_factory):
     path = tmp_path_factory.mktemp(request.param) / "tiktoken.model"
     write_tiktoken(path, tokens)
     specials = specials_for(len(tokens))
-    ours = data.load_tiktoken_bpe(str(path), KIMI_PAT_STR, specials)
+    ours = processor.load_tiktoken_bpe(str(path), KIMI_PAT_STR, specials)
     ref = tiktoken.Encoding(request.param, pat_str=KIMI_PAT_STR, mergeable_ranks={t: r for r, t in enumerate(tokens)},
                             special_tokens=specials)
     return ours, ref, tokens
@@ -208,7 +210,7 @@ def kimi_tiktoken_dir(tmp_path_factory):
     for name in ("config.json", "preprocessor_config.json", "generation_config.json"):
         shutil.copy(os.path.join(src, name), out / name)
     tj = json.load(open(os.path.join(src, "tokenizer.json")))
-    byte_of = {c: b for b, c in enumerate(data._byte_chars())}
+    byte_of = {c: b for b, c in enumerate(processor._byte_chars())}
     vocab = sorted(tj["model"]["vocab"].items(), key=lambda kv: kv[1])
     assert [i for _, i in vocab] == list(range(len(vocab)))
     write_tiktoken(out / "tiktoken.model", [bytes(byte_of[c] for c in s) for s, _ in vocab])
@@ -223,19 +225,19 @@ def test_kimi_processor_on_tiktoken_checkpoint(kimi_tiktoken_dir):
     placeholders expanded, no BOS in front; the special ids are those of the tokenizer.json checkpoint."""
     from PIL import Image
 
-    proc = data.load_processor(str(kimi_tiktoken_dir))
-    assert isinstance(proc, data.KimiProcessor) and proc.tokenizer.path.endswith("tiktoken.model")
-    ref_proc = data.KimiProcessor(os.path.join(ROOT, "models", "tiny-kimi-vl"))
+    proc = processor.load_processor(str(kimi_tiktoken_dir))
+    assert isinstance(proc, processor.KimiProcessor) and proc.tokenizer.path.endswith("tiktoken.model")
+    ref_proc = processor.KimiProcessor(os.path.join(ROOT, "models", "tiny-kimi-vl"))
     for tok in ["[BOS]", "[EOS]", "<|im_end|>", "<|im_system|>", "<|media_start|>", "<|media_pad|>", "[PAD]"]:
         assert proc.tokenizer.token_id(tok) == ref_proc.tokenizer.token_id(tok)
     assert proc.image_token_id == ref_proc.image_token_id and proc.stop_ids == ref_proc.stop_ids
 
-    tokens = data.read_tiktoken_ranks(str(kimi_tiktoken_dir / "tiktoken.model"))
-    specials = data.kimi_special_tokens(str(kimi_tiktoken_dir / "tokenizer_config.json"), len(tokens))
+    tokens = processor.read_tiktoken_ranks(str(kimi_tiktoken_dir / "tiktoken.model"))
+    specials = processor.kimi_special_tokens(str(kimi_tiktoken_dir / "tokenizer_config.json"), len(tokens))
     ref = tiktoken.Encoding("tiny", pat_str=KIMI_PAT_STR, mergeable_ranks={t: r for r, t in enumerate(tokens)},
                             special_tokens=specials)
     image = Image.new("RGB", (40, 30), (200, 30, 30))
-    for s in data.shapes_benchmark(8, seed=3):
+    for s in data_samples.shapes_benchmark(8, seed=3):
         msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": s.question}]}]
         out = proc.encode(msgs, [image])
         n_img = int(out["is_vis"].sum())
@@ -268,9 +270,9 @@ def _kimi_cuts(text: str, specials, max_chars: int, max_run: int) -> list[str]:
 
 def test_long_runs_are_cut_like_kimi(kimi_tiktoken_dir):
     """Long texts: the 400,000-character windows and 25,000-character runs of the remote code, scaled down."""
-    tok = data.Tokenizer(str(kimi_tiktoken_dir), pat_str=KIMI_PAT_STR)
-    tokens = data.read_tiktoken_ranks(str(kimi_tiktoken_dir / "tiktoken.model"))
-    specials = data.kimi_special_tokens(str(kimi_tiktoken_dir / "tokenizer_config.json"), len(tokens))
+    tok = processor.Tokenizer(str(kimi_tiktoken_dir), pat_str=KIMI_PAT_STR)
+    tokens = processor.read_tiktoken_ranks(str(kimi_tiktoken_dir / "tiktoken.model"))
+    specials = processor.kimi_special_tokens(str(kimi_tiktoken_dir / "tokenizer_config.json"), len(tokens))
     ref = tiktoken.Encoding("tiny", pat_str=KIMI_PAT_STR, mergeable_ranks={t: r for r, t in enumerate(tokens)},
                             special_tokens=specials)
     tok.max_chars, tok.max_run = 23, 5
@@ -310,34 +312,34 @@ def _byte_lines(n=256):
 def test_malformed_tiktoken_model(tmp_path, line, message):
     path = _bad(tmp_path, _byte_lines() + [line])
     with pytest.raises(DataError, match=re.escape(message)) as e:
-        data.load_tiktoken_bpe(path, KIMI_PAT_STR, {})
+        processor.load_tiktoken_bpe(path, KIMI_PAT_STR, {})
     assert path in str(e.value)
 
 
 def test_missing_bytes_and_bad_specials(tmp_path):
     path = _bad(tmp_path, _byte_lines(255))
     with pytest.raises(DataError, match=r"1 single bytes are not tokens \(first: b'\\xff'\)"):
-        data.load_tiktoken_bpe(path, KIMI_PAT_STR, {})
+        processor.load_tiktoken_bpe(path, KIMI_PAT_STR, {})
     path = _bad(tmp_path, _byte_lines())
     with pytest.raises(DataError, match="collides"):
-        data.load_tiktoken_bpe(path, KIMI_PAT_STR, {"<|x|>": 255})
+        processor.load_tiktoken_bpe(path, KIMI_PAT_STR, {"<|x|>": 255})
     with pytest.raises(DataError, match="collides"):
-        data.load_tiktoken_bpe(path, KIMI_PAT_STR, {"<|x|>": 256, "<|y|>": 256})
+        processor.load_tiktoken_bpe(path, KIMI_PAT_STR, {"<|x|>": 256, "<|y|>": 256})
 
 
 def test_checkpoint_folder_errors(tmp_path):
     with pytest.raises(DataError, match=r"tokenizer.json: not found \(nor tiktoken.model\)"):
-        data.Tokenizer(str(tmp_path), pat_str=KIMI_PAT_STR)
+        processor.Tokenizer(str(tmp_path), pat_str=KIMI_PAT_STR)
     _bad(tmp_path, _byte_lines())
     with pytest.raises(DataError, match=r"tokenizer.json: not found;"):  # no regex: tiktoken.model not used
-        data.Tokenizer(str(tmp_path))
+        processor.Tokenizer(str(tmp_path))
     with pytest.raises(DataError, match=r"tokenizer_config.json: not found"):
-        data.Tokenizer(str(tmp_path), pat_str=KIMI_PAT_STR)
+        processor.Tokenizer(str(tmp_path), pat_str=KIMI_PAT_STR)
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"added_tokens_decoder": {"100": {"content": "x"}}}))
     with pytest.raises(DataError, match=r"tokenizer_config.json: added_tokens_decoder\['100'\].*256\.\.513"):
-        data.Tokenizer(str(tmp_path), pat_str=KIMI_PAT_STR)
+        processor.Tokenizer(str(tmp_path), pat_str=KIMI_PAT_STR)
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"added_tokens_decoder": {"257": {"content": "[EOS]"}}}))
-    tok = data.Tokenizer(str(tmp_path), pat_str=KIMI_PAT_STR)
+    tok = processor.Tokenizer(str(tmp_path), pat_str=KIMI_PAT_STR)
     assert tok.token_id("[EOS]") == 257 and tok.token_id("<|reserved_token_256|>") == 256
     assert tok.tok.get_vocab_size() == 256 + 258 and tok.token_id("<|reserved_token_513|>") == 513
     with pytest.raises(DataError, match=r"tiktoken.model: special token '<\|im_end\|>' is not in the vocabulary"):

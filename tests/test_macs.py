@@ -5,7 +5,10 @@ import pytest
 import torch
 
 import calibrate
+from data import processor
+from data import samples as data_samples
 import macs
+from quant import folders
 
 
 def pool_with_a_rare_expert(P=40, L=2, E=8, rare=23, seed=0):
@@ -66,13 +69,14 @@ def test_score_parts_follow_their_definitions():
 def test_calibrate_select_macs_round_trip(tiny_qwen, tmp_path):
     out = str(tmp_path / "calib")
     calibrate.calibrate(tiny_qwen, n=4, seed=0, out=out, gamma=False, command="test", select="macs", pool_factor=3)
-    cal = calibrate.load(out)
-    assert cal["selection"] == "macs" and cal["pool"] == 12 and len(cal["indices"]) == len(set(cal["indices"])) == 4
-    rep = cal["macs"]
+    cal = folders.CalibSet.load(out)
+    assert cal.selection == "macs" and cal.info["pool"] == 12 and len(cal.indices) == len(set(cal.indices)) == 4
+    rep = cal.info["macs"]
     assert set(rep["macs"]) == set(rep["random"]) == {"zero", f"under_{rep['few']}", "min", "imbalance"}
-    samples = calibrate.calibration_samples(cal)
-    pool = calibrate.data.load_samples("shapes", n=12, seed=0, split="train")
-    assert [s.question for s in samples] == [pool[i].question for i in cal["indices"]]
+    pool = data_samples.load_samples("shapes", n=12, seed=0, split="train")
+    proc = processor.load_processor(tiny_qwen)
+    assert all(torch.equal(s["input_ids"], calibrate.encode(proc, pool[i])["input_ids"])
+               for s, i in zip(cal.samples, cal.indices))
     # the stats were collected on exactly these samples: routed slots = tokens x top-k
     k = 2
-    assert int((cal["n_text"] + cal["n_vis"])[0].sum()) == k * (cal["T_text"] + cal["T_vis"])
+    assert int((cal.n_text + cal.n_vis)[0].sum()) == k * (cal.T_text + cal.T_vis)

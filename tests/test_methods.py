@@ -1,4 +1,4 @@
-"""A new method is one record (methods.Method), here registered from outside the package as a fork would, and
+"""A new method is one record (gptq.Method), here registered from outside the package as a fork would, and
 run end to end on the bundled tiny Qwen3-VL-MoE: the README's two fork examples, a token weighting and a scale
 search. An unknown method name is an error.
 
@@ -13,8 +13,6 @@ import torch
 import calibrate
 import ecs
 import gptq
-import layerwise
-import methods
 import model
 
 QWEN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "tiny-qwen3-vl-moe")
@@ -30,7 +28,7 @@ def calib(tmp_path_factory):
 @pytest.fixture
 def registry(monkeypatch):
     """A copy of the methods table for one test: what it registers is gone afterwards."""
-    monkeypatch.setattr(methods, "METHODS", dict(methods.METHODS))
+    monkeypatch.setattr(gptq, "METHODS", dict(gptq.METHODS))
 
 
 def packed(folder) -> dict:
@@ -50,11 +48,11 @@ def test_a_token_weighting_registered_from_outside_runs_end_to_end(calib, tmp_pa
             return alpha
         return alpha * torch.where(is_vis, p.double() ** 2, torch.ones_like(alpha))
 
-    methods.register(methods.Method("veq-conf", "VEQ-MA's α, p² on image tokens", token_weights=unsure_image_weights,
-                                    needs_gamma=True))
+    gptq.register(gptq.Method("veq-conf", "VEQ-MA's α, p² on image tokens", token_weights=unsure_image_weights,
+                              needs_gamma=True))
     for name in ("veq-conf", "gptq"):
-        q = methods.QuantArgs(method=name, bits=4, group_size=32)
-        layerwise.quantize_model(QWEN, calib, str(tmp_path / name), q, command="test")
+        q = gptq.Settings.of(method=name, bits=4, group_size=32)
+        gptq.quantize_model(QWEN, calib, str(tmp_path / name), q, command="test")
     assert (True, True) in calls and (False, True) in calls  # expert and non-expert linears, with image tokens
     conf, plain = packed(tmp_path / "veq-conf"), packed(tmp_path / "gptq")
     assert conf.keys() == plain.keys() and any(not torch.equal(conf[k], plain[k]) for k in conf)
@@ -63,7 +61,7 @@ def test_a_token_weighting_registered_from_outside_runs_end_to_end(calib, tmp_pa
 def test_a_scale_search_registered_from_outside_runs_through_the_cli(calib, tmp_path, registry):
     calls = []
 
-    def awq_p99(g: methods.ScalingGroup, q: methods.QuantArgs):
+    def awq_p99(g: ecs.ScalingGroup, q: gptq.Settings):
         """AWQ's grid on a robust activation range (99th percentile of |x|) instead of the mean |x|."""
         calls.append(g.producer)
         m = ecs.robust_absmax(g.X, 99.0)
@@ -71,8 +69,8 @@ def test_a_scale_search_registered_from_outside_runs_through_the_cli(calib, tmp_
                              bits=q.bits, group_size=q.group_size, sym=q.sym, abits=q.abits)
         return r.s, {"alpha": r.alpha, "rel_error": r.rel_error, "rel_error_no_scale": r.rel_error_no_scale}
 
-    methods.register(methods.Method("awq-p99", "AWQ on the 99th percentile of |x|, then RTN", solver="rtn",
-                                    scales=awq_p99))
+    gptq.register(gptq.Method("awq-p99", "AWQ on the 99th percentile of |x|, then RTN", solver="rtn",
+                              scales=awq_p99))
     for name in ("awq-p99", "awq"):
         gptq.main(["--model", QWEN, "--calib", calib, "--out", str(tmp_path / name), "--method", name,
                    "--bits", "4", "--group-size", "32", "--no-eval"])
@@ -83,8 +81,8 @@ def test_a_scale_search_registered_from_outside_runs_through_the_cli(calib, tmp_
 
 def test_an_unknown_method_is_an_error(calib, tmp_path, registry):
     with pytest.raises(ValueError, match="unknown; expected one of veq-ma, gptq"):
-        layerwise.quantize_model(QWEN, calib, str(tmp_path / "q"), methods.QuantArgs(method="awq-p99"), command="t")
+        gptq.quantize_model(QWEN, calib, str(tmp_path / "q"), gptq.Settings.of(method="awq-p99"), command="t")
     with pytest.raises(ValueError, match="exists already"):
-        methods.register(methods.Method("gptq", "a second gptq"))
+        gptq.register(gptq.Method("gptq", "a second gptq"))
     with pytest.raises(ValueError, match="solver must be"):
-        methods.Method("x", "a solver that does not exist", solver="obq")
+        gptq.Method("x", "a solver that does not exist", solver="obq")

@@ -8,9 +8,10 @@ import shutil
 import pytest
 
 import calibrate
-import export
 import gptq
 import model
+from quant import folders
+from tools import train_tiny
 
 BUNDLED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "tiny-qwen3-vl-moe")
 
@@ -56,9 +57,9 @@ def test_gptq_refuses_the_model_folder_and_folders_inside_or_above_it(ckpt, cali
     before = snapshot(ckpt)
     for out in (ckpt, os.path.join(ckpt, "quantized"), os.path.dirname(ckpt)):
         for extra in ((), ("--overwrite",)):
-            with pytest.raises(model.OutputError, match="input folder"):
+            with pytest.raises(folders.OutputError, match="input folder"):
                 quantize(ckpt, calib, out, *extra)
-    with pytest.raises(model.OutputError, match="input folder"):
+    with pytest.raises(folders.OutputError, match="input folder"):
         quantize(ckpt, calib, calib, "--overwrite")
     assert snapshot(ckpt) == before
 
@@ -67,22 +68,22 @@ def test_gptq_refuses_the_working_directory(ckpt, calib, tmp_path, monkeypatch):
     work = user_folder(tmp_path / "work")
     monkeypatch.chdir(work)
     for extra in ((), ("--overwrite",)):
-        with pytest.raises(model.OutputError, match="working directory"):
+        with pytest.raises(folders.OutputError, match="working directory"):
             quantize(ckpt, calib, ".", *extra)
     assert snapshot(work) == {"thesis.tex": b"three years of work"}
 
 
 def test_gptq_replaces_a_user_folder_only_with_overwrite(ckpt, calib, tmp_path):
     out = user_folder(tmp_path / "mine")
-    with pytest.raises(model.OutputError, match="--overwrite"):
+    with pytest.raises(folders.OutputError, match="--overwrite"):
         quantize(ckpt, calib, out)
     assert snapshot(out) == {"thesis.tex": b"three years of work"}
     partial = user_folder(tmp_path / "q.partial")  # OUT.partial/ is a folder we would delete as well
-    with pytest.raises(model.OutputError, match="partial"):
+    with pytest.raises(folders.OutputError, match="partial"):
         quantize(ckpt, calib, tmp_path / "q")
     assert snapshot(partial) == {"thesis.tex": b"three years of work"}
     quantize(ckpt, calib, out, "--overwrite")
-    assert "thesis.tex" not in os.listdir(out) and model.output_kind(out) == "quantized"
+    assert "thesis.tex" not in os.listdir(out) and folders.output_kind(out) == "quantized"
     model.load_model(out)  # the marker does not disturb loading
 
 
@@ -92,35 +93,35 @@ def test_gptq_replaces_its_own_previous_output_and_an_empty_folder(ckpt, calib, 
     first = snapshot(tmp_path / "q")
     quantize(ckpt, calib, tmp_path / "q", "--fake-quant")
     assert not os.path.exists(tmp_path / "q.partial")
-    assert model.output_kind(str(tmp_path / "q" / "fake-quant")) == "fake-quant"
+    assert folders.output_kind(str(tmp_path / "q" / "fake-quant")) == "fake-quant"
     again = {k: v for k, v in snapshot(tmp_path / "q").items() if not k.startswith("fake-quant")}
     assert {k for k in again} == {k for k in first}
     assert sorted(n for n in os.listdir(tmp_path) if n.startswith(".")) == []  # no temporary folders left
-    with pytest.raises(model.OutputError, match="a quantized folder"):  # a gptq output is not a calib/
+    with pytest.raises(folders.OutputError, match="a quantized folder"):  # a gptq output is not a calib/
         calibrate.main(["--model", ckpt, "--n", "2", "--no-gamma", "--out", str(tmp_path / "q")])
 
 
 def test_fake_quant_refuses_a_user_folder(ckpt, calib, tmp_path):
     quantize(ckpt, calib, tmp_path / "q")
     dst = user_folder(tmp_path / "fq")
-    with pytest.raises(model.OutputError, match="--overwrite"):
-        export.export_fake_quant(str(tmp_path / "q"), dst)
+    with pytest.raises(folders.OutputError, match="--overwrite"):
+        folders.export_fake_quant(str(tmp_path / "q"), dst)
     assert snapshot(dst) == {"thesis.tex": b"three years of work"}
     for bad in (tmp_path / "q", tmp_path):
-        with pytest.raises(model.OutputError, match="would replace the folder .* it reads"):
-            export.export_fake_quant(str(tmp_path / "q"), str(bad), overwrite=True)
-    export.export_fake_quant(str(tmp_path / "q"), dst, overwrite=True)
-    assert model.output_kind(dst) == "fake-quant" and "thesis.tex" not in os.listdir(dst)
+        with pytest.raises(folders.OutputError, match="would replace the folder .* it reads"):
+            folders.export_fake_quant(str(tmp_path / "q"), str(bad), overwrite=True)
+    folders.export_fake_quant(str(tmp_path / "q"), dst, overwrite=True)
+    assert folders.output_kind(dst) == "fake-quant" and "thesis.tex" not in os.listdir(dst)
 
 
 def test_calibrate_refuses_user_model_and_data_folders(ckpt, calib, tmp_path):
     before = snapshot(ckpt)
     for extra in ((), ("--overwrite",)):
-        with pytest.raises(model.OutputError, match="input folder"):
+        with pytest.raises(folders.OutputError, match="input folder"):
             calibrate.main(["--model", ckpt, "--n", "2", "--out", ckpt, *extra])
     assert snapshot(ckpt) == before
     out = user_folder(tmp_path / "mine")
-    with pytest.raises(model.OutputError, match="--overwrite"):
+    with pytest.raises(folders.OutputError, match="--overwrite"):
         calibrate.main(["--model", ckpt, "--n", "2", "--out", out])
     assert snapshot(out) == {"thesis.tex": b"three years of work"}
     first = snapshot(calib)
@@ -129,10 +130,9 @@ def test_calibrate_refuses_user_model_and_data_folders(ckpt, calib, tmp_path):
 
 
 def test_train_tiny_refuses_a_folder_that_is_not_a_tiny_model(tmp_path):
-    import train_tiny
 
     out = user_folder(tmp_path / "mine")
-    with pytest.raises(model.OutputError, match="--overwrite"):
+    with pytest.raises(folders.OutputError, match="--overwrite"):
         train_tiny.train("qwen3_vl_moe", out, steps=1)
     assert snapshot(out) == {"thesis.tex": b"three years of work"}
-    assert model.output_kind(BUNDLED) == "tiny-model"  # retraining the bundled models replaces them
+    assert folders.output_kind(BUNDLED) == "tiny-model"  # retraining the bundled models replaces them

@@ -1,4 +1,4 @@
-"""The driver behind gptq.py (layerwise.py) end to end on a tiny random Qwen3-VL-MoE: invariants between methods,
+"""The driver (gptq.py's quantize_model) end to end on a tiny random Qwen3-VL-MoE: invariants between methods,
 resume, the packed and fake-quant outputs, starved experts, scale folding."""
 
 import hashlib
@@ -9,14 +9,18 @@ import pytest
 import torch
 
 import calibrate
-import data
-import export
+from arch import checkpoint
+from data import processor
+from data import samples as data_samples
+import ecs
 import gptq
-from gptq_batched import gptq_batched
-from helpers import interrupt_after_layer
-import layerwise
-import methods
+import hessian
 import model
+from quant import folders
+from quant import grid
+from quant import scales
+from quant.batched import gptq_batched
+from helpers import interrupt_after_layer
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +31,8 @@ def calib(tiny_qwen, tmp_path_factory):
 
 
 def run(tiny_qwen, calib, out, **kw):
-    q = methods.QuantArgs(**{"bits": 3, "group_size": 16, **kw})
-    return layerwise.quantize_model(tiny_qwen, calib, str(out), q, command="test")
+    q = gptq.Settings.of(**{"bits": 3, "group_size": 16, **kw})
+    return gptq.quantize_model(tiny_qwen, calib, str(out), q, command="test")
 
 
 def digest(path):
@@ -54,9 +58,9 @@ def test_resume_equals_uninterrupted(tiny_qwen, calib, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         run(tiny_qwen, calib, tmp_path / "resumed", method="gptq")
     assert not os.path.exists(tmp_path / "resumed")  # nothing half-written at the final path
-    monkeypatch.setattr(layerwise, "print_layer", original)
-    q = methods.QuantArgs(method="gptq", bits=3, group_size=16)
-    layerwise.quantize_model(tiny_qwen, calib, str(tmp_path / "resumed"), q, resume=True, command="test")
+    monkeypatch.setattr(folders, "print_layer", original)
+    q = gptq.Settings.of(method="gptq", bits=3, group_size=16)
+    gptq.quantize_model(tiny_qwen, calib, str(tmp_path / "resumed"), q, resume=True, command="test")
     assert digest(tmp_path / "full") == digest(tmp_path / "resumed")
 
 
@@ -67,7 +71,7 @@ def test_packed_output_format_and_report(tiny_qwen, calib, tmp_path):
     shards = sorted(set(index["weight_map"].values()))
     assert shards == [f"model-{j:05d}-of-{n_layers + 1:05d}.safetensors" for j in range(1, n_layers + 2)]
     assert {v for k, v in index["weight_map"].items() if ".layers.1." in k} == {shards[2]}
-    ck = model.Checkpoint(str(tmp_path / "q"))
+    ck = checkpoint.Checkpoint(str(tmp_path / "q"))
     assert index["metadata"]["total_size"] == sum(ck.get(k).numel() * ck.get(k).element_size() for k in ck.keys())
     cfg = json.load(open(tmp_path / "q" / "config.json"))
     qc = cfg["quantization_config"]
@@ -90,11 +94,11 @@ def packed_vs_transformers_fake_quant(tmp_path):
     prompt; also returns the encoded prompt."""
     from transformers import Qwen3VLMoeForConditionalGeneration
 
-    export.export_fake_quant(str(tmp_path / "q"), str(tmp_path / "fq"))
+    folders.export_fake_quant(str(tmp_path / "q"), str(tmp_path / "fq"))
     packed = model.load_model(str(tmp_path / "q"))
     hf = Qwen3VLMoeForConditionalGeneration.from_pretrained(str(tmp_path / "fq"), dtype=torch.float32).eval()
-    proc = data.load_processor(str(tmp_path / "q"))
-    e = data.encode_sample(proc, next(s for s in data.shapes_benchmark(5) if s.image is not None))
+    proc = processor.load_processor(str(tmp_path / "q"))
+    e = processor.encode_sample(proc, next(s for s in data_samples.shapes_benchmark(5) if s.image is not None))
     with torch.no_grad():
         ours = packed(e["input_ids"], pixel_values=e["pixel_values"], image_grid_thw=e["image_grid_thw"])
         ref = hf(input_ids=e["input_ids"], pixel_values=e["pixel_values"], image_grid_thw=e["image_grid_thw"],
@@ -121,7 +125,7 @@ def test_starved_experts_use_the_pooled_hessian_and_are_reported(tiny_qwen, cali
     lin = rep["layers"]["0"]["linears"]
     assert lin["mlp.experts.0.gate_proj"]["pooled_hessian"] and not lin["self_attn.q_proj"]["pooled_hessian"]
     m = model.load_model(str(tmp_path / "q"))  # and every expert is packed
-    assert isinstance(m.layers[2].mlp.experts[E - 1].down_proj, model.QuantLinear)
+    assert isinstance(m.layers[2].mlp.experts[E - 1].down_proj, grid.QuantLinear)
 
 
 def test_all_experts_hessian_is_every_token_through_every_expert(tiny_qwen, calib, tmp_path):
@@ -147,27 +151,27 @@ def test_w8_rtn_stays_close_to_float(tiny_qwen, calib, tmp_path):
 @pytest.mark.parametrize("method", ["awq", "smoothquant", "ecs", "ecs-faq"])
 def test_scale_folding_leaves_the_float_layer_unchanged(tiny_qwen, calib, method):
     m = model.load_model(tiny_qwen)
-    acts = layerwise.embed_samples(m, data.load_processor(tiny_qwen),
-                              calibrate.calibration_samples(calibrate.load(calib)), "cpu")
-    before = layerwise.run_layer(m, 0, acts)
-    q = methods.QuantArgs(method=method, bits=3, group_size=16, abits=8 if method.startswith("ecs") else 16)
-    fusion = layerwise.layer_fusion_weights(m.layers[0], acts, q.eta) if method == "ecs-faq" else None
-    rep = layerwise.search_and_fold(m.layers[0], m.scaling_groups(0), acts, q, fusion=fusion)
+    acts = gptq.embed(m, folders.CalibSet.load(calib).samples, "cpu")
+    before = gptq.run_layer(m, 0, acts)
+    q = gptq.Settings.of(method=method, bits=3, group_size=16, abits=8 if method.startswith("ecs") else 16)
+    fusion = scales.layer_fusion_weights(m.layers[0], acts, q.options["eta"]) if method == "ecs-faq" else None
+    rep = scales.search_and_fold(m.layers[0], m.scaling_groups(0), acts, q, gptq.get_method(method), fusion=fusion)
     assert "post_attention_layernorm" in rep and "input_layernorm" in rep
-    after = layerwise.run_layer(m, 0, acts)
+    after = gptq.run_layer(m, 0, acts)
     for a, b in zip(before, after):
         assert (a.x - b.x).abs().max() <= 1e-4 * a.x.abs().max()
 
 
 def test_veq_me_with_equal_importance_is_exactly_awq(tiny_qwen, calib):
     results = []
-    equal = lambda experts: [7.0] * len(experts)  # noqa: E731
-    for method, importance in (("awq", None), ("veq-me", equal)):
+    E = 8  # calib/'s counts with n_text = n_vis = T_text = T_vis: S_e = 7γ + 7β for every expert, shared ones too
+    equal = (torch.full((E,), 7.0), torch.full((E,), 7.0), 7, 7, torch.full((E,), 1 / E))
+    for method, counts in (("awq", None), ("veq-me", equal)):
         m = model.load_model(tiny_qwen)
-        acts = layerwise.embed_samples(m, data.load_processor(tiny_qwen),
-                                  calibrate.calibration_samples(calibrate.load(calib)), "cpu")
-        q = methods.QuantArgs(method=method, bits=3, group_size=16)
-        rep = layerwise.search_and_fold(m.layers[0], m.scaling_groups(0), acts, q, importance=importance)
+        acts = gptq.embed(m, folders.CalibSet.load(calib).samples, "cpu")
+        q = gptq.Settings.of(method=method, bits=3, group_size=16)
+        rep = scales.search_and_fold(m.layers[0], m.scaling_groups(0), acts, q, gptq.get_method(method),
+                                     counts=counts, gamma=3.0)
         results.append((rep, {k: v.clone() for k, v in m.layers[0].state_dict().items()}))
     (rep_a, sd_a), (rep_v, sd_v) = results
     assert rep_a == rep_v
@@ -175,12 +179,13 @@ def test_veq_me_with_equal_importance_is_exactly_awq(tiny_qwen, calib):
 
 
 def test_veq_me_importance_is_gamma_n_text_plus_beta_n_vis():
-    q = methods.QuantArgs(method="veq-me")
+    q = gptq.Settings.of(method="veq-me")
     counts = (torch.tensor([3.0, 0.0]), torch.tensor([1.0, 5.0]), 10, 20)
     experts = [0, 1, None]  # two routed experts, then a shared expert (it reads every token)
-    assert methods.expert_importance(experts, counts, 2.0, 0.5, q) == [2 * 3 + 0.5 * 1, 0.5 * 5, 2 * 10 + 0.5 * 20]
-    q_ablate = methods.QuantArgs(method="veq-me", use_gamma=False, use_beta=False)
-    assert methods.expert_importance(experts, counts, 2.0, 0.5, q_ablate) == [4.0, 5.0, 30.0]
+    # β = T_text / T_vis = 0.5
+    assert ecs.expert_importance(experts, counts, 2.0, q.options) == [2 * 3 + 0.5 * 1, 0.5 * 5, 2 * 10 + 0.5 * 20]
+    q_ablate = gptq.Settings.of(method="veq-me", use_gamma=False, use_beta=False)
+    assert ecs.expert_importance(experts, counts, 2.0, q_ablate.options) == [4.0, 5.0, 30.0]
 
 
 @pytest.mark.parametrize("bits", [3, 4])
@@ -196,14 +201,14 @@ def test_batched_experts_match_the_per_expert_loop_on_the_bundled_model(bits, tm
     calibrate.calibrate(qwen, n=6, seed=0, out=str(tmp_path / "c"), command="test")
     outs, reps = [], []
     for batched in (False, True):
-        q = methods.QuantArgs(method="veq-ma", bits=bits, group_size=32, batched_experts=batched)
-        reps.append(layerwise.quantize_model(qwen, str(tmp_path / "c"), str(tmp_path / f"q{batched}"), q, command="t"))
-        ck = model.Checkpoint(str(tmp_path / f"q{batched}"))
+        q = gptq.Settings.of(method="veq-ma", bits=bits, group_size=32, batched_experts=batched)
+        reps.append(gptq.quantize_model(qwen, str(tmp_path / "c"), str(tmp_path / f"q{batched}"), q, command="t"))
+        ck = checkpoint.Checkpoint(str(tmp_path / f"q{batched}"))
         outs.append({k: ck.get(k) for k in ck.keys()})
     equal = total = 0
     for k in [k for k in outs[0] if k.endswith("weight_packed")]:
         shape = outs[0][k.replace("weight_packed", "weight_shape")].tolist()
-        a, b = (model.unpack_int32(o[k], bits, shape) for o in outs)
+        a, b = (grid.unpack_int32(o[k], bits, shape) for o in outs)
         if ".layers.0." in k:
             assert (a == b).float().mean() >= 0.995, k
         equal, total = equal + int((a == b).sum()), total + a.numel()
@@ -215,16 +220,16 @@ def test_batched_experts_match_the_per_expert_loop_on_the_bundled_model(bits, tm
 
 def test_compiled_quant_linear_path_equals_eager(tiny_qwen, calib, tmp_path):
     run(tiny_qwen, calib, tmp_path / "q", method="gptq", bits=4, abits=8)
-    m, proc = model.load_model(str(tmp_path / "q")), data.load_processor(str(tmp_path / "q"))
-    s = next(s for s in data.shapes_benchmark(5) if s.image is not None)
-    e = data.encode_sample(proc, s)
-    vision = data.vision_inputs(e)
+    m, proc = model.load_model(str(tmp_path / "q")), processor.load_processor(str(tmp_path / "q"))
+    s = next(s for s in data_samples.shapes_benchmark(5) if s.image is not None)
+    e = processor.encode_sample(proc, s)
+    vision = processor.vision_inputs(e)
     eager = m(e["input_ids"], **vision)
-    model.use_compiled_quant_linear(True)
+    grid.use_compiled_quant_linear(True)
     try:
         compiled = m(e["input_ids"], **vision)
     finally:
-        model.use_compiled_quant_linear(False)
+        grid.use_compiled_quant_linear(False)
     assert (compiled - eager).abs().max() <= 1e-4 * eager.abs().max()
 
 
@@ -232,8 +237,8 @@ def test_quantize_vision_packs_the_tower_and_exports_exactly(tiny_qwen, calib, t
     rep = run(tiny_qwen, calib, tmp_path / "q", method="gptq", bits=4, sym=True, quantize_vision=True)
     assert rep["vision"] and all(r["tokens"] > 0 for r in rep["vision"].values())
     m = model.load_model(str(tmp_path / "q"))
-    assert isinstance(m.model.visual.blocks[0].attn.qkv, model.QuantLinear)
-    assert isinstance(m.model.visual.merger.linear_fc2, model.QuantLinear)
+    assert isinstance(m.model.visual.blocks[0].attn.qkv, grid.QuantLinear)
+    assert isinstance(m.model.visual.merger.linear_fc2, grid.QuantLinear)
     assert m.model.visual.blocks[0].attn.qkv.bias is not None  # vision biases kept
     ours, ref, e = packed_vs_transformers_fake_quant(tmp_path)
     with torch.no_grad():
@@ -247,13 +252,12 @@ def test_faq_weights_from_the_layer_attention(tiny_qwen, calib):
     """The probs hook does not change the layer's output; FAQ weights are finite, >= 1 − η and mean 1 per
     modality over the calibration set, and differ from 1 (the attention is not uniform)."""
     m = model.load_model(tiny_qwen)
-    acts = layerwise.embed_samples(m, data.load_processor(tiny_qwen),
-                              calibrate.calibration_samples(calibrate.load(calib)), "cpu")
-    before = layerwise.run_layer(m, 1, acts)
-    w = layerwise.layer_fusion_weights(m.layers[1], acts, eta=0.5)
+    acts = gptq.embed(m, folders.CalibSet.load(calib).samples, "cpu")
+    before = gptq.run_layer(m, 1, acts)
+    w = scales.layer_fusion_weights(m.layers[1], acts, eta=0.5)
     assert not hasattr(m.layers[1].self_attn, "probs_hook")
     m.layers[1].self_attn.probs_hook = lambda p: None
-    for a, b in zip(before, layerwise.run_layer(m, 1, acts)):
+    for a, b in zip(before, gptq.run_layer(m, 1, acts)):
         assert (a.x - b.x).abs().max() <= 1e-5 * a.x.abs().max()
     allw, vis = torch.cat(w), torch.cat([a.is_vis for a in acts])
     assert [len(x) for x in w] == [a.x.shape[1] for a in acts]
@@ -270,11 +274,10 @@ def test_ecmfq_needs_a_macs_calibration_set(tiny_qwen, calib, tmp_path):
 def test_dequantize_once_gives_the_same_outputs(tiny_qwen, calib, tmp_path):
     run(tiny_qwen, calib, tmp_path / "q", method="rtn", bits=4, abits=8)
     m = model.load_model(str(tmp_path / "q"))
-    acts = layerwise.embed_samples(m, data.load_processor(tiny_qwen),
-                              calibrate.calibration_samples(calibrate.load(calib)), "cpu")
+    acts = gptq.embed(m, folders.CalibSet.load(calib).samples, "cpu")
     with torch.no_grad():
         plain = [m.layers[1](a.x, a.ctx) for a in acts]
-        with model.dequantize_once(m.layers[1]):
+        with grid.dequantize_once(m.layers[1]):
             once = [m.layers[1](a.x, a.ctx) for a in acts]
     assert all(torch.equal(a, b) for a, b in zip(plain, once))
     assert not any(hasattr(mod, "W_once") for mod in m.layers[1].modules())
@@ -294,18 +297,18 @@ def test_batched_solver_on_the_bundled_models_real_hessians(name, tmp_path, monk
 
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", name)
     calibrate.calibrate(path, n=6, seed=0, out=str(tmp_path / "c"), command="test")
-    real = layerwise.quantize_linears
+    real = gptq.quantize_linears
 
-    def capture(layer, cap, q, prefix, *args, **kwargs):
+    def capture(layer, cap, *args, **kwargs):
         keys = [i.readers[0] for i in cap.structure.inputs if i.expert is not None and i.readers[0] in cap.H]
         if not keys:  # a dense layer (Kimi's first): go on to the first MoE layer
-            return real(layer, cap, q, prefix, *args, **kwargs)
+            return real(layer, cap, *args, **kwargs)
         raise _Captured({k: (cap.H[k].finalize(dtype=torch.float32), layer.get_submodule(k).weight.float())
                          for k in keys})
 
-    monkeypatch.setattr(layerwise, "quantize_linears", capture)
+    monkeypatch.setattr(gptq, "quantize_linears", capture)
     with pytest.raises(_Captured) as got:
-        layerwise.quantize_model(path, str(tmp_path / "c"), str(tmp_path / "q"), methods.QuantArgs(method="gptq"),
+        gptq.quantize_model(path, str(tmp_path / "c"), str(tmp_path / "q"), gptq.Settings.of(method="gptq"),
                             command="t")
     rows = codes = total = 0
     for role in ("gate_proj", "down_proj"):  # gate_proj's Hessian is also up_proj's; down_proj has its own
@@ -328,8 +331,9 @@ def test_forward_many_equals_forward_per_sample(name):
     model, image and text samples of different lengths: equal up to float rounding."""
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", name)
     m = model.load_model(path, dtype=torch.float32)
-    proc = data.load_processor(path)
-    acts = layerwise.embed_samples(m, proc, data.load_samples("shapes", n=6, seed=5, split="test"), "cpu")
+    proc = processor.load_processor(path)
+    acts = gptq.embed(m, [calibrate.encode(proc, s) for s in data_samples.load_samples("shapes", n=6, seed=5,
+                                                                                     split="test")], "cpu")
     assert len({a.x.shape[1] for a in acts}) > 1  # different lengths
     with torch.no_grad():
         for i, layer in enumerate(m.layers):
@@ -338,4 +342,4 @@ def test_forward_many_equals_forward_per_sample(name):
             for a, b in zip(one, many):
                 assert a.shape == b.shape
                 torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5 * float(a.abs().max()))
-            acts = [layerwise.LayerInput(m.after_layer(i, y, a.ctx), a.ctx, a.is_vis) for y, a in zip(one, acts)]
+            acts = [hessian.LayerInput(m.after_layer(i, y, a.ctx), a.ctx, a.is_vis) for y, a in zip(one, acts)]

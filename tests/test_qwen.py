@@ -7,7 +7,8 @@ import shutil
 import pytest
 import torch
 
-import data
+from arch import blocks
+from data import processor
 import model
 
 TOL = 1e-4
@@ -32,7 +33,7 @@ def ours(m, enc):
 
 @pytest.fixture(scope="module")
 def qwen(tiny_qwen):
-    return model.load_model(tiny_qwen, dtype=torch.float32), data.load_processor(tiny_qwen)
+    return model.load_model(tiny_qwen, dtype=torch.float32), processor.load_processor(tiny_qwen)
 
 
 CASES = {
@@ -57,7 +58,7 @@ def test_batch_of_two_prompts_left_padded(qwen, hf_qwen):
     m, proc = qwen
     e1 = proc.encode(user(None, "what"), [image(48, 64, 1)])
     e2 = proc.encode(user(None, "how many shapes are there ? one two three four"), [image(40, 90, 2)])
-    batch = data.pad_batch([e1, e2], side="left")
+    batch = processor.pad_batch([e1, e2], side="left")
     assert batch["attention_mask"][0, 0] == 0  # prompts differ in length: the first one is padded
     got = ours(m, batch)
     assert_parity(hf_logits(hf_qwen, batch), got, keep=batch["attention_mask"].bool())
@@ -68,7 +69,7 @@ def test_batch_of_two_prompts_left_padded(qwen, hf_qwen):
 
 def test_text_only_batch_right_padded(qwen, hf_qwen):
     m, proc = qwen
-    batch = data.pad_batch([proc.encode(user("one two")), proc.encode(user("the quick brown fox jumps"))],
+    batch = processor.pad_batch([proc.encode(user("one two")), proc.encode(user("the quick brown fox jumps"))],
                            side="right")
     assert_parity(hf_logits(hf_qwen, batch), ours(m, batch), keep=batch["attention_mask"].bool())
 
@@ -91,7 +92,7 @@ def test_decode_step_logits_match_full_forward(qwen):
     m, proc = qwen
     enc = proc.encode(user(None, "what color"), [image(40, 90, 4)])
     vision = {k: enc[k] for k in ("pixel_values", "image_grid_thw")}
-    cache = model.KVCache(len(m.layers))
+    cache = blocks.KVCache(len(m.layers))
     m(enc["input_ids"], cache=cache, **vision)
     extra = torch.tensor([[5, 17, 42]])
     step = m(extra, cache=cache)
@@ -187,14 +188,14 @@ def test_generation_cli(tiny_qwen, tmp_path, capsys):
 
 @pytest.mark.parametrize("padded", [False, True])
 def test_fused_attention_equals_the_written_out_reference(padded):
-    """model.attention (SDPA, GQA, kernel causal path) against model.attention_reference (softmax written out)."""
+    """blocks.attention (SDPA, GQA, kernel causal path) against blocks.attention_reference (softmax written out)."""
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, h, 7, 16, generator=g) for h in (4, 2, 2))
     am = torch.tensor([[0, 0, 1, 1, 1, 1, 1], [1] * 7]) if padded else None
-    mask = model.causal_mask(am, 7, 0, torch.float32, "cpu")
-    full = mask if mask is not None else model.causal_mask(torch.ones(2, 7, dtype=torch.long), 7, 0, torch.float32, "cpu")
-    got = model.attention(q, k, v, scale=0.25, mask=mask, causal=True)
-    want, probs = model.attention_reference(q, k, v, scale=0.25, mask=full)
+    mask = blocks.causal_mask(am, 7, 0, torch.float32, "cpu")
+    full = mask if mask is not None else blocks.causal_mask(torch.ones(2, 7, dtype=torch.long), 7, 0, torch.float32, "cpu")
+    got = blocks.attention(q, k, v, scale=0.25, mask=mask, causal=True)
+    want, probs = blocks.attention_reference(q, k, v, scale=0.25, mask=full)
     assert torch.allclose(got, want, atol=1e-5) and torch.allclose(probs.sum(-1), torch.ones(2, 4, 7))
-    bidir, _ = model.attention_reference(q, k, v, scale=0.25)
-    assert torch.allclose(model.attention(q, k, v, scale=0.25), bidir, atol=1e-5)
+    bidir, _ = blocks.attention_reference(q, k, v, scale=0.25)
+    assert torch.allclose(blocks.attention(q, k, v, scale=0.25), bidir, atol=1e-5)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-import data
+from data import processor
 from helpers import QWEN_CHAT_TEMPLATE, QWEN_SPECIAL, build_tokenizer
 
 # The Qwen3-VL family's preprocessor_config.json values (docs/architectures.md §3.1)
@@ -53,7 +53,7 @@ def test_pixels_match_transformers_pil_processor(name, tmp_path):
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     img = images()[name]
-    proc = data.load_processor(make_dir(tmp_path, REAL))
+    proc = processor.load_processor(make_dir(tmp_path, REAL))
     ref = Qwen2VLImageProcessorPil(**REAL)(images=[img], return_tensors="pt")
     pv, grid = proc.preprocess_image(img)
     assert grid == ref["image_grid_thw"][0].tolist()
@@ -67,7 +67,7 @@ def test_max_pixels_branch(tmp_path):
 
     pre = {**REAL, "size": {"shortest_edge": 4096, "longest_edge": 128 * 128}}
     img = Image.fromarray(rand_rgb(300, 410, 8))
-    proc = data.load_processor(make_dir(tmp_path, pre))
+    proc = processor.load_processor(make_dir(tmp_path, pre))
     pv, grid = proc.preprocess_image(img)
     hb, wb = grid[1] * 16, grid[2] * 16
     assert hb * wb <= 128 * 128 < 300 * 410  # the max_pixels branch was taken
@@ -78,7 +78,7 @@ def test_max_pixels_branch(tmp_path):
 
 def test_smart_resize_example():
     # docs/architectures.md §3.1: 150x230 -> 224x320 (grid 14x20, 70 tokens)
-    assert data.smart_resize(150, 230, 32, 65536, 16777216) == (224, 320)
+    assert processor.smart_resize(150, 230, 32, 65536, 16777216) == (224, 320)
 
 
 @pytest.mark.parametrize("system", [None, "You answer in one word."])
@@ -100,7 +100,7 @@ def test_prompt_ids_match_transformers_processor(system, tmp_path, monkeypatch):
     imgs = [Image.fromarray(rand_rgb(300, 200, 9)), Image.fromarray(rand_rgb(256, 420, 10))]
     text = hf.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
     ref = hf(text=[text], images=imgs, return_tensors="pt")
-    proc = data.load_processor(d)
+    proc = processor.load_processor(d)
     assert proc.chat_text(msgs) == text
     enc = proc.encode(msgs, imgs)
     assert torch.equal(enc["input_ids"], ref["input_ids"])

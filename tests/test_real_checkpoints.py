@@ -20,8 +20,11 @@ import re
 import pytest
 import torch
 
-import data
-import model as M
+from arch import checkpoint
+from arch import kimi_vl
+from arch import qwen3_vl_moe
+from data import processor
+import model
 from helpers import build_tokenizer, random_image
 
 REAL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "real")
@@ -99,7 +102,7 @@ def assert_qwen_fields(cfg, raw, experts_key: str):
 
 def test_qwen30b_config_fields_map_one_to_one():
     raw = read(os.path.join(QWEN30, "config.json"))
-    cfg = M.Qwen3VLMoeConfig.from_dict(raw)
+    cfg = qwen3_vl_moe.Qwen3VLMoeConfig.from_dict(raw)
     t, v = raw["text_config"], raw["vision_config"]
     assert_qwen_fields(cfg, raw, "num_experts")
     assert cfg.text.rope_theta == t["rope_theta"]
@@ -113,11 +116,11 @@ def test_qwen30b_config_fields_map_one_to_one():
     assert (cfg.vision.depth, cfg.vision.deepstack_visual_indexes) == (27, [8, 16, 24])
     assert all(cfg.text.is_moe(i) for i in range(48))  # no dense layer
     assert not cfg.tie_word_embeddings
-    assert M.load_config(QWEN30) == cfg  # the file loader gives the same
+    assert model.load_config(QWEN30) == cfg  # the file loader gives the same
 
 
 def test_qwen30b_preprocessor_and_generation_config():
-    pre = data.QwenImageConfig.from_file(os.path.join(QWEN30, "preprocessor_config.json"))
+    pre = processor.QwenImageConfig.from_file(os.path.join(QWEN30, "preprocessor_config.json"))
     raw = read(os.path.join(QWEN30, "preprocessor_config.json"))
     assert (pre.patch_size, pre.temporal_patch_size, pre.merge_size) == (16, 2, 2)
     assert (pre.min_pixels, pre.max_pixels) == (raw["size"]["shortest_edge"], raw["size"]["longest_edge"])
@@ -196,9 +199,9 @@ class HeaderOnlyCheckpoint:
 
 @pytest.fixture(scope="module")
 def qwen30_skeleton():
-    cfg = M.load_config(QWEN30)
+    cfg = model.load_config(QWEN30)
     with torch.device("meta"):
-        return M.MODELS[cfg.model_type](cfg).eval().requires_grad_(False)
+        return model.MODELS[cfg.model_type](cfg).eval().requires_grad_(False)
 
 
 def test_qwen30b_real_tensor_list_is_what_the_config_implies():
@@ -219,14 +222,14 @@ def test_qwen30b_skeleton_binds_exactly_to_the_real_tensors(qwen30_skeleton):
     ckpt = HeaderOnlyCheckpoint(real)
     qwen30_skeleton.bind(ckpt, torch.float32, "cpu")  # raises CheckpointError on a missing name or wrong shape
     used = {src for src, _ in qwen30_skeleton.sources.values()}
-    unused = sorted(k for k in real if k not in used and not any(p.match(k) for p in M.STALE_KEYS))
+    unused = sorted(k for k in real if k not in used and not any(p.match(k) for p in checkpoint.STALE_KEYS))
     assert unused == [], f"real tensors the skeleton does not read: {unused[:10]}"
     assert used <= set(real)
 
 
 def test_qwen30b_skeleton_writes_the_real_layout(qwen30_skeleton):
     """checkpoint_state_dict (the writer used for quantized/float exports) gives the Hub names and shapes."""
-    sd = M.checkpoint_state_dict(qwen30_skeleton)
+    sd = checkpoint.checkpoint_state_dict(qwen30_skeleton)
     real = real_tensors(QWEN30)
     assert sorted(set(sd) ^ set(real)) == []
     assert {k: tuple(t.shape) for k, t in sd.items() if tuple(t.shape) != real[k]} == {}
@@ -308,7 +311,7 @@ def qwen_setup(tmp_path_factory):
 def qwen_instruct(qwen_setup):
     folder, tok = qwen_setup
     template = read(os.path.join(QWEN30_INSTRUCT, "chat_template.json"))["chat_template"]
-    return data.QwenProcessor(folder), hf_tokenizer(tok, template)
+    return processor.QwenProcessor(folder), hf_tokenizer(tok, template)
 
 
 @pytest.fixture(scope="module")
@@ -322,7 +325,7 @@ def qwen_thinking(qwen_setup, tmp_path_factory):
     with open(os.path.join(QWEN30, "chat_template.json")) as src, open(d / "chat_template.json", "w") as dst:
         dst.write(src.read())
     template = read(os.path.join(QWEN30, "chat_template.json"))["chat_template"]
-    return data.QwenProcessor(str(d)), hf_tokenizer(tok, template)
+    return processor.QwenProcessor(str(d)), hf_tokenizer(tok, template)
 
 
 @pytest.mark.parametrize("gen", [True, False])
@@ -378,14 +381,14 @@ def kimi_tok(tmp_path_factory):
     tok = tokenizer_at_ids(KIMI_SPECIAL)
     path = tmp_path_factory.mktemp("kimi-real") / "tokenizer.json"
     tok.save(str(path))
-    return hf_tokenizer(tok, read(os.path.join(KIMI, "chat_template.jinja"))), data.Tokenizer(str(path.parent))
+    return hf_tokenizer(tok, read(os.path.join(KIMI, "chat_template.jinja"))), processor.Tokenizer(str(path.parent))
 
 
 @pytest.mark.parametrize("gen", [True, False])
 @pytest.mark.parametrize("conv", sorted(CONVERSATIONS))
 def test_kimi_prompt_matches_real_template(conv, gen, kimi_tok):
     hf, ours = kimi_tok
-    proc = object.__new__(data.KimiProcessor)  # chat_text needs no checkpoint files
+    proc = object.__new__(processor.KimiProcessor)  # chat_text needs no checkpoint files
     _, ids = assert_renders_as_template(proc.chat_text, ours, hf, CONVERSATIONS[conv], gen)
     assert ids[0] == 163594 != 163584  # the prompt opens with <|im_system|>: no BOS
     if "image" in conv:
@@ -428,7 +431,7 @@ def test_qwen30b_instruct_config_both_spellings_parse_the_same():
     t5 = read(os.path.join(QWEN30_INSTRUCT, "config.transformers5.json"))
     assert "rope_parameters" in t5["text_config"] and "num_local_experts" in t5["text_config"]
     assert "rope_scaling" not in t5["text_config"] and "num_experts" not in t5["text_config"]
-    assert M.Qwen3VLMoeConfig.from_dict(t5) == M.Qwen3VLMoeConfig.from_dict(raw) == M.load_config(QWEN30)
+    assert qwen3_vl_moe.Qwen3VLMoeConfig.from_dict(t5) == qwen3_vl_moe.Qwen3VLMoeConfig.from_dict(raw) == model.load_config(QWEN30)
     assert qwen_tensors_from_config(t5) == qwen_tensors_from_config(raw)
 
 
@@ -438,7 +441,7 @@ def test_qwen30b_instruct_config_both_spellings_parse_the_same():
 
 @pytest.fixture(scope="module")
 def qwen235_cfg(tmp_path_factory):
-    return M.load_config(as_checkpoint_dir(tmp_path_factory.mktemp("q235"),
+    return model.load_config(as_checkpoint_dir(tmp_path_factory.mktemp("q235"),
                                            read(os.path.join(QWEN235, "config.transformers5.json"))))
 
 
@@ -471,16 +474,16 @@ def test_qwen235b_skeleton_binds_exactly_to_the_real_tensors():
     modules), binds exactly to the real tensors of those layers plus every non-layer tensor, and writes them back."""
     raw = read(os.path.join(QWEN235, "config.transformers5.json"))
     raw = {**raw, "text_config": {**raw["text_config"], "num_hidden_layers": 2}}
-    cfg = M.Qwen3VLMoeConfig.from_dict(raw)
+    cfg = qwen3_vl_moe.Qwen3VLMoeConfig.from_dict(raw)
     table, _ = weights_table(QWEN235)
     real = {k: s for k, s in table.items()
             if not (m := re.match(r"model\.language_model\.layers\.(\d+)\.", k)) or int(m[1]) < 2}
     with torch.device("meta"):
-        skel = M.MODELS[cfg.model_type](cfg).eval().requires_grad_(False)
+        skel = model.MODELS[cfg.model_type](cfg).eval().requires_grad_(False)
     skel.bind(HeaderOnlyCheckpoint(real), torch.float32, "cpu")
     used = {src for src, _ in skel.sources.values()}
-    assert sorted(k for k in real if k not in used and not any(p.match(k) for p in M.STALE_KEYS)) == []
-    sd = M.checkpoint_state_dict(skel)
+    assert sorted(k for k in real if k not in used and not any(p.match(k) for p in checkpoint.STALE_KEYS)) == []
+    sd = checkpoint.checkpoint_state_dict(skel)
     assert sorted(set(sd) ^ set(real)) == []
     assert {k: tuple(t.shape) for k, t in sd.items() if tuple(t.shape) != real[k]} == {}
 
@@ -494,7 +497,7 @@ def test_kimi_config_excerpt_fields_map_one_to_one():
     known numbers. (Fields past the excerpt, e.g. rms_norm_eps, rope_theta, are not checked here.)"""
     raw = read(os.path.join(KIMI, "config.excerpt.json"))
     assert raw["architectures"] == ["KimiVLForConditionalGeneration"]
-    cfg = M.KimiVLConfig.from_dict({**raw, "model_type": "kimi_vl"})
+    cfg = kimi_vl.KimiVLConfig.from_dict({**raw, "model_type": "kimi_vl"})
     t, v = raw["text_config"], raw["vision_config"]
     for key in ["vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
                 "num_attention_heads", "n_shared_experts", "n_routed_experts", "routed_scaling_factor",
@@ -528,12 +531,12 @@ def test_kimi_added_tokens_excerpt_matches_the_ids_data_and_the_spec_use():
 
 
 def test_kimi_preprocessor_values(tmp_path):
-    """data.KimiImageConfig reads the real preprocessor values (EasyDeL's re-save): mean/std 0.5, not the
+    """processor.KimiImageConfig reads the real preprocessor values (EasyDeL's re-save): mean/std 0.5, not the
     CLIP defaults it falls back to when a file has none."""
     path = tmp_path / "preprocessor_config.json"
     path.write_text(open(os.path.join(KIMI, "preprocessor_config.easydel.json")).read())
-    raw, pre = read(str(path)), data.KimiImageConfig.from_file(str(path))
-    assert list(pre.image_mean) == raw["image_mean"] == [0.5] * 3 != list(data.CLIP_MEAN)
+    raw, pre = read(str(path)), processor.KimiImageConfig.from_file(str(path))
+    assert list(pre.image_mean) == raw["image_mean"] == [0.5] * 3 != list(processor.CLIP_MEAN)
     assert list(pre.image_std) == raw["image_std"] == [0.5] * 3
     assert (pre.patch_size, pre.in_token_limit, list(pre.merge_kernel_size)) == (14, 4096, [2, 2])
     assert raw["pad_input"] is True and raw["image_processor_type"] == "KimiVLImageProcessor"

@@ -45,13 +45,14 @@ def test_null_matches_simulated_modality_blind_routing():
 
 def test_coverage_against_a_loop_over_experts(tmp_path):
     import calibrate
+    from quant import folders
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     calibrate.calibrate(os.path.join(root, "models", "tiny-qwen3-vl-moe"), n=4, seed=0, out=str(tmp_path / "c"),
                         gamma=False, command="test")
     r = routing_stats.coverage(str(tmp_path / "c"), least=3)
-    c = calibrate.load(str(tmp_path / "c"))
-    counts = [[int(a) + int(b) for a, b in zip(t, v)] for t, v in zip(c["n_text"], c["n_vis"])]
+    c = folders.CalibSet.load(str(tmp_path / "c"))
+    counts = [[int(a) + int(b) for a, b in zip(t, v)] for t, v in zip(c.n_text, c.n_vis)]
     assert r["zero"] == sum(x == 0 for layer in counts for x in layer)
     assert r["few"] == sum(x < 2 * 128 for layer in counts for x in layer)
     assert abs(r["least_fed"] - sum(sum(sorted(layer)[:3]) for layer in counts) / len(counts)) < 1e-9

@@ -10,9 +10,10 @@ import os
 import pytest
 import torch
 
-import data
+from data import processor
+from data import samples as data_samples
+import model
 import eval as evaluation
-import model as modeling
 
 QWEN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "tiny-qwen3-vl-moe")
 
@@ -89,7 +90,7 @@ def test_intervals_per_modality_are_bootstraps_of_that_modality():
 
 
 def test_random_tokens_are_plain_vocabulary():
-    proc = data.load_processor(QWEN)
+    proc = processor.load_processor(QWEN)
     ids = evaluation.random_token_ids(proc, 64, 32, seed=0)
     special = set(proc.tokenizer.tok.get_added_tokens_decoder())
     assert ids.shape == (64, 32) and not set(ids.flatten().tolist()) & special
@@ -101,12 +102,12 @@ def test_random_tokens_are_plain_vocabulary():
 def test_fast_answers_equal_generated_answers(reuse_gold):
     """answers_via_reference on a perturbed model equals generating every answer; most samples are skipped
     (also when the forward on the gold answers serves the samples whose reference answer is the gold one)."""
-    proc = data.load_processor(QWEN)
-    samples = data.load_samples("shapes", n=32, seed=5)
-    ref_m = modeling.load_model(QWEN)
+    proc = processor.load_processor(QWEN)
+    samples = data_samples.load_samples("shapes", n=32, seed=5)
+    ref_m = model.load_model(QWEN)
     ids = evaluation.greedy_ids(ref_m, proc, samples, 8)
     ref = evaluation.Reference([proc.tokenizer.decode(i) for i in ids], ids, [])
-    m = modeling.load_model(QWEN)
+    m = model.load_model(QWEN)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, p in m.named_parameters():
@@ -138,10 +139,10 @@ def test_vision_cache_gives_the_same_logits(name):
     """Logits through a VisionCache equal the uncached ones bitwise, on a miss and on a hit; a model whose
     vision tower differs misses instead of reading the first model's features."""
     path = os.path.join(os.path.dirname(QWEN), name)
-    proc = data.load_processor(path)
-    b = data.encode_qa_batch(proc, [s for s in data.load_samples("shapes", n=12, seed=1) if s.image is not None])
-    args = dict(attention_mask=b["attention_mask"], **data.vision_inputs(b))
-    m = modeling.load_model(path)
+    proc = processor.load_processor(path)
+    b = processor.encode_qa_batch(proc, [s for s in data_samples.load_samples("shapes", n=12, seed=1) if s.image is not None])
+    args = dict(attention_mask=b["attention_mask"], **processor.vision_inputs(b))
+    m = model.load_model(path)
     with torch.no_grad():
         plain = m(b["input_ids"], **args)
         cache = evaluation.VisionCache()
@@ -149,7 +150,7 @@ def test_vision_cache_gives_the_same_logits(name):
             miss, hit = m(b["input_ids"], **args), m(b["input_ids"], **args)
         assert torch.equal(plain, miss) and torch.equal(plain, hit) and cache.hits > 0
         assert "forward" not in vars(m.vision_modules()[0])  # the class's forward is back
-        other = modeling.load_model(path)
+        other = model.load_model(path)
         next(other.vision_modules()[0].parameters()).mul_(1.5)
         other_plain, misses = other(b["input_ids"], **args), cache.misses
         with cache.on(other):

@@ -5,14 +5,16 @@ import numpy as np
 import pytest
 import torch
 
-import data
-import train_tiny
+from data import processor
+from data import samples as data_samples
+import model
+from tools import train_tiny
 
 
 def test_patch_and_merged_labels_follow_the_model_order():
-    samples = [s for s in data.shapes_benchmark(40, seed=5, split="train") if s.image is not None][:4]
+    samples = [s for s in data_samples.shapes_benchmark(40, seed=5, split="train") if s.image is not None][:4]
     centres = np.arange(8) * 8 + 4
-    raster = torch.cat([torch.from_numpy(np.asarray(data.draw_scene(s.objects, labels=True))[centres][:, centres]
+    raster = torch.cat([torch.from_numpy(np.asarray(data_samples.draw_scene(s.objects, labels=True))[centres][:, centres]
                                          .astype(np.int64).reshape(-1)) for s in samples])
     assert torch.equal(train_tiny.patch_labels(samples, "raster"), raster)  # Kimi: raster, as the processor
     # MoonViT groups its raster output as (h/2, 2, w/2, 2) -> (block row, block col, 2 x 2): the merged labels
@@ -41,16 +43,16 @@ def test_type_weights_curriculum_draws_by_weight_and_leaves_the_default_stream_a
     """Weighted draws: a type with weight 0 never appears, two types every scene can pose come in the ratio of
     their weights; the default (type_weights=None) keeps taking image types in turn."""
     w = {"exists": 3, "count": 1}  # both can be posed on every scene
-    s = data.shapes_benchmark(800, seed=2, split="train", text_fraction=0.0, type_weights=w)
-    n = {t: sum(x.type == t for x in s) for t in data.IMAGE_TYPES}
+    s = data_samples.shapes_benchmark(800, seed=2, split="train", text_fraction=0.0, type_weights=w)
+    n = {t: sum(x.type == t for x in s) for t in data_samples.IMAGE_TYPES}
     assert n["exists"] + n["count"] == 800 and n["color"] == n["position"] == 0
     assert 2.4 < n["exists"] / n["count"] < 3.7  # 3:1 expected; binomial sd of the share ~1.5 points
-    plain = data.shapes_benchmark(60, seed=2, split="train", text_fraction=0.0)
-    assert [x.type for x in plain] == [data.IMAGE_TYPES[i % 6] for i in range(60)]
-    with pytest.raises(data.DataError, match="type weights"):
-        data.shapes_benchmark(5, type_weights={"colour": 1})
-    with pytest.raises(data.DataError, match="type weights"):
-        data.shapes_benchmark(5, type_weights={"color": 0})
+    plain = data_samples.shapes_benchmark(60, seed=2, split="train", text_fraction=0.0)
+    assert [x.type for x in plain] == [data_samples.IMAGE_TYPES[i % 6] for i in range(60)]
+    with pytest.raises(data_samples.DataError, match="type weights"):
+        data_samples.shapes_benchmark(5, type_weights={"colour": 1})
+    with pytest.raises(data_samples.DataError, match="type weights"):
+        data_samples.shapes_benchmark(5, type_weights={"color": 0})
 
 
 def test_parse_type_weights():
@@ -63,7 +65,7 @@ def test_parse_type_weights():
 def test_looked_at_object_holds_the_answer():
     """The object the attention supervision points at is the one the gold answer is read from: its colour or
     shape is the answer (exists: it is the object asked about); counts and "no" answers have none."""
-    for s in data.shapes_benchmark(400, seed=7, split="train"):
+    for s in data_samples.shapes_benchmark(400, seed=7, split="train"):
         if s.image is None:
             continue
         o = train_tiny.looked_at_object(s)
@@ -77,15 +79,15 @@ def test_looked_at_object_holds_the_answer():
 
 
 def test_look_targets_and_loss_against_the_label_map():
-    samples = [s for s in data.shapes_benchmark(60, seed=8, split="train") if s.image is not None][:12]
+    samples = [s for s in data_samples.shapes_benchmark(60, seed=8, split="train") if s.image is not None][:12]
     t = train_tiny.look_targets(samples)
     for s, row in zip(samples, t):
         o = train_tiny.looked_at_object(s)
         if o is None:
             assert not row.any()
             continue
-        lab = np.asarray(data.draw_scene(s.objects, labels=True))
-        code = 1 + data.SHAPES.index(o["shape"]) * len(data.COLORS) + list(data.COLORS).index(o["color"])
+        lab = np.asarray(data_samples.draw_scene(s.objects, labels=True))
+        code = 1 + data_samples.SHAPES.index(o["shape"]) * len(data_samples.COLORS) + list(data_samples.COLORS).index(o["color"])
         for k in range(16):  # merged token k covers pixel block (k // 4, k % 4) of 16 x 16, patch centres 4 and 12
             br, bc = divmod(k, 4)
             centres = [(16 * br + dy, 16 * bc + dx) for dy in (4, 12) for dx in (4, 12)]
@@ -109,19 +111,18 @@ def test_temper_attention_scales_every_logit(name):
     else in the model moved."""
     import os
 
-    import model
 
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", name)
     m = model.load_model(path).double().eval()
-    proc = data.load_processor(path)
-    b = data.encode_qa_batch(proc, data.shapes_benchmark(3, seed=1))
+    proc = processor.load_processor(path)
+    b = processor.encode_qa_batch(proc, data_samples.shapes_benchmark(3, seed=1))
     probs = []
     m.layers[0].self_attn.probs_hook = probs.append
     before = {k: v.clone() for k, v in m.state_dict().items()}
     with torch.no_grad():
-        m(b["input_ids"], attention_mask=b["attention_mask"], **data.vision_inputs(b))
+        m(b["input_ids"], attention_mask=b["attention_mask"], **processor.vision_inputs(b))
         train_tiny.temper_attention(m, 0.4)
-        m(b["input_ids"], attention_mask=b["attention_mask"], **data.vision_inputs(b))
+        m(b["input_ids"], attention_mask=b["attention_mask"], **processor.vision_inputs(b))
     rows = probs[0].sum(-1) > 0.5  # rows of padded queries may be all-masked
     assert torch.allclose(probs[1][rows], torch.softmax(0.4 * probs[0].log(), dim=-1)[rows], atol=1e-9)
     scaled = ".self_attn.q_norm.weight" if m.family == "qwen3_vl_moe" else ".self_attn.q_proj.weight"
@@ -147,6 +148,6 @@ def test_eval_seed_picks_the_held_out_questions_scored_in_training(tmp_path, mon
     monkeypatch.setattr(train_tiny, "evaluate", lambda m, proc, samples: seen.append(samples) or {"image": 0.0})
     train_tiny.train("kimi_vl", out=str(tmp_path / "k"), steps=1, batch=4, eval_n=6, eval_every=1, eval_seed=1,
                      threads=1)
-    key = [(s.question, s.answer, s.objects) for s in data.shapes_benchmark(6, seed=1, split="test")]
-    default = [(s.question, s.answer, s.objects) for s in data.shapes_benchmark(6, seed=0, split="test")]
+    key = [(s.question, s.answer, s.objects) for s in data_samples.shapes_benchmark(6, seed=1, split="test")]
+    default = [(s.question, s.answer, s.objects) for s in data_samples.shapes_benchmark(6, seed=0, split="test")]
     assert len(seen) == 1 and [(s.question, s.answer, s.objects) for s in seen[0]] == key != default

@@ -29,11 +29,13 @@ import torch
 import torch.nn as nn
 
 import calibrate
-import data
-import export
-import layerwise
-import methods
+from arch import checkpoint
+from data import processor
+from data import samples as data_samples
+import gptq
 import model
+from quant import folders
+from quant import grid
 
 ct = pytest.importorskip("compressed_tensors", reason="test extra: pip install compressed-tensors")
 from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig  # noqa: E402
@@ -227,7 +229,7 @@ def vllm_layers(m, arch: VllmArch) -> list[VllmLayer]:
 
 def tensor_index(folder: str) -> dict[str, tuple[str, tuple[int, ...]]]:
     """name -> (safetensors dtype string, shape) from the file headers."""
-    ck = model.Checkpoint(folder)
+    ck = checkpoint.Checkpoint(folder)
     return {k: (ck._handle(ck.where[k]).get_slice(k).get_dtype(), ck.shape(k)) for k in ck.keys()}
 
 
@@ -381,7 +383,7 @@ def outputs(tmp_path_factory):
         calibrate.calibrate(path, n=2, seed=0, out=cal, gamma=False, command="test")
         for scheme, kw in SCHEMES.items():
             q = str(tmp_path_factory.mktemp("q") / f"{name}-{scheme}")
-            layerwise.quantize_model(path, cal, q, methods.QuantArgs(method="rtn", **kw), command="test")
+            gptq.quantize_model(path, cal, q, gptq.Settings.of(method="rtn", **kw), command="test")
             out[name, scheme] = (path, q)
     return out
 
@@ -468,8 +470,8 @@ def test_kimi_with_q_lora_rank_keeps_fused_qkv_a_proj_uniform(tmp_path):
 
     path, _ = make_tiny_kimi(tmp_path / "kimi-qlora", seed=1, text=dict(q_lora_rank=24))
     calibrate.calibrate(path, n=2, seed=0, out=str(tmp_path / "cal"), gamma=False, command="test")
-    layerwise.quantize_model(path, str(tmp_path / "cal"), str(tmp_path / "q"),
-                             methods.QuantArgs(method="rtn", bits=4, group_size=8, sym=True), command="test")
+    gptq.quantize_model(path, str(tmp_path / "cal"), str(tmp_path / "q"),
+                             gptq.Settings.of(method="rtn", bits=4, group_size=8, sym=True), command="test")
     fm = model.load_model(path)
     layers = {ly.name: ly for ly in vllm_layers(fm, vllm_arch(model.load_config(path)))}
     fused = layers["language_model.model.layers.1.self_attn.fused_qkv_a_proj"]
@@ -490,7 +492,8 @@ def test_kimi_with_q_lora_rank_keeps_fused_qkv_a_proj_uniform(tmp_path):
 def test_which_settings_vllm_runs(kw, runs):
     """README's table, as code: the config gptq.py writes for each setting parses, and vLLM 0.33 has a CUDA MoE
     kernel for it or not."""
-    qc = export.quantization_config(methods.QuantArgs(**kw), ignore=[])
+    q = gptq.Settings.of(**kw)
+    qc = folders.quantization_config(q.args(), gptq.get_method(q.method).solver, ignore=[])
     assert config_problems(qc) == []
     assert (vllm_kernel_problems(qc) == []) == runs
 
@@ -525,7 +528,7 @@ def compress_like_llm_compressor(src: str, dst: str, *, sym: bool, group_size: i
     compressor = ModelCompressor.from_pretrained_model(m, quantization_format="pack-quantized")
     compressor.compress_model(m)
     os.makedirs(dst)
-    save_file({k: v.contiguous() for k, v in model.checkpoint_state_dict(m).items()},
+    save_file({k: v.contiguous() for k, v in checkpoint.checkpoint_state_dict(m).items()},
               os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
     for name in os.listdir(src):
         if name.endswith(".json"):
@@ -539,7 +542,7 @@ def decompressed_reference(src: str, packed: str, args) -> nn.Module:
     from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
     from compressed_tensors.quantization import QuantizationScheme
 
-    ref, ck = model.load_model(src), model.Checkpoint(packed)
+    ref, ck = model.load_model(src), checkpoint.Checkpoint(packed)
     scheme = QuantizationScheme(targets=["Linear"], weights=args)
     for key in [k for k in ck.keys() if k.endswith(".weight_packed")]:
         base = key[: -len(".weight_packed")]
@@ -551,8 +554,8 @@ def decompressed_reference(src: str, packed: str, args) -> nn.Module:
 
 
 def image_logits(m, folder: str):
-    proc = data.load_processor(folder)
-    e = data.encode_sample(proc, next(s for s in data.shapes_benchmark(5) if s.image is not None))
+    proc = processor.load_processor(folder)
+    e = processor.encode_sample(proc, next(s for s in data_samples.shapes_benchmark(5) if s.image is not None))
     vision = {k: v for k, v in e.items() if k in ("pixel_values", "image_grid_thw", "image_grid_hws")}
     with torch.no_grad():
         return m(e["input_ids"], **vision)
@@ -567,9 +570,9 @@ def test_llm_compressor_checkpoint_loads_in_model_py(name, sym, tmp_path, float_
     # the same config and names our writer produces: vLLM's rules hold for it too
     assert format_problems(dst, float_models[name]) == []
     assert sorted(e for e in qc["ignore"] if e.endswith("mlp.gate")) == sorted(
-        e for e in export.ignored_modules(float_models[name]) if e.endswith("mlp.gate"))
+        e for e in folders.ignored_modules(float_models[name]) if e.endswith("mlp.gate"))
     packed = model.load_model(dst)
-    assert isinstance(packed.layers[1].mlp.experts[0].down_proj, model.QuantLinear)
+    assert isinstance(packed.layers[1].mlp.experts[0].down_proj, grid.QuantLinear)
     ours, ref = image_logits(packed, dst), image_logits(decompressed_reference(src, dst, args), dst)
     assert (ours - ref).abs().max() <= 1e-4
     assert (ours - image_logits(float_models[name], src)).abs().max() > 1e-3  # it is the quantized model
@@ -582,7 +585,7 @@ def test_quantized_vision_tower(name, tmp_path, float_models):
     without it (models/kimi_vl.py), so vLLM expects them float."""
     cal, out = str(tmp_path / "cal"), str(tmp_path / "q")
     calibrate.calibrate(BUNDLED[name], n=2, seed=0, out=cal, gamma=False, command="test")
-    layerwise.quantize_model(BUNDLED[name], cal, out, methods.QuantArgs(method="rtn", bits=4, group_size=32, sym=True,
+    gptq.quantize_model(BUNDLED[name], cal, out, gptq.Settings.of(method="rtn", bits=4, group_size=32, sym=True,
                                                                          quantize_vision=True), command="test")
     problems = format_problems(out, float_models[name])
     if name == "qwen":
