@@ -20,6 +20,7 @@ of pool-factor x n candidates from the same source, profiled with one float pass
 scored and selected greedily by macs.py; calib.json then records the pool size and the chosen indices, and the
 summary compares the experts left with zero / few tokens against a random draw of n from the same pool.
 Does not: handle video.
+Read next: gptq.py (what reads calib/); quant/folders.py's CalibSet is the folder's schema.
 """
 
 from __future__ import annotations

@@ -52,6 +52,8 @@ Usage (one scaling group: an RMSNorm weight g feeding an MoE block):
     r = awq_scale(X, [Consumer(W_e, rows=idx_e) for ...], bits=4, group_size=128, sym=False)
     g = fold_into_norm(g, r.s); W_router = scale_consumer(W_router, r.s); W_e = scale_consumer(W_e, r.s) ...
     print(r.alpha, r.rel_error_no_scale, r.rel_error)
+Last in this file: the searches as the methods table in gptq.py calls them (ScalingGroup, awq_search, ...).
+Read next: quant/scales.py (how the layer loop captures a group's inputs and folds the scale).
 Run the tests:  python -m pytest -q tests/test_ecs.py
 """
 

@@ -6,8 +6,8 @@
 
 Read this file top to bottom: (1) the GPTQ solver for one matrix, (2) the methods as data, (3) the layer loop
 quantize_model, whose steps are the algorithm, (4) the command line. Read next, in the order the loop calls them:
-model.py (load a layer), hessian.py (the token-weighted Hessians of its linears), quant/grid.py (the grid and
-the packed weight), quant/folders.py (the output on disk).
+model.py (load a layer), arch/blocks.py (its router and experts), hessian.py (the token-weighted Hessians of its
+linears), quant/grid.py (the grid and the packed weight), quant/folders.py (calib/ and the output on disk).
 
 (1) GPTQ: Frantar, Ashkboos, Hoefler, Alistarh, "GPTQ: Accurate Post-Training Quantization for Generative
 Pre-trained Transformers" (arXiv 2210.17323), following the IST-DASLab reference `gptq.py` (`fasterquant`).
@@ -35,8 +35,9 @@ of each token in the Hessians (hessian.py), and its own options (which become co
   load layer l  ->  [scale search, folded]  ->  token-weighted Hessians of every linear  ->  solve and pack every
   linear  ->  save the layer  ->  its quantized outputs are the next layer's inputs.
 Router, norms, embeddings and lm_head stay float; --quantize-vision quantizes the vision tower first
-(quant/vision.py). Several processes, resume and timing are passed in (quant/distributed.py's Group,
-quant/folders.py's Partial, a phase timer) and do nothing in the plain one-process run.
+(quant/vision.py). Several processes and timing are passed in (quant/distributed.py's Group, a phase timer)
+and do nothing in the plain one-process run; the finished layers go to OUT.partial/ (quant/folders.py's
+Partial), which --resume reads back.
 
 Tests: python -m pytest -q tests/test_gptq.py tests/test_pipeline.py
 """

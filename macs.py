@@ -21,6 +21,7 @@ over the samples not yet chosen (z over those candidates, so the penalty keeps i
 
 `coverage` counts the experts that get zero (or few) routed tokens from a selection; calibrate.py reports it for
 MACS and for a random selection of the same size from the same pool.
+Read next: calibrate.py (macs_profile, select_macs: the pass over the pool and the calib/ it writes).
 Run the tests:  python -m pytest -q tests/test_macs.py
 """
 

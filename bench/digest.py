@@ -50,15 +50,41 @@ def folder_digest(folder: str) -> dict:
     return out
 
 
+def _replace(obj, old: str, new: str):
+    if isinstance(obj, dict):
+        return {k: _replace(v, old, new) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_replace(v, old, new) for v in obj]
+    return obj.replace(old, new) if isinstance(obj, str) else obj
+
+
+def json_diff(a, b) -> str:
+    """The top-level keys of two JSON documents that differ: old-only, new-only, and changed values."""
+    if not isinstance(a, dict) or not isinstance(b, dict):
+        return f"\n  old {a}\n  new {b}"
+    only_a, only_b = sorted(set(a) - set(b)), sorted(set(b) - set(a))
+    changed = sorted(k for k in set(a) & set(b) if a[k] != b[k])
+    return f"\n  keys only in old {only_a}; only in new {only_b}; changed {changed}"
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--compare", action="store_true", help="compare two digest files")
+    p.add_argument("--roots", nargs=2, metavar=("OLD", "NEW"), default=None,
+                   help="with --compare: the two runs' output folders, replaced by one name in the JSON files' "
+                        "strings (a path to calib/ or the output differs between the runs, not their results)")
     p.add_argument("paths", nargs="+")
     a = p.parse_args()
     if a.compare:
         old, new = (json.load(open(x)) for x in a.paths[:2])
+        if a.roots:  # JSON files compared by content, their paths under the two roots made equal
+            for d, root in ((old, a.roots[0]), (new, a.roots[1])):
+                for run in d.values():
+                    for k in [k for k in run if k.endswith("#doc")]:
+                        run[k] = _replace(run[k], root.rstrip("/"), "$OUT")
+                        run[k[:-4]] = hashlib.sha256(json.dumps(run[k], sort_keys=True).encode()).hexdigest()
         n_tensors = n_json = 0
-        bad = []
+        bad, added = [], []
         for run in sorted(set(old) | set(new)):
             o, n = old.get(run), new.get(run)
             if o is None or n is None:
@@ -67,15 +93,18 @@ def main():
             for k in sorted(set(o) | set(n)):
                 if k.endswith("#doc"):
                     continue
-                if o.get(k) != n.get(k):
-                    bad.append(f"{run}: {k} differs" + (f"\n  old {o.get(k + '#doc')}\n  new {n.get(k + '#doc')}"
-                                                        if k + "#doc" in o or k + "#doc" in n else ""))
+                if k not in o:  # a file or tensor the new version writes in addition: listed, not a difference
+                    added.append(f"{run}: {k}")
+                elif o.get(k) != n.get(k):
+                    bad.append(f"{run}: {k} differs" + (json_diff(o.get(k + "#doc"), n.get(k + "#doc"))
+                                                        if k + "#doc" in o else ""))
                 elif "::" in k:
                     n_tensors += 1
                 else:
                     n_json += 1
         print(f"{len(set(old) & set(new))} runs, {n_tensors} tensors and {n_json} JSON files equal; "
-              f"{len(bad)} differences")
+              f"{len(bad)} differences; {len(added)} tensors or files only in the new version "
+              f"({', '.join(sorted({a.split(': ', 1)[1].split('::')[0] for a in added})) or 'none'})")
         for b in bad[:50]:
             print(b[:3000])
         sys.exit(1 if bad else 0)

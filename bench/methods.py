@@ -14,7 +14,7 @@ Metrics, per eval sample i and seed s: x_si = KL(P_float || P_quant) per answer 
 text-only questions alone), top-1 agreement, answer flip, correctness, and the KL on --random-tokens sequences
 of uniform random non-special ids (teacher forced, every position: an input no calibration set resembles).
 
-Intervals (eval.seeds_samples_interval). A row's number is the mean over seeds and samples, x̄ = mean_si x_si.
+Intervals (bench/stats.py's seeds_samples_interval). A row's number is the mean over seeds and samples, x̄ = mean_si x_si.
 Its 95% interval adds two half-widths in quadrature: the percentile bootstrap over eval samples of the
 seed-averaged per-sample values (2000 resamples; one resample serves every seed), and the t-interval
 t_{0.975,S-1} · sd_s / √S of the S per-seed means. "Δ vs GPTQ" applies the same to the paired per-sample
@@ -59,6 +59,7 @@ from data import samples as data_samples  # noqa: E402
 import gptq  # noqa: E402
 import eval as evaluation  # noqa: E402
 from quant import folders  # noqa: E402
+from bench import stats  # noqa: E402
 
 G = 32  # group size for the tiny widths (hidden 128)
 MAX_NEW = 8  # generation limit: the shapes answers are one or two tokens
@@ -221,12 +222,12 @@ def summarize(runs, arrays) -> list[dict]:
         for metric in METRICS:
             x, seeds = seed_matrix(runs, arrays, key, metric)
             if x is not None:
-                row["metrics"][metric] = evaluation.seeds_samples_interval(x, bounds=BOUNDS[metric])
+                row["metrics"][metric] = stats.seeds_samples_interval(x, bounds=BOUNDS[metric])
             base, base_seeds = seed_matrix(runs, arrays, (section, setting, "gptq"), metric)
             if x is not None and base is not None and label != "gptq" and metric in DELTAS[section]:
                 if base_seeds != seeds:
                     raise ValueError(f"{label} {setting}: seeds {seeds} but GPTQ has {base_seeds}")
-                row["delta"][metric] = evaluation.seeds_samples_interval(x - base)
+                row["delta"][metric] = stats.seeds_samples_interval(x - base)
         rows.append(row)
     return rows
 
@@ -338,7 +339,7 @@ def paired_from_files(paths, pairs, metrics=("kl", "kl_image", "random_kl")) -> 
                 (xa, sa), (xb, sb) = matrix(a, m), matrix(b, m)
                 if sa != sb:
                     raise SystemExit(f"--pairs {pair}: seeds {sa} against {sb} in {path}")
-                cells.append(ci_cell(evaluation.seeds_samples_interval(xa - xb), "{:+.1e}", mark=True))
+                cells.append(ci_cell(stats.seeds_samples_interval(xa - xb), "{:+.1e}", mark=True))
             lines.append(f"| {d['model']} | {setting} | {a} − {b} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -86,3 +86,24 @@ def test_streaming_collect_equals_the_whole_model_pass(which, tiny_qwen):
     for a, b in zip(full["gamma_per_sample"], streamed["gamma_per_sample"]):
         assert a is None or abs(a - b) <= 1e-5 * abs(a)
     assert abs(full["gamma_grad_x_input"] - streamed["gamma_grad_x_input"]) <= 1e-5 * abs(full["gamma_grad_x_input"])
+
+
+def test_a_calib_folder_of_the_previous_schema_is_refused_with_the_command_to_run(tmp_path):
+    """calib/ written by the version that stored only a recipe (no schema, no samples.safetensors): gptq.py's
+    reader names the file and says to re-run calibrate.py, before any work."""
+    import json
+
+    import pytest
+
+    import gptq
+
+    old = tmp_path / "calib"
+    old.mkdir()
+    json.dump({"model": "models/tiny-qwen3-vl-moe", "data": "shapes", "n": 4, "seed": 0, "split": "train",
+               "selection": "random"}, open(old / "calib.json", "w"))
+    with pytest.raises(folders.CalibError, match=r"calib\.json: written by another version of calibrate\.py .*"
+                                                  r"re-run `python calibrate\.py --out"):
+        folders.CalibSet.load(str(old))
+    with pytest.raises(folders.CalibError, match="re-run"):
+        gptq.main(["--calib", str(old), "--out", str(tmp_path / "q"), "--no-eval"])
+    assert not (tmp_path / "q").exists() and not (tmp_path / "q.partial").exists()  # nothing written

@@ -14,6 +14,7 @@ from data import processor
 from data import samples as data_samples
 import model
 import eval as evaluation
+from bench import stats
 
 QWEN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "tiny-qwen3-vl-moe")
 
@@ -51,19 +52,19 @@ def test_paired_difference_recovers_a_known_shift():
 @pytest.mark.parametrize("df, t", [(1, 12.7062), (2, 4.3027), (4, 2.7764), (10, 2.2281), (30, 2.0423),
                                    (1000, 1.9623)])
 def test_t_quantile_against_tables(df, t):
-    assert evaluation.t_quantile(0.975, df) == pytest.approx(t, abs=2e-4)
+    assert stats.t_quantile(0.975, df) == pytest.approx(t, abs=2e-4)
 
 
 def test_seeds_samples_interval_reduces_to_each_component():
     g = torch.Generator().manual_seed(2)
     x = torch.rand(300, generator=g, dtype=torch.float64) ** 3
-    same = evaluation.seeds_samples_interval(x.repeat(5, 1))  # no seed variance: the eval-sample bootstrap
+    same = stats.seeds_samples_interval(x.repeat(5, 1))  # no seed variance: the eval-sample bootstrap
     assert same["seed_half"] < 1e-15 and same["ci95"] == pytest.approx(evaluation.bootstrap_ci(x))
     c = torch.tensor([0.1, 0.4, 0.2, 0.3, 0.5], dtype=torch.float64)  # no sample variance: the t-interval
-    only_seeds = evaluation.seeds_samples_interval(c[:, None].repeat(1, 40))
+    only_seeds = stats.seeds_samples_interval(c[:, None].repeat(1, 40))
     half = 2.7764451 * c.std().item() / 5 ** 0.5
     assert only_seeds["ci95"] == pytest.approx([0.3 - half, 0.3 + half], rel=1e-5)
-    one_seed = evaluation.seeds_samples_interval(x[None])
+    one_seed = stats.seeds_samples_interval(x[None])
     assert one_seed["seed_half"] is None and one_seed["ci95"] == pytest.approx(evaluation.bootstrap_ci(x))
 
 
@@ -76,7 +77,7 @@ def test_seeds_samples_interval_covers_the_true_mean():
         a = 0.3 * torch.randn(5, 1, generator=g, dtype=torch.float64)
         b = torch.empty(1, 60, dtype=torch.float64).exponential_(1.0, generator=g)  # E b = 1
         e = 0.5 * torch.randn(5, 60, generator=g, dtype=torch.float64)
-        lo, hi = evaluation.seeds_samples_interval(2.0 + a + b + e, n_boot=400)["ci95"]
+        lo, hi = stats.seeds_samples_interval(2.0 + a + b + e, n_boot=400)["ci95"]
         hits += lo <= 3.0 <= hi
     assert hits >= 0.93 * 300
 

@@ -27,6 +27,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 
@@ -35,12 +36,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from arch import checkpoint
-from arch import qwen3_vl_moe
-from data import processor
-from data import samples as data_samples
-import model
-from quant import folders
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as `python tools/train_tiny.py`
+from arch import checkpoint  # noqa: E402
+from arch import qwen3_vl_moe  # noqa: E402
+from data import processor  # noqa: E402
+from data import samples as data_samples  # noqa: E402
+import model  # noqa: E402
+from quant import folders  # noqa: E402
 
 QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
                  "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
