@@ -380,13 +380,7 @@ def quantize_model(model: str, calib: str = "calib", out: str = "quantized", q: 
     inputs = [model, calib]
     partial = Partial(out, inputs, resume, overwrite, command, group)
     cal = CalibSet.load(calib)
-    gamma = veq_gamma(cal, q, method, calib)
-    if method.needs_macs and cal.selection != "macs":
-        raise ValueError(f"--method {q.method} quantizes on a MACS-selected calibration set, but {calib}/ was "
-                         f"selected by {cal.selection!r}: run `python calibrate.py --select macs --out {calib}` "
-                         "first, or use a method without MACS (ecs-faq: ecmfq's quantizer on any calib/)")
-    if os.path.abspath(cal.model) != os.path.abspath(model):
-        group.log(f"note: {calib}/ was made with --model {cal.model}, quantizing {model}", file=sys.stderr)
+    gamma = check_calib(cal, calib, model, q, method, group)  # VEQ's γ, and a calib/ the method can use
     group, samples = group.take(cal.samples)  # this rank's share (every sample in one process)
     m = model_lib.load_model(model, dtype=dtype, device=device, lazy_layers=True)
     solve = solver(q, method)
@@ -402,18 +396,7 @@ def quantize_model(model: str, calib: str = "calib", out: str = "quantized", q: 
         if partial.done(i):  # --resume: this layer was finished by an earlier run
             report["layers"][str(i)] = partial.restore(m, i, q)
         else:
-            with timer("load"):
-                layer = m.load_layer(i)
-            with timer("fusion"):
-                fusion = layer_fusion_weights(layer, acts, q.options["eta"], group) if method.fusion else None
-            with timer("scales"):
-                scales = search_and_fold(layer, m.scaling_groups(i), acts, q, method, cal.layer_counts(i), gamma,
-                                         fusion, group) if method.scales else {}
-            with timer("capture"):
-                cap = capture_hessians(layer, acts, method, q, gamma, fusion, group, timer)
-            rep = {"linears": quantize_linears(layer, cap, q, method, solve, m.layer_prefix(i), group, timer),
-                   "scales": scales, "hessian_gflop": cap.flop / 1e9}
-            del cap  # its Hessians (GBs at real width) must not live on into the next layer
+            rep = quantize_layer(m, i, acts, cal, q, method, gamma, solve, group, timer)
             report["layers"][str(i)] = partial.save(m, i, rep)
         with timer("forward"):
             acts = run_layer(m, i, acts)  # the quantized layer's outputs: the next layer's inputs
@@ -421,13 +404,37 @@ def quantize_model(model: str, calib: str = "calib", out: str = "quantized", q: 
     return finish(m, model, out, q, method, partial, report, inputs, overwrite, t0, group)
 
 
-def veq_gamma(cal: CalibSet, q: Settings, method: Method, calib: str) -> float | None:
-    """VEQ's text weight γ: --gamma, or calib/'s (the paper's gradient ratio, or the scale-free one)."""
+def quantize_layer(m, i: int, acts: list, cal: CalibSet, q: Settings, method: Method, gamma, solve: Callable,
+                   group: distributed.Group, timer: Callable) -> dict:
+    """Decoder layer i, in place: load it, [FAQ's fusion weights, the scale search folded in], the token-weighted
+    Hessians of its linears on its float inputs `acts`, then every linear solved and packed. Returns its report."""
+    with timer("load"):
+        layer = m.load_layer(i)
+    with timer("fusion"):
+        fusion = layer_fusion_weights(layer, acts, q.options["eta"], group) if method.fusion else None
+    with timer("scales"):
+        scales = search_and_fold(layer, m.scaling_groups(i), acts, q, method, cal.layer_counts(i), gamma, fusion,
+                                 group) if method.scales else {}
+    with timer("capture"):
+        cap = capture_hessians(layer, acts, method, q, gamma, fusion, group, timer)
+    linears = quantize_linears(layer, cap, q, method, solve, m.layer_prefix(i), group, timer)
+    return {"linears": linears, "scales": scales, "hessian_gflop": cap.flop / 1e9}
+
+
+def check_calib(cal: CalibSet, calib: str, model: str, q: Settings, method: Method, group) -> float | None:
+    """VEQ's text weight γ (--gamma, or calib/'s: the paper's gradient ratio or the scale-free one); refuses a
+    calib/ the method cannot use, before any work."""
     o = q.options
     gamma = o["gamma"] if o["gamma"] is not None else \
         {"grad": cal.gamma, "grad_x_input": cal.gamma_grad_x_input}[o["gamma_source"]]
     if method.needs_gamma and gamma is None and (o["modality"] and o["use_gamma"]):
         raise ValueError(f"{calib}/calib.json has no gamma (calibrate.py --no-gamma?); pass --gamma or --no-modality")
+    if method.needs_macs and cal.selection != "macs":
+        raise ValueError(f"--method {q.method} quantizes on a MACS-selected calibration set, but {calib}/ was "
+                         f"selected by {cal.selection!r}: run `python calibrate.py --select macs --out {calib}` "
+                         "first, or use a method without MACS (ecs-faq: ecmfq's quantizer on any calib/)")
+    if os.path.abspath(cal.model) != os.path.abspath(model):
+        group.log(f"note: {calib}/ was made with --model {cal.model}, quantizing {model}", file=sys.stderr)
     return gamma
 
 
