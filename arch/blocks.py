@@ -346,11 +346,30 @@ class DecoderInputs:
 
 class MoEVLM(nn.Module):
     """What both families share: weight binding/streaming and greedy generation. Subclasses define
-    `embed(...) -> (x, DecoderInputs)`, `after_layer(i, x, ctx)`, `head(x)`, `layers` and `layer_prefix(i)`."""
+    `embed(...) -> (x, DecoderInputs)`, `after_layer(i, x, ctx)`, `head(x)`, and where their parts are."""
 
     family = ""
     fused_experts = False
     keep_fp32: tuple[str, ...] = ("weight_scale",)  # name suffixes loaded in fp32 whatever the model dtype
+    layers_path = ""  # the decoder layers, as module path and checkpoint prefix ("model.language_model.layers")
+    vision_blocks_path = ""  # the vision tower's transformer blocks
+    vision_paths: tuple[str, ...] = ()  # everything that turns pixels into decoder inputs (--quantize-vision)
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.get_submodule(self.layers_path)
+
+    @classmethod
+    def layer_prefix(cls, i: int) -> str:
+        """Decoder layer i's tensor names start with this."""
+        return f"{cls.layers_path}.{i}."
+
+    def vision_blocks(self) -> nn.ModuleList:
+        return self.get_submodule(self.vision_blocks_path)
+
+    def vision_modules(self) -> list[nn.Module]:
+        """Everything that turns pixels into decoder inputs (what --quantize-vision quantizes)."""
+        return [self.get_submodule(p) for p in self.vision_paths]
 
     def bind(self, ckpt, dtype, device):
         """Resolve where every parameter comes from (headers only) without reading any tensor."""

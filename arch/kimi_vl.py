@@ -411,6 +411,9 @@ class KimiVLModel(MoEVLM):
     (B, T, V) in fp32. pixel_values (L, 3, 14, 14) in raster order, image_grid_hws (n_images, 2)."""
 
     family = "kimi_vl"
+    layers_path = "language_model.model.layers"
+    vision_blocks_path = "vision_tower.encoder.blocks"
+    vision_paths = ("vision_tower", "multi_modal_projector")
     keep_fp32 = ("weight_scale", "e_score_correction_bias")  # routing bias stays fp32 in every model dtype (as in transformers)
 
     def __init__(self, cfg: KimiVLConfig):
@@ -419,21 +422,6 @@ class KimiVLModel(MoEVLM):
         self.language_model = KimiLanguageModel(cfg.text)
         self.vision_tower = MoonViT(cfg.vision)
         self.multi_modal_projector = KimiProjector(cfg)
-
-    @property
-    def layers(self) -> nn.ModuleList:
-        return self.language_model.model.layers
-
-    @staticmethod
-    def layer_prefix(i: int) -> str:
-        return f"language_model.model.layers.{i}."
-
-    def vision_blocks(self) -> nn.ModuleList:
-        return self.vision_tower.encoder.blocks
-
-    def vision_modules(self) -> list[nn.Module]:
-        """Everything that turns pixels into decoder inputs (what --quantize-vision quantizes)."""
-        return [self.vision_tower, self.multi_modal_projector]
 
     def scaling_groups(self, i: int) -> list[tuple[str, list[str], str | None]]:
         """(producer, consumer linears, router or None) of decoder layer i, names relative to the layer."""

@@ -371,6 +371,9 @@ class Qwen3VLMoeModel(MoEVLM):
     quantizer can run the decoder one layer at a time."""
 
     family = "qwen3_vl_moe"
+    layers_path = "model.language_model.layers"
+    vision_blocks_path = "model.visual.blocks"
+    vision_paths = ("model.visual",)
     fused_experts = True  # the Hub checkpoint stores each layer's experts as two fused 3-D tensors
 
     def __init__(self, cfg: Qwen3VLMoeConfig):
@@ -378,21 +381,6 @@ class Qwen3VLMoeModel(MoEVLM):
         self.cfg = cfg
         self.model = _QwenInner(cfg)
         self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
-
-    @property
-    def layers(self) -> nn.ModuleList:
-        return self.model.language_model.layers
-
-    @staticmethod
-    def layer_prefix(i: int) -> str:
-        return f"model.language_model.layers.{i}."
-
-    def vision_blocks(self) -> nn.ModuleList:
-        return self.model.visual.blocks
-
-    def vision_modules(self) -> list[nn.Module]:
-        """Everything that turns pixels into decoder inputs (what --quantize-vision quantizes)."""
-        return [self.model.visual]
 
     def scaling_groups(self, i: int) -> list[tuple[str, list[str], str | None]]:
         """(producer, consumer linears, router or None) of decoder layer i, names relative to the layer: where a
