@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# bench/gpu_check.sh: the GPU checks of issue #15 item 3 in one run of at most ~8 minutes, for a CUDA machine lent
+# bench/gpu_check.sh: the GPU checks in one run of at most ~8 minutes, for a CUDA machine lent
 # for a few minutes (e.g. one H200, 16 CPU cores, no internet) that gets a copy of this working tree.
 #
 #   bash bench/gpu_check.sh                        # on the GPU machine, from the repository root or anywhere

@@ -1,5 +1,5 @@
 """`--device`: every path that takes it keeps its tensors on that device, and `--dtype bfloat16` stores the model in
-bf16 while statistics and Hessians accumulate in fp32 / fp64 (issue #15, item 3).
+bf16 while statistics and Hessians accumulate in fp32 / fp64.
 
 On a CPU-only machine a tensor created on the CPU by mistake sits next to CPU data, so a leak passes every
 ordinary test and fails (or crawls) only on a GPU. The pipeline tests here therefore run under

@@ -74,7 +74,7 @@ def assert_equal_up_to_ties(W, H, ref, bat, *, bits, group_size, tol, perm=None)
         g = int((perm[j] if perm is not None else j)) // group_size if group_size != -1 else 0
         if (perm is None and group_size != -1 and j % group_size == 0 and ref.zero is not None
                 and ref.zero[row, g] != bat.zero[row, g]):  # the group's zero point rounded the other way
-            # 0.05 zero-point steps, not tol: on the bundled Kimi (commit d2e176e weights, first MoE layer, W4 g32)
+            # 0.05 zero-point steps, not tol: on the bundled Kimi (an earlier checkpoint, first MoE layer, W4 g32)
             # one row's zero point sits 0.020 steps from a half and the two float32 solvers round it apart; in
             # float64 the two solvers give identical codes on that layer at every setting of the test
             assert zero_tie_distance(W, H, ref, group_size, row, j, bits) < max(tol, 0.05), (row, j, "zero point")

@@ -192,7 +192,7 @@ def test_veq_me_importance_is_gamma_n_text_plus_beta_n_vis():
 def test_batched_experts_match_the_per_expert_loop_on_the_bundled_model(bits, tmp_path):
     """The all-experts batched solver against the per-expert reference loop, end to end. Not bitwise: float32
     summation order flips a few rounding ties, and a flip in layer l changes the inputs (and routing) of
-    layer l+1 (measured on the 9b8b3f2 weights: W4 251, W3 9294 of 2.16M codes differ; in layer 0, 8 and 40
+    layer l+1 (measured on the first bundled weights: W4 251, W3 9294 of 2.16M codes differ; in layer 0, 8 and 40
     of 541k). So: on layer 0,
     whose inputs are identical in both runs, >= 99.5% of the codes of every tensor equal and the same relative
     output error within 1%; over the whole model >= 99% of the codes equal. That layer-0 differences are ties
