@@ -249,7 +249,10 @@ class CalibError(ValueError):
 class CalibSet:
     """calib/, written by calibrate.py and read by gptq.py: the encoded samples (prompt + gold answer, teacher
     forced, batch 1) and the statistics the methods need. Files: calib.json (the fields below but tensors),
-    stats.safetensors (n_text, n_vis, mean_prob), samples.safetensors (sample j's tensors as `j.<name>`)."""
+    stats.safetensors (n_text, n_vis, mean_prob), samples.safetensors (sample j's tensors as `j.<name>`).
+    The pixels are kept as the processor made them (float32), so gptq.py sees exactly the calibrated inputs:
+    9.8 MB for the bundled model's 128 samples; at real size a 448 x 448 image is 4.8 MB (Qwen3-VL's 784
+    patches of 1536 values), about 0.6 GB for 128 image samples."""
 
     model: str  # the float checkpoint it was made with
     data: str  # --data: "shapes" or a data file
