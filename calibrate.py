@@ -131,12 +131,8 @@ def encode(proc, s) -> dict:
     return {k: v for k, v in processor.encode_qa_batch(proc, [s]).items() if k in folders.SAMPLE_KEYS}
 
 
-def encode_on(m, proc, s) -> dict:
-    """encode_qa_batch of one sample with every tensor on the model's device."""
-    return {k: v.to(m.device) for k, v in processor.encode_qa_batch(proc, [s]).items()}
-
-
 def on(m, e: dict) -> dict:
+    """An encoded sample with every tensor on the model's device."""
     return {k: v.to(m.device) for k, v in e.items()}
 
 
@@ -243,7 +239,7 @@ def macs_profile(m, proc, samples, layers: list[int]) -> macs.Profile:
     rec = RoutingRecorder(m)
     try:
         for i, s in enumerate(samples):
-            b = encode_on(m, proc, s)
+            b = on(m, encode(proc, s))
             vis = b["is_vis"][0]
             mass.clear()
             has_image, text_after = bool(vis.any()), None  # text_after: the text after the first image token
@@ -272,22 +268,20 @@ def macs_profile(m, proc, samples, layers: list[int]) -> macs.Profile:
     return macs.Profile(u_text, u_vis, affinity.float(), (prob_sum / max(1, n_tokens)).float())
 
 
-def select_macs(m, proc, meta: dict, pool_factor: int, penalty: float) -> dict:
-    """MACS over a pool of pool_factor x n candidates: fills meta's pool / indices and returns the report
+def select_macs(m, proc, pool: list, n: int, seed: int, penalty: float) -> tuple[list[int], dict]:
+    """MACS over the candidate pool (pool_factor x n samples): the chosen indices, sorted, and the report
     (coverage of MACS and of a random draw of the same size from the same pool)."""
-    pool = data_samples.load_samples(meta["data"], n=pool_factor * meta["n"], seed=meta["seed"], split=meta["split"])
-    n = min(meta["n"], len(pool))
+    n = min(n, len(pool))
     prof = macs_profile(m, proc, pool, moe_layers(m))
     parts = macs.scores(prof)
     chosen = macs.select(prof.usage, parts["score"], n, penalty)
-    baseline = macs.random_selection(len(pool), n, meta["seed"])
+    baseline = macs.random_selection(len(pool), n, seed)
     few = 2 * m.layers[0].input_layernorm.weight.shape[0]  # fewer tokens than 2 x input width: a thin Hessian
     report = {"pool": len(pool), "penalty": penalty, "few": few,
               "macs": macs.coverage(prof.usage, chosen, few), "random": macs.coverage(prof.usage, baseline, few),
               "image_samples": {"macs": sum(pool[i].image is not None for i in chosen),
                                 "random": sum(pool[i].image is not None for i in baseline)}}
-    meta.update(pool=len(pool), indices=sorted(chosen), macs=report)
-    return report
+    return sorted(chosen), report
 
 
 def macs_summary(r: dict) -> str:
@@ -335,16 +329,15 @@ def calibrate(model: str = DEFAULT_MODEL, data_spec: str = "shapes", n: int = 12
                          "memory; select with a model that fits, or use --select random")
     m = load_model(model, dtype=dtype, device=device, lazy_layers=stream_layers)
     proc = processor.load_processor(model)
-    meta = {"model": model, "data": data_spec, "n": n, "seed": seed, "split": "train", "selection": select}
     info = {"stream_layers": stream_layers, "dtype": str(dtype).removeprefix("torch."),
             "command": command or " ".join(sys.argv)}
-    report = select_macs(m, proc, meta, pool_factor, macs_penalty) if select == "macs" else None
+    pool = data_samples.load_samples(data_spec, n=(pool_factor if select == "macs" else 1) * n, seed=seed,
+                                     split="train")
+    report = None
     if select == "macs":
-        pool = data_samples.load_samples(data_spec, n=meta["pool"], seed=seed, split="train")
-        indices = meta["indices"]
-        info.update(pool=meta["pool"], macs=report)
+        indices, report = select_macs(m, proc, pool, n, seed, macs_penalty)
+        info.update(pool=len(pool), macs=report)
     else:
-        pool = data_samples.load_samples(data_spec, n=n, seed=seed, split="train")
         indices = list(range(len(pool)))
     samples = [encode(proc, pool[i]) for i in indices]
     stats = (collect_streaming if stream_layers else collect)(m, samples, gamma=gamma)

@@ -53,6 +53,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from data.processor import vision_inputs
 import ecs
 import eval as evaluation
 import hessian
@@ -453,7 +454,7 @@ def embed(m, samples: list[dict], device) -> list[hessian.LayerInput]:
     out = []
     with torch.no_grad():
         for s in samples:
-            vision = {k: v.to(device) for k, v in s.items() if k.startswith(("pixel_values", "image_grid"))}
+            vision = {k: v.to(device) for k, v in vision_inputs(s).items()}
             x, ctx = m.embed(s["input_ids"].to(device), **vision)
             out.append(hessian.LayerInput(x, ctx, s["is_vis"][0].to(device)))
     return out

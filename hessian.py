@@ -47,6 +47,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from arch.blocks import expert_assignments, layer_structure
+from quant.grid import compute_dtype
 
 
 class Hessian:
@@ -147,7 +148,7 @@ def relative_output_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor)
     output error on the calibration tokens, without the tokens. In H's dtype (float32 in the driver: a reported
     figure, good to ~1e-6 relative; float64 would double the time of the two (out, in, in) matmuls, which at
     real width took about a quarter of a 128-expert layer's quantization time)."""
-    dtype = torch.float64 if H.dtype == torch.float64 else torch.float32
+    dtype = compute_dtype(H)
     W, H = W.to(dtype), H.to(dtype)
     dW = W - W_hat.to(dtype)
     return float(((dW @ H) * dW).sum(dtype=torch.float64) / ((W @ H) * W).sum(dtype=torch.float64))

@@ -32,7 +32,7 @@ import torch.nn as nn
 from arch.checkpoint import Checkpoint, CheckpointError, STALE_KEYS
 from arch.kimi_vl import KimiVLConfig, KimiVLModel
 from arch.qwen3_vl_moe import Qwen3VLMoeConfig, Qwen3VLMoeModel
-from data.processor import load_processor
+from data.processor import load_processor, vision_inputs
 from quant.grid import QuantLinear, use_compiled_quant_linear
 
 DEFAULT_MODEL = "models/tiny-qwen3-vl-moe"  # the bundled tiny model: calibrate.py's and gptq.py's default
@@ -176,7 +176,7 @@ def main(argv=None):
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
         [{"role": "user", "content": content}]
     enc = proc.encode(messages, images=args.image)
-    vision = {k: v.to(args.device) for k, v in enc.items() if k.startswith(("pixel_values", "image_grid"))}
+    vision = {k: v.to(args.device) for k, v in vision_inputs(enc).items()}
     ids = []
 
     def show(tok):  # print the decoded text incrementally (decode the whole answer so far: BPE merges)

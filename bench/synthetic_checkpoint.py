@@ -313,7 +313,7 @@ def forward_check(ckpt: str, n: int = 4, seed: int = 0):
 
     m = model.load_model(ckpt, dtype=torch.float32, lazy_layers=True)
     proc = processor.load_processor(ckpt)
-    batches = [calibrate.encode_on(m, proc, s) for s in data_samples.load_samples("shapes", n=n, seed=seed, split="train")]
+    batches = [calibrate.on(m, calibrate.encode(proc, s)) for s in data_samples.load_samples("shapes", n=n, seed=seed, split="train")]
     hs = [m.embed(b["input_ids"], **processor.vision_inputs(b)) for b in batches]
     vis = torch.cat([b["is_vis"].flatten() for b in batches])
     rec = calibrate.RoutingRecorder(m)

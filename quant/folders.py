@@ -356,8 +356,9 @@ class Partial:
         if self.group.rank == 0 and not os.path.isdir(self.path):
             make_output_dir(self.path, "partial", self.command)
 
-    def file(self, i: int) -> str:
-        return os.path.join(self.path, f"layer_{i:04d}.safetensors")
+    def file(self, i: int, ext: str = "safetensors") -> str:
+        """Layer i's tensors (ext "safetensors") or report (ext "json")."""
+        return os.path.join(self.path, f"layer_{i:04d}.{ext}")
 
     def done(self, i: int) -> bool:
         """--resume and layer i is in partial/ (rank 0 decides for every rank)."""
@@ -372,7 +373,7 @@ class Partial:
         prefix = m.layer_prefix(i)
         layer.load_state_dict({k[len(prefix):]: v for k, v in load_file(self.file(i)).items()}, strict=True)
         self.group.log(f"layer {i:3d}/{len(m.layers)}: restored from {self.file(i)}")
-        with open(self.file(i)[:-len(".safetensors")] + ".json") as f:
+        with open(self.file(i, "json")) as f:
             return json.load(f)
 
     def save(self, m, i: int, rep: dict) -> dict:
@@ -381,7 +382,7 @@ class Partial:
             prefix = m.layer_prefix(i)
             save_atomic({prefix + k: v.detach().contiguous() for k, v in m.layers[i].state_dict().items()},
                         self.file(i), metadata={"format": "pt"})
-            report = self.file(i)[:-len(".safetensors")] + ".json"
+            report = self.file(i, "json")
             with open(report + ".tmp", "w") as f:
                 json.dump(rep, f)
             os.replace(report + ".tmp", report)

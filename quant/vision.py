@@ -11,6 +11,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+from data.processor import vision_inputs
 from hessian import Hessian, relative_output_error
 from quant import distributed
 from quant.grid import QuantLinear
@@ -32,7 +33,7 @@ def quantize_vision_tower(m, samples: list[dict], q, solve: Callable,
         with torch.no_grad():
             for s in samples:
                 if "pixel_values" in s:
-                    vision = {k: v.to(m.device) for k, v in s.items() if k.startswith(("pixel_values", "image_grid"))}
+                    vision = {k: v.to(m.device) for k, v in vision_inputs(s).items()}
                     m.embed(s["input_ids"].to(m.device), **vision)
     finally:
         for h in handles:
