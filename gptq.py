@@ -54,6 +54,7 @@ from typing import Callable, Sequence
 import torch
 
 from data.processor import vision_inputs
+from data.samples import SHAPES_SPECS
 import ecs
 import eval as evaluation
 import hessian
@@ -633,7 +634,7 @@ def main(argv=None):
     if a.fake_quant:
         export_fake_quant(a.out, os.path.join(a.out, "fake-quant"), [a.model, a.calib], a.overwrite)
         print(f"wrote {a.out}/fake-quant/ (dequantized weights, original layout)")
-    if CalibSet.load(a.calib).data in ("shapes", "shapes-image", "shapes-text") and not a.no_eval:
+    if CalibSet.read_json(a.calib)["data"] in SHAPES_SPECS and not a.no_eval:  # the bundled benchmark: compare
         result = evaluation.evaluate(a.out, reference=a.model, n=a.eval_n, device=a.device, dtype=dtype,
                                      command=command)
         print(evaluation.markdown(result))

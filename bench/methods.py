@@ -149,7 +149,7 @@ def run_config(model_dir, c: Config, seed, calib, ref, n_eval, work, vision_cach
                             fast_flips=True, dequantize_once=True, vision_cache=vision_cache)
     arrays = per_sample(r)
     run = dict(model=os.path.basename(model_dir), section=c.section, label=c.label, setting=c.setting, seed=seed,
-               args=c.q, calib=c.calib, n_calib=len(folders.CalibSet.load(calib).samples), seconds=rep["seconds"],
+               args=c.q, calib=c.calib, n_calib=folders.CalibSet.read_json(calib)["n"], seconds=rep["seconds"],
                eval_seconds=r["seconds"], cpu_seconds=time.process_time() - cpu,
                cpu_quantize_seconds=cpu_quantize, generated=r["generated"],
                gamma=rep["gamma"], pooled=len(rep["pooled_hessian_linears"]),

@@ -293,8 +293,9 @@ class CalibSet:
             json.dump({"schema": CALIB_SCHEMA, "n": len(self.samples), **doc}, f, indent=2)
         publish_output_dir(tmp, out, "calib", inputs, overwrite)
 
-    @classmethod
-    def load(cls, folder: str) -> "CalibSet":
+    @staticmethod
+    def read_json(folder: str) -> dict:
+        """calib.json alone (no tensors read), its schema checked."""
         path = os.path.join(folder, "calib.json")
         if not os.path.isfile(path):
             raise CalibError(f"{path}: not found; run `python calibrate.py --out {folder}` first (or pass --calib DIR)")
@@ -304,6 +305,11 @@ class CalibSet:
             raise CalibError(f"{path}: written by another version of calibrate.py (schema {doc.get('schema')!r}, "
                              f"expected {CALIB_SCHEMA!r}); re-run `python calibrate.py --out {folder}` with the "
                              "same flags")
+        return doc
+
+    @classmethod
+    def load(cls, folder: str) -> "CalibSet":
+        doc = cls.read_json(folder)
         n = doc.pop("n")
         doc.pop("schema")
         flat = load_file(os.path.join(folder, "samples.safetensors"))
