@@ -35,7 +35,7 @@ of each token in the Hessians (hessian.py), and its own options (which become co
   load layer l  ->  [scale search, folded]  ->  token-weighted Hessians of every linear  ->  solve and pack every
   linear  ->  save the layer  ->  its quantized outputs are the next layer's inputs.
 Router, norms, embeddings and lm_head stay float; --quantize-vision quantizes the vision tower first
-(quant/vision.py). Several processes and timing are passed in (quant/distributed.py's Group, a phase timer)
+(quant/vision.py). Before any work it prints where vLLM would run the output (quant/servable.py; --vllm: refuse). Several processes and timing are passed in (quant/distributed.py's Group, a phase timer)
 and do nothing in the plain one-process run; the finished layers go to OUT.partial/ (quant/folders.py's
 Partial), which --resume reads back.
 
@@ -60,7 +60,7 @@ import eval as evaluation
 import hessian
 from hessian import LayerCapture, no_timer, relative_output_error
 import model as model_lib
-from quant import distributed
+from quant import distributed, servable
 from quant.batched import gptq_batched_shared
 from quant.folders import CalibSet, Partial, export_fake_quant, write_output
 from quant.grid import (BITS, DAMP_ESCALATION, GPTQError, QuantLinear, Quantized, check_grid, compute_dtype,
@@ -368,16 +368,19 @@ class Settings:
 def quantize_model(model: str, calib: str = "calib", out: str = "quantized", q: Settings | None = None,
                    resume: bool = False, device: str = "cpu", command: str | None = None,
                    overwrite: bool = False, dtype: torch.dtype = torch.float32,
-                   group: distributed.Group | None = None, timer: Callable = no_timer) -> dict:
+                   group: distributed.Group | None = None, timer: Callable = no_timer, vllm: str | None = None) -> dict:
     """Quantize `model` with calib/'s samples into `out` (written to out.partial/ layer by layer, then renamed;
     refused before any work unless out is empty or a previous output). Returns the run report (out/report.json).
     device, dtype: where the layers run and their weights' dtype (bfloat16 on a GPU); Hessians accumulate in
     float64 and the solvers run in float32 either way. group: several processes (distributed.init), the samples
-    split across them and each layer's linears solved across them; rank 0 alone writes. None: one process."""
+    split across them and each layer's linears solved across them; rank 0 alone writes. None: one process.
+    vllm: a quant/servable.py target (--vllm) that must load the output, else a ValueError before any work."""
     q = q or Settings()
     method = q.check()
+    served = servable.check(model_lib.load_config(model), q.args(), vllm)  # report.json's `vllm`
     model_lib.resolve_device(device)  # before any work: a device this machine lacks is an error naming --device
     group = distributed.check_group(group, device)
+    group.log("\n".join(servable.summary(served)))
     t0 = time.time()
     inputs = [model, calib]
     partial = Partial(out, inputs, resume, overwrite, command, group)
@@ -388,7 +391,7 @@ def quantize_model(model: str, calib: str = "calib", out: str = "quantized", q: 
     solve = solver(q, method)
     report = {"method": q.method, "bits": q.bits, "group_size": q.group_size, "abits": q.abits, "sym": q.sym,
               "model": model, "calib": calib, "gamma": gamma, "n_samples": len(cal.samples), "seed": cal.seed,
-              "command": command or " ".join(sys.argv), "args": q.args(),
+              "command": command or " ".join(sys.argv), "args": q.args(), "vllm": served,
               "vision": quantize_vision_tower(m, samples, q, solver(q, method, act_order=False), group)
               if q.quantize_vision else None,
               "layers": {}}
@@ -609,6 +612,8 @@ def main(argv=None):
             p.add_argument(o.cli, dest=o.name, action="store_false" if o.default else "store_true", help=o.help)
         else:
             p.add_argument(o.cli, dest=o.name, type=o.type, default=o.default, choices=o.choices, help=o.help)
+    p.add_argument("--vllm", nargs="?", const="cuda-tp1", choices=servable.TARGETS,
+                   help="refuse before any work what vLLM could not run there (quant/servable.py; default cuda-tp1)")
     p.add_argument("--fake-quant", action="store_true",
                    help="also write OUT/fake-quant/: dequantized weights in the original float layout")
     p.add_argument("--resume", action="store_true", help="continue from the last finished layer in OUT.partial/")
@@ -626,7 +631,7 @@ def main(argv=None):
     group = distributed.init(a.device)  # under torchrun: this rank of WORLD_SIZE processes; else one process
     try:
         report = quantize_model(a.model, a.calib, a.out, q, resume=a.resume, device=group.device, command=command,
-                                overwrite=a.overwrite, dtype=dtype, group=group)
+                                overwrite=a.overwrite, dtype=dtype, group=group, vllm=a.vllm)
     finally:
         distributed.close(group)
     if group.rank != 0:  # rank 0 alone exports and evaluates the output

@@ -12,8 +12,8 @@ whether vLLM loads a compressed-tensors `pack-quantized` checkpoint of these two
   * the `ignore` list as vLLM matches it (exact names renamed first, `re:` patterns as written, matched with
     re.match against vLLM's module names; a fused module and its shards must agree);
   * the scheme lookup (`targets`), the config fields it parses, and the tensors and shapes each scheme allocates.
-What they do not cover: kernel selection on a real GPU (Marlin tile constraints on small widths), tensor
-parallel sharding, runtime numerics. `vllm_kernel_problems` lists what vLLM 0.33 has no MoE kernel for.
+What they do not cover: which kernels run it, per target and tensor-parallel size (quant/servable.py, read from
+vLLM 0.32.0, tested in tests/test_servable.py), runtime numerics (bench/vllm_check.py runs vLLM itself).
 
 Run: OMP_NUM_THREADS=1 python -m pytest -q tests/test_vllm_format.py
 """
@@ -36,6 +36,7 @@ import gptq
 import model
 from quant import folders
 from quant import grid
+from quant import servable
 
 ct = pytest.importorskip("compressed_tensors", reason="test extra: pip install compressed-tensors")
 from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig  # noqa: E402
@@ -345,31 +346,6 @@ def format_problems(out_dir: str, float_model, qc: dict | None = None, tensors: 
     return p
 
 
-def vllm_kernel_problems(qc: dict) -> list[str]:
-    """Why vLLM 0.33 has no fused-MoE kernel for this config (empty: it has one), on CUDA.
-    compressed_tensors_moe/compressed_tensors_moe.py get_moe_method picks the method; with activation
-    quantization it is CompressedTensorsW4A8Int8MoEMethod (compressed_tensors_moe_w4a8_int8.py: Arm CPU only,
-    and it allocates unpacked int8 `w13_weight`, so per-expert `weight_packed` tensors do not load) or the W8A8
-    int8 method (int-quantized `weight`, channel/tensor strategy only); weight-only goes to
-    CompressedTensorsWNA16MoEMethod, whose CUDA backends are Marlin (quantization/utils/marlin_utils.py
-    query_marlin_supported_quant_types: uint4b8 and uint8b128 symmetric, uint4 with zero points;
-    MARLIN_SUPPORTED_GROUP_SIZES -1, 32, 64, 128) and Triton (fused_moe/experts/triton_moe.py
-    TritonWNA16Experts._supports_quant_scheme: int4 with or without zero points, int8 symmetric)."""
-    p = []
-    for name, g in qc["config_groups"].items():
-        w = g["weights"]
-        if g.get("input_activations") is not None:
-            p.append(f"{name}: activation quantization (W{w['num_bits']}A{g['input_activations']['num_bits']}) has "
-                     "no GPU MoE method for packed int weights")
-            continue
-        if (w["num_bits"], w["symmetric"]) not in ((4, True), (4, False), (8, True)):
-            p.append(f"{name}: {w['num_bits']}-bit {'symmetric' if w['symmetric'] else 'asymmetric'} weights")
-        g_size = -1 if w["strategy"] == "channel" else w["group_size"]
-        if g_size not in (-1, 32, 64, 128):
-            p.append(f"{name}: group size {g_size} is outside Marlin's (-1, 32, 64, 128)")
-    return p
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Fixtures: the bundled models quantized quickly (RTN; the format does not depend on the method)
 
@@ -401,7 +377,7 @@ def test_output_is_what_vllm_loads(name, scheme, outputs, float_models):
     src, out = outputs[name, scheme]
     assert format_problems(out, float_models[name]) == []
     qc = json.load(open(os.path.join(out, "config.json")))["quantization_config"]
-    assert vllm_kernel_problems(qc) == []
+    assert servable.problems(model.load_config(src), qc["moe_vlm_quant"], "cuda-tp1") == []
 
 
 @pytest.mark.parametrize("name", list(BUNDLED))
@@ -481,21 +457,21 @@ def test_kimi_with_q_lora_rank_keeps_fused_qkv_a_proj_uniform(tmp_path):
 
 
 @pytest.mark.parametrize("kw, runs", [
-    (dict(bits=4, group_size=128, sym=True), True), (dict(bits=4, group_size=64, sym=True), True),
-    (dict(bits=4, group_size=-1, sym=True), True), (dict(bits=4, group_size=128, sym=False), True),
-    (dict(bits=8, group_size=128, sym=True), True), (dict(bits=4, group_size=128, sym=True, act_order=True,
-                                                          static_groups=True), True),
-    (dict(bits=3, group_size=128, sym=True), False), (dict(bits=2, group_size=128, sym=True), False),
-    (dict(bits=8, group_size=128, sym=False), False), (dict(bits=4, group_size=16, sym=True), False),
-    (dict(bits=4, group_size=128, sym=True, abits=8), False), (dict(bits=8, group_size=-1, sym=True, abits=8), False),
+    (dict(bits=4, group_size=32, sym=True), True), (dict(bits=4, group_size=-1, sym=True), True),
+    (dict(bits=4, group_size=32, sym=False), True), (dict(bits=8, group_size=-1, sym=True), True),
+    (dict(bits=4, group_size=32, sym=True, act_order=True, static_groups=True), True),
+    (dict(bits=4, group_size=128, sym=True), False), (dict(bits=4, group_size=64, sym=True), False),
+    (dict(bits=3, group_size=32, sym=True), False), (dict(bits=2, group_size=32, sym=True), False),
+    (dict(bits=8, group_size=32, sym=False), False), (dict(bits=4, group_size=16, sym=True), False),
+    (dict(bits=4, group_size=32, sym=True, abits=8), False), (dict(bits=8, group_size=-1, sym=True, abits=8), False),
 ], ids=lambda v: str(v) if isinstance(v, bool) else "-".join(f"{k}{v}" for k, v in v.items()))
 def test_which_settings_vllm_runs(kw, runs):
-    """README's table, as code: the config gptq.py writes for each setting parses, and vLLM 0.33 has a CUDA MoE
-    kernel for it or not."""
+    """The config gptq.py writes for each setting parses as compressed-tensors, and vLLM 0.32 on a GPU runs it or
+    not on the bundled Qwen (160-wide experts: g64 and g128 do not divide them; g16: no linear kernel)."""
     q = gptq.Settings.of(**kw)
     qc = folders.quantization_config(q.args(), gptq.get_method(q.method).solver, ignore=[])
     assert config_problems(qc) == []
-    assert (vllm_kernel_problems(qc) == []) == runs
+    assert (servable.problems(model.load_config(BUNDLED["qwen"]), q.args(), "cuda-tp1") == []) == runs
 
 
 # ----------------------------------------------------------------------------------------------------------
