@@ -133,6 +133,27 @@ def kimi_files(tok) -> dict:
     }
 
 
+KIMI_REMOTE_CODE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kimi_vl_processor")
+KIMI_AUTO_MAP = {"AutoProcessor": "processing_kimi_vl.KimiVLProcessor",
+                 "AutoImageProcessor": "image_processing_kimi_vl.KimiVLImageProcessor"}
+KIMI_VLLM_MLA = {"kv_lora_rank": 512, "qk_rope_head_dim": 64, "qk_nope_head_dim": 64, "v_head_dim": 64}
+
+
+def vllm_shaped(family: str, cfg_dict: dict, files: dict) -> tuple[dict, dict]:
+    """--vllm-shapes (Kimi): the MLA widths vLLM's CPU attention takes (latent kv_lora_rank + qk_rope_head_dim = 576,
+    as in the real model; vllm/v1/attention/backends/mla/cpu_mla.py) and, with them, every quantized width a
+    multiple of 32 (its CPU int4 linear kernel); and the remote-code processor files vLLM's Kimi-VL loads
+    (tools/kimi_vl_processor/, implementing data/processor.py's Kimi preprocessing)."""
+    if family != "kimi_vl":
+        raise ValueError("--vllm-shapes: only Kimi-VL's bundled shapes differ from what vLLM runs")
+    cfg_dict = {**cfg_dict, "text_config": {**cfg_dict["text_config"], **KIMI_VLLM_MLA}}
+    code = {name: open(os.path.join(KIMI_REMOTE_CODE, name)).read() for name in sorted(os.listdir(KIMI_REMOTE_CODE))
+            if name.endswith(".py")}
+    pre = {**files["preprocessor_config.json"], "auto_map": KIMI_AUTO_MAP}
+    return cfg_dict, {**files, "preprocessor_config.json": pre, "processor_config.json": {"auto_map": KIMI_AUTO_MAP},
+                      **code}
+
+
 def set_experts(cfg_dict: dict, experts: int | None = None, top_k: int | None = None,
                 moe_intermediate: int | None = None) -> dict:
     """Override the routed-expert count, top-k and expert width of a config (the many-experts variants); None
@@ -352,7 +373,7 @@ def save_checkpoint(m, cfg_dict, tok, files: dict, out: str, overwrite: bool = F
     tok.save(os.path.join(tmp, "tokenizer.json"))
     for name, content in {"config.json": cfg_dict, **files}.items():
         with open(os.path.join(tmp, name), "w") as f:
-            json.dump(content, f, indent=2)
+            f.write(content) if isinstance(content, str) else json.dump(content, f, indent=2)  # code or JSON
     folders.publish_output_dir(tmp, out, "tiny-model", overwrite=overwrite)
 
 
@@ -370,25 +391,34 @@ def train(family: str = "qwen3_vl_moe", out: str = "models/tiny-qwen3-vl-moe", s
           threads: int = 2, overwrite: bool = False, experts: int | None = None, top_k: int | None = None,
           moe_intermediate: int | None = None, init_from: str | None = None, text_fraction: float = 0.2,
           type_weights: dict[str, float] | None = None, look: float = 0.0, look_layers: list[int] | None = None,
-          attn_scale: float = 1.0, eval_seed: int = 0):
+          attn_scale: float = 1.0, eval_seed: int = 0, vllm_shapes: bool = False):
     folders.check_output_dir(out, "tiny-model", overwrite=overwrite)  # before training: fail fast
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
     fam = FAMILIES[family]
     tok = build_tokenizer(fam["specials"])
     cfg_dict, files = set_experts(fam["config"](tok), experts, top_k, moe_intermediate), fam["files"](tok)
+    if vllm_shapes:
+        cfg_dict, files = vllm_shaped(family, cfg_dict, files)
     workdir = tempfile.mkdtemp(prefix="tiny-")  # the processor reads the same files the checkpoint will hold
     tok.save(os.path.join(workdir, "tokenizer.json"))
     for name, content in {"config.json": cfg_dict, **files}.items():
-        json.dump(content, open(os.path.join(workdir, name), "w"))
+        with open(os.path.join(workdir, name), "w") as f:
+            f.write(content) if isinstance(content, str) else json.dump(content, f)
     proc = processor.load_processor(workdir)
     cfg = model.CONFIGS[family].from_dict(cfg_dict)
     m = model.MODELS[family](cfg)
     init_weights(m, n_layers=len(m.layers))
     if init_from is not None:  # continued training: start from a checkpoint of the same family and shapes
         ref = model.load_model(init_from)
+        state = {k: v.float() for k, v in ref.state_dict().items()}
+        if vllm_shapes:  # the MLA widths changed: take every tensor that still fits, name the others
+            own = m.state_dict()
+            fresh = sorted(k for k in own if k not in state or state[k].shape != own[k].shape)
+            state = {**own, **{k: v for k, v in state.items() if k in own and v.shape == own[k].shape}}
+            print(f"--init-from {init_from}: {len(fresh)} tensors of other shapes start fresh: {', '.join(fresh)}")
         try:
-            m.load_state_dict({k: v.float() for k, v in ref.state_dict().items()})
+            m.load_state_dict(state)
         except RuntimeError as e:
             raise ValueError(f"--init-from {init_from}: its weights do not fit this configuration ({e})") from e
         del ref
@@ -517,6 +547,9 @@ def main():
     p.add_argument("--attn-scale", type=float, default=1.0,
                    help="multiply every decoder attention logit by this before training (with --init-from: < 1 "
                         "softens attention that has saturated)")
+    p.add_argument("--vllm-shapes", action="store_true",
+                   help="Kimi-VL at the widths vLLM runs on CPU (MLA latent 576; with --init-from: the tensors "
+                        "that fit are taken, the others start fresh) and with its remote-code processor files")
     p.add_argument("--seed", type=int, default=0, help="seed for init and training data")
     p.add_argument("--eval-every", type=int, default=250, help="steps between held-out evaluations/checkpoints")
     p.add_argument("--eval-seed", type=int, default=0,
@@ -530,6 +563,7 @@ def main():
     train(args.family, out, steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed, aux=args.aux,
           aux_merged=args.aux_merged, decay_frac=args.decay_frac, balance=args.balance, experts=args.experts,
           top_k=args.top_k, moe_intermediate=args.moe_intermediate, init_from=args.init_from, warmup=args.warmup,
+          vllm_shapes=args.vllm_shapes,
           eval_every=args.eval_every, threads=args.threads, overwrite=args.overwrite,
           text_fraction=args.text_fraction, type_weights=args.type_weights, look=args.look,
           look_layers=args.look_layers, attn_scale=args.attn_scale, eval_seed=args.eval_seed)
