@@ -28,7 +28,8 @@ or, where vLLM does not serve the model, `... seconds=N refused: <vLLM's reason>
 `... failed while generating: <the error>` (exit status 1; vLLM's log is kept and named). Exit status 0:
 served, with the project's prompt ids for every question; 1 otherwise. --json FILE writes everything, per
 question too, with the command. vLLM runs with --dtype (model.py always runs float32), eager (torch.compile
-costs minutes on 2 cores), one engine in one process.
+costs minutes on 2 cores) with custom ops off by default (--custom-ops: the numerics of vLLM's default, compiled
+path), one engine in one process.
 
 The vLLM environment (these commands were run here, on a 2-core AMD EPYC without AVX-512 or AMX, Python 3.11;
 pip reads /opt/wheels and a capped local index on this machine):
@@ -145,6 +146,7 @@ def write_job(job_dir: str, model_dir: str, proc, samples, args) -> None:
     job = {"model": os.path.abspath(model_dir), "dtype": args.dtype, "max_new_tokens": args.max_new_tokens,
            "vocab_size": vocab_size(model_dir), "num_logprobs": vocab_size(model_dir),
            "stop_token_ids": list(proc.stop_ids), "max_model_len": args.max_model_len, "enforce_eager": True,
+           "custom_ops": args.custom_ops,
            "trust_remote_code": family == "kimi_vl",  # vLLM's Kimi-VL reads the checkpoint's processor code
            "prompts": prompts}
     with open(os.path.join(job_dir, "job.json"), "w") as f:
@@ -264,10 +266,10 @@ def prediction(model_dir: str, env: dict) -> dict:
 
 
 def summary_line(model_dir: str, env: dict, dtype: str, seconds: float, s: dict | None = None,
-                 outcome: str | None = None, target: str | None = None) -> str:
+                 outcome: str | None = None, target: str | None = None, custom_ops: str = "none") -> str:
     """The one-line summary: the numbers `s` where vLLM served, else `outcome` ("refused: ...", ...)."""
     head = (f"vllm_check: model={model_dir} vllm={env.get('vllm')} zentorch={'yes' if env.get('zentorch') else 'no'} "
-            f"platform={env.get('platform')} dtype={dtype}" + (f" target={target}" if target else ""))
+            f"platform={env.get('platform')} dtype={dtype} custom_ops={custom_ops}" + (f" target={target}" if target else ""))
     if s is None:
         return f"{head} seconds={seconds:.0f} {outcome}"
     return (f"{head} n={s['n']} prompt_ids={s['prompt_ids_equal']}/{s['n']} agree={s['agree']}/{s['n']} "
@@ -293,6 +295,10 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0, help="question selection seed")
     p.add_argument("--max-new-tokens", type=int, default=16, help="generation limit per answer (eval.py's)")
     p.add_argument("--max-model-len", type=int, default=1024, help="vLLM's context length")
+    p.add_argument("--custom-ops", default="none", choices=["none", "all"],
+                   help="vLLM's custom ops: none (the default: what vLLM runs when it compiles the model, its default "
+                        "on CPU) or all (what eager mode runs: vLLM's C++ CPU kernels; 0.32's rotary kernel rotates a "
+                        "(tokens, heads, dim) GPT-J-style query wrongly, so Kimi-VL's answers differ)")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads for both runs")
     p.add_argument("--json", default=None, help="write everything to this JSON file")
     args = p.parse_args(argv)
@@ -335,14 +341,14 @@ def main(argv=None) -> int:
         numbers = report(rows, mine, result["outputs"], result["kernels"])
         record.update(numbers, per_question=rows)
         record["summary"] = summary_line(args.model, env, args.dtype, time.time() - t0, numbers,
-                                         target=record.get("target"))
+                                         target=record.get("target"), custom_ops=args.custom_ops)
         exit_status = 0 if numbers["prompt_ids_equal"] == numbers["n"] else 1
     else:
         key = "refused" if "refused" in result else "failed"
         record[key] = result[key]
         outcome = "refused" if key == "refused" else "failed while generating"
         record["summary"] = summary_line(args.model, env, args.dtype, time.time() - t0,
-                                         outcome=f"{outcome}: {record[key]}", target=record.get("target"))
+                                         outcome=f"{outcome}: {record[key]}", target=record.get("target"), custom_ops=args.custom_ops)
         exit_status = REFUSED_EXIT_CODE if "refused" in result else 1
     if args.json:
         write_json(args.json, record)

@@ -211,7 +211,8 @@ def load_engine(job: dict):
     from vllm import LLM
 
     return LLM(model=job["model"], dtype=job["dtype"], max_model_len=job["max_model_len"], seed=0,
-               enforce_eager=job["enforce_eager"], trust_remote_code=job["trust_remote_code"],
+               enforce_eager=job["enforce_eager"],
+               compilation_config={"custom_ops": [job["custom_ops"]]}, trust_remote_code=job["trust_remote_code"],
                limit_mm_per_prompt={"image": 1, "video": 0}, max_logprobs=job["num_logprobs"])
 
 

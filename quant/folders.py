@@ -178,8 +178,8 @@ def write_output(m, model_dir: str, out: str, args: dict, solver: str, partial: 
     cfg["quantization_config"] = quantization_config(args, solver, ignored_modules(m))
     with open(os.path.join(tmp, "config.json"), "w") as f:
         json.dump(cfg, f, indent=2)
-    for name in os.listdir(model_dir):  # tokenizer, preprocessor, generation config, chat template ...
-        copied = name.endswith((".json", ".jinja", ".model", ".txt")) and not name.startswith("model.safetensors")
+    for name in os.listdir(model_dir):  # tokenizer, preprocessor, generation config, chat template, remote code
+        copied = name.endswith((".json", ".jinja", ".model", ".txt", ".py")) and not name.startswith("model.safetensors")
         if copied and name not in ("config.json", OUTPUT_MARKER):
             shutil.copy(os.path.join(model_dir, name), tmp)
     with open(os.path.join(tmp, "report.json"), "w") as f:
