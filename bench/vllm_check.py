@@ -106,8 +106,8 @@ def messages_of(s) -> list[dict]:
     return [{"role": "user", "content": content}]
 
 
-def vocab_size(model_dir: str) -> int:
-    cfg = data_samples.read_json(os.path.join(model_dir, "config.json"), "model config")
+def vocab_size(cfg: dict) -> int:
+    """The vocabulary size in a config.json (Qwen3-VL and Kimi-VL keep it in text_config)."""
     return (cfg.get("text_config") or {}).get("vocab_size") or cfg["vocab_size"]
 
 
@@ -142,12 +142,12 @@ def write_job(job_dir: str, model_dir: str, proc, samples, args) -> None:
             image = f"{i:04d}.png"
             processor.load_image(s.image).save(os.path.join(job_dir, image))  # PNG: the same pixels
         prompts.append({"text": proc.chat_text(messages_of(s)), "image": image})
-    family = data_samples.read_json(os.path.join(model_dir, "config.json"), "model config").get("model_type")
+    cfg = data_samples.read_json(os.path.join(model_dir, "config.json"), "model config")
     job = {"model": os.path.abspath(model_dir), "dtype": args.dtype, "max_new_tokens": args.max_new_tokens,
-           "vocab_size": vocab_size(model_dir), "num_logprobs": vocab_size(model_dir),
+           "vocab_size": vocab_size(cfg), "num_logprobs": vocab_size(cfg),
            "stop_token_ids": list(proc.stop_ids), "max_model_len": args.max_model_len, "enforce_eager": True,
            "custom_ops": args.custom_ops,
-           "trust_remote_code": family == "kimi_vl",  # vLLM's Kimi-VL reads the checkpoint's processor code
+           "trust_remote_code": cfg.get("model_type") == "kimi_vl",  # vLLM's Kimi-VL reads the checkpoint's processor code
            "prompts": prompts}
     with open(os.path.join(job_dir, "job.json"), "w") as f:
         json.dump(job, f)

@@ -266,7 +266,10 @@ def environment() -> dict:
     # vLLM 0.32 takes its Zen platform (and zentorch's kernels) only on an AMD CPU with AVX-512 and zentorch
     # installed; elsewhere zentorch may be installed and still unused. The CPU facts below are what it reads
     # (quant/servable.py cpu_target turns them into a target).
-    cpuinfo = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    cpuinfo = ""
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            cpuinfo = f.read()
     vendor = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("vendor_id")),
                   None)
     return {"vllm": vllm.__version__, "torch": torch.__version__,
