@@ -11,7 +11,10 @@ Per MoE layer l and expert e (VEQ, arXiv 2602.01037, §3):
 and over the set: T_text, T_vis (tokens per modality) and the text/vision gradient ratio
   gamma = mean over image samples of  mean|dL/dx| on text positions / mean|dL/dx| on image positions,
 with x the decoder input embeddings and L the answer (or caption) cross-entropy of the float model
-(the paper reports 22.4 on Qwen3-VL with 128 COCO samples: text tokens matter more per token).
+(the paper reports 22.4 on Qwen3-VL with 128 COCO samples: text tokens matter more per token), and from the
+same backward pass MBQ's sensitivities (arXiv 2412.19509): per decoder layer, mean|dL/dy| on the image tokens and
+on the answer tokens, y the layer's attention output and MLP output (Sensitivity; ecs.mbq_ratios turns them into
+MBQ's loss weights).
 
 Writes calib/ (quant/folders.py's CalibSet: the encoded samples, so gptq.py reads back exactly the same set,
 and the statistics; safetensors and JSON, never pickle), atomically.
@@ -72,15 +75,67 @@ class RoutingRecorder:
             h.remove()
 
 
-def input_gradient(m, x, ctx, labels) -> torch.Tensor:
-    """dL/dx (T, D) of the answer cross-entropy L with respect to the decoder inputs x (1, T, D)."""
+class BlockOutputs:
+    """Forward hooks keeping what each decoder layer adds to the residual stream: its attention output and its
+    MLP output (an MoE block's: routed + shared experts), in execution order, for MBQ's sensitivities."""
+
+    def __init__(self, layers):
+        self.out = []
+        self.handles = [mod.register_forward_hook(lambda mod, args, y: self.out.append(y))
+                        for layer in layers for mod in (layer.self_attn, layer.mlp)]
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def input_gradient(m, x, ctx, labels, blocks: bool = False):
+    """dL/dx (T, D) of the answer cross-entropy L with respect to the decoder inputs x (1, T, D). blocks=True:
+    also MBQ's dL/dy (T, D) at every layer's attention output and MLP output y, [(attention, MLP)] per layer."""
     x = x.detach().requires_grad_(True)
-    h = x
-    for i, layer in enumerate(m.layers):
-        h = m.after_layer(i, layer(h, ctx), ctx)
+    hooks = BlockOutputs(m.layers) if blocks else None
+    try:
+        h = x
+        for i, layer in enumerate(m.layers):
+            h = m.after_layer(i, layer(h, ctx), ctx)
+    finally:
+        if hooks is not None:
+            hooks.remove()
     loss = F.cross_entropy(m.head(h)[0, :-1], labels[0, 1:], ignore_index=-100)
-    (g,) = torch.autograd.grad(loss, x)
-    return g[0]
+    if not blocks:
+        (g,) = torch.autograd.grad(loss, x)
+        return g[0]
+    g, *ys = torch.autograd.grad(loss, [x, *hooks.out])
+    return g[0], [(a[0], b[0]) for a, b in zip(ys[0::2], ys[1::2])]
+
+
+class Sensitivity:
+    """MBQ's per-modality sensitivities (arXiv 2412.19509 §3.2; its code's GradCacheHook): per decoder layer, the
+    mean over image samples of mean|dL/dy| over the image tokens and over the language tokens, y the attention
+    output and the MLP output (MBQ hooks o_proj's and down_proj's outputs: the same tensors in a dense layer).
+    Language tokens are MBQ's `answer` tokens (labels != -100, its code's caption mask) or the `scored` ones (the
+    positions whose logits predict an answer token: the answer shifted left by one; see docs/methods.md §2.5)."""
+
+    PARTS = tuple(f"{y}_{t}" for y in ("attn", "mlp") for t in ("vis", "answer", "scored"))
+
+    def __init__(self, n_layers: int):
+        self.sums = torch.zeros(len(self.PARTS), n_layers, dtype=torch.float64)
+        self.n = torch.zeros(n_layers, dtype=torch.int64)
+
+    def add(self, i: int, g_attn, g_mlp, vis, labels):
+        """Layer i of one sample: g (T, D) at its attention and MLP outputs, vis (T,), labels (T,) (-100: prompt)."""
+        answer = labels != -100
+        scored = torch.zeros_like(answer)
+        scored[:-1] = answer[1:]
+        for k, (g, mask) in enumerate((g, m) for g in (g_attn, g_mlp) for m in (vis, answer, scored)):
+            self.sums[k, i] += g[mask].abs().float().mean().double().cpu()
+        self.n[i] += 1
+
+    def stats(self) -> dict | None:
+        if not bool((self.n > 0).all()):
+            return None
+        mean = (self.sums / self.n).tolist()
+        return {"samples": int(self.n[0]), **dict(zip(self.PARTS, mean))}
 
 
 def gradient_ratio(g, is_vis) -> float | None:
@@ -113,7 +168,7 @@ class Counts:
         self.n_text[j] += torch.bincount(topk_idx[~vis].flatten(), minlength=E).float()
         self.prob_sum[j] += (scores / scores.sum(-1, keepdim=True)).sum(0).double()
 
-    def stats(self, ratios: list, ratios_gxi: list) -> dict:
+    def stats(self, ratios: list, ratios_gxi: list, sensitivity: Sensitivity | None = None) -> dict:
         """Everything calib/ records, on the CPU (safetensors + JSON)."""
         per_sample = [r for r in ratios if r is not None]
         return {"moe_layers": self.layers, "n_text": self.n_text.cpu(), "n_vis": self.n_vis.cpu(),
@@ -123,7 +178,8 @@ class Counts:
                 "gamma_per_sample": ratios,
                 # |x ⊙ dL/dx| instead of |dL/dx|: the decoder's first op is an RMSNorm, so dL/dx scales as
                 # 1/||x|| and the plain ratio partly measures how much larger image embeddings are than text ones.
-                "gamma_grad_x_input": _mean([r for r in ratios_gxi if r is not None])}
+                "gamma_grad_x_input": _mean([r for r in ratios_gxi if r is not None]),
+                "mbq": sensitivity.stats() if sensitivity is not None else None}
 
 
 def encode(proc, s) -> dict:
@@ -143,7 +199,7 @@ def _counts(m) -> Counts:
 def collect(m, samples: list[dict], gamma: bool = True) -> dict:
     """One float forward per sample (teacher forced on the gold answer): routing counts by modality, mean
     router probabilities, token totals, and the per-sample gradient ratios."""
-    counts, ratios, ratios_gxi = _counts(m), [], []
+    counts, ratios, ratios_gxi, sens = _counts(m), [], [], Sensitivity(len(m.layers))
     rec = RoutingRecorder(m)
     try:
         for s in samples:
@@ -158,12 +214,15 @@ def collect(m, samples: list[dict], gamma: bool = True) -> dict:
             for i in counts.layers:
                 counts.add_routing(i, *rec.last[i], vis)
             if gamma:
-                g = input_gradient(m, x, ctx, b["labels"])
+                g, block_grads = input_gradient(m, x, ctx, b["labels"], blocks=True)
                 ratios.append(gradient_ratio(g, vis))
                 ratios_gxi.append(gradient_ratio(g * x[0], vis))  # scale-free variant: |x ⊙ dL/dx|
+                if vis.any() and bool((b["labels"] != -100).any()):
+                    for i, (g_attn, g_mlp) in enumerate(block_grads):
+                        sens.add(i, g_attn, g_mlp, vis, b["labels"].flatten())
     finally:
         rec.remove()
-    return counts.stats(ratios, ratios_gxi)
+    return counts.stats(ratios, ratios_gxi, sens if gamma else None)
 
 
 def collect_streaming(m, samples: list[dict], gamma: bool = True) -> dict:
@@ -203,16 +262,24 @@ def collect_streaming(m, samples: list[dict], gamma: bool = True) -> dict:
                 h = h.detach().requires_grad_(True)
                 loss = F.cross_entropy(m.head(h)[0, :-1], labels[0, 1:], ignore_index=-100)
                 grads[k] = torch.autograd.grad(loss, h)[0]
+        sens = Sensitivity(len(m.layers))
         for i in reversed(range(len(m.layers))):
             layer = m.load_layer(i)
             for k in grads:
                 x, ctx = saved[k][i].detach().requires_grad_(True), hs[k][1]
-                grads[k] = torch.autograd.grad(m.after_layer(i, layer(x, ctx), ctx), x, grads[k])[0]
+                hooks = BlockOutputs([layer])
+                try:
+                    y = m.after_layer(i, layer(x, ctx), ctx)
+                finally:
+                    hooks.remove()
+                grads[k], g_attn, g_mlp = torch.autograd.grad(y, [x, *hooks.out], grads[k])
+                if bool((hs[k][3] != -100).any()):
+                    sens.add(i, g_attn[0], g_mlp[0], hs[k][2], hs[k][3].flatten())
             m.unload_layer(i)
         for k, g in grads.items():
             x, vis = saved[k][0], hs[k][2]
             ratios[k], ratios_gxi[k] = gradient_ratio(g[0], vis), gradient_ratio(g[0] * x[0], vis)
-    return counts.stats(ratios, ratios_gxi)
+    return counts.stats(ratios, ratios_gxi, sens if gamma else None)
 
 
 def _mean(values):
@@ -307,6 +374,12 @@ def summary(stats: dict, hidden: int) -> str:
         counts = (stats["n_text"][j] + stats["n_vis"][j]).int().tolist()
         lines.append(f"  layer {i:3d}: tokens per expert {counts}, image share "
                      f"{stats['n_vis'][j].sum() / max(1, (stats['n_text'][j] + stats['n_vis'][j]).sum()):.2f}")
+    if stats.get("mbq"):
+        def ratios(y, t):
+            return ", ".join(f"{v / a:.3g}" for v, a in zip(stats["mbq"][f"{y}_vis"], stats["mbq"][f"{y}_{t}"]))
+        lines.append(f"MBQ sensitivity, image / language mean|dL/dy| per layer over {stats['mbq']['samples']} image "
+                     f"samples: attention {ratios('attn', 'answer')} (scored tokens: {ratios('attn', 'scored')}); "
+                     f"MLP {ratios('mlp', 'answer')} (scored: {ratios('mlp', 'scored')})")
     return "\n".join(lines)
 
 

@@ -9,6 +9,9 @@ the consumers' input columns by s changes nothing in float; it changes what the 
     scaled-and-quantized consumers have the lowest output MSE. Optional clip search (awq_clip).
   * SmoothQuant (Xiao et al., "SmoothQuant", arXiv 2211.10438): s_j = max|X_j|^α / max|W_j|^(1−α), α = 0.5,
     no search; it moves activation outliers into the weights so that 8-bit activations survive.
+  * MBQ (Li et al., "MBQ: Modality-Balanced Quantization for Large VLMs", arXiv 2412.19509): AWQ's candidates,
+    the loss over language and image tokens only, image tokens weighted by a gradient sensitivity ratio r and
+    MBQ's absolute error as ρ (mbq_search).
   * ECS, ECMFQ's expert-consensus smoothing (OpenReview BUWB15t291; only its abstract is public, so this is the
     reconstruction in docs/methods.md §4.1): SmoothQuant's form s(α) = m_X^α / m_W^(1−α) searched over 21 α in
     [0, 1], with m_X a robust (99.9th percentile) activation range and m_W the ω-weighted consensus of the
@@ -39,19 +42,14 @@ Choices, where the references leave room or this code differs from them:
     Stack an expert's gate_proj and up_proj into one consumer (RTN is row-wise, so this changes nothing).
   * consumer_weights and the shared token_weights are divided by their largest value first, so "all equal"
     reproduces the unweighted search bit for bit; a consumer with weight 0 is skipped.
-  * awq_clip clamps each group to [r·min(w, 0), r·max(w, 0)] (the range gptq.py's grid uses), which for
-    symmetric grids is llm-awq's [−r·max|w|, r·max|w|]; the ratios r = 1, 1 − 1/n_grid, ... reach 1 − max_shrink
-    (llm-awq stops one step short of it).
+  * awq_clip clamps each group to [r·min(w, 0), r·max(w, 0)] (gptq.py's grid range; symmetric: llm-awq's
+    [−r·max|w|, r·max|w|]); r = 1, 1 − 1/n_grid, ... reaches 1 − max_shrink (llm-awq stops one step short).
 Does not: capture activations, decide which linears form a scaling group (the model exposes that as data),
 quantize the final weights (gptq.py), or handle norms of the form (1 + w) · x̂ (none in Qwen3-VL / Kimi-VL).
 
-In ECS's loss, ρ replaces the squared error (trimmed_squared_error / huber), w_e = ω_e and c_j = FAQ's fusion
-weights (hessian.fusion_weights).
-
-Usage (one scaling group: an RMSNorm weight g feeding an MoE block):
-    r = awq_scale(X, [Consumer(W_e, rows=idx_e) for ...], bits=4, group_size=128, sym=False)
-    g = fold_into_norm(g, r.s); W_router = scale_consumer(W_router, r.s); W_e = scale_consumer(W_e, r.s) ...
-    print(r.alpha, r.rel_error_no_scale, r.rel_error)
+Usage (one scaling group: an RMSNorm weight g feeding an MoE block): r = awq_scale(X, [Consumer(W_e, rows=idx_e)
+    for ...], bits=4, group_size=128, sym=False); g = fold_into_norm(g, r.s); W = scale_consumer(W, r.s) for the
+    router and every W_e; print(r.alpha, r.rel_error_no_scale, r.rel_error).
 Last in this file: the searches as the methods table in gptq.py calls them (ScalingGroup, awq_search, ...).
 Read next: quant/scales.py (how the layer loop captures a group's inputs and folds the scale).
 Run the tests:  python -m pytest -q tests/test_ecs.py
@@ -61,6 +59,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 import math
+import statistics
 from typing import Callable, NamedTuple, Sequence
 
 import torch
@@ -127,6 +126,11 @@ def squared_error(err: torch.Tensor, c: torch.Tensor, y: torch.Tensor | None = N
     the token weights, y (n_e, out_e) its float output (unused here; a robust ρ may scale by it). ECS swaps in
     trimmed_squared_error or huber, which have the same signature."""
     return (c * err.square().sum(dim=1)).sum()
+
+
+def absolute_error(err: torch.Tensor, c: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    """ρ = Σ_j c_j Σ_o |err_jo|: MBQ's default loss (its loss_mode "mae")."""
+    return (c * err.abs().sum(dim=1)).sum()
 
 
 def trimmed_squared_error(trim: float = 0.01) -> Callable:
@@ -533,6 +537,10 @@ class ScalingGroup:
     token_weights: torch.Tensor | None  # (n,) FAQ's fusion weights of X's rows (methods with fusion), else None
     importance: list[float] | None  # VEQ-ME's S_e per reader (MoE groups, from calib/), else None
     mean_prob: torch.Tensor | None  # (E,) the layer's mean router probability per expert (calib/), else None
+    is_vis: torch.Tensor | None = None  # (n,) bool: X's rows that are image tokens
+    is_answer: torch.Tensor | None = None  # (n,) bool: answer tokens (labels != -100)
+    is_scored: torch.Tensor | None = None  # (n,) bool: tokens whose logits predict an answer token
+    sensitivity: tuple[float, float] | None = None  # MBQ's (attention, MLP) r of this layer (mbq_ratios), or None
 
 
 def _search_report(r: ScaleResult) -> dict:
@@ -606,3 +614,37 @@ def expert_importance(experts: list[int | None], counts, gamma: float, options: 
     g, b = (gamma if options["use_gamma"] else 1.0), (beta if options["use_beta"] else 1.0)
     return [g * (T_text if e is None else float(n_text[e])) + b * (T_vis if e is None else float(n_vis[e]))
             for e in experts]
+
+
+MBQ_LOSSES = {"mae": absolute_error, "mse": squared_error}  # --mbq-loss
+
+
+def mbq_ratios(sens: dict | None, i: int, language: str = "answer") -> tuple[float, float] | None:
+    """MBQ's image weight r of layer i's attention and MLP scaling groups: r = max(r_i, median_l r_l) (its run_mbq),
+    r_l = image / language sensitivity of layer l (calib/'s mean|dL/dy|, calibrate.Sensitivity); None without."""
+    if sens is None:
+        return None
+    r = {y: [v / t for v, t in zip(sens[f"{y}_vis"], sens[f"{y}_{language}"])] for y in ("attn", "mlp")}
+    return max(r["attn"][i], statistics.median(r["attn"])), max(r["mlp"][i], statistics.median(r["mlp"]))
+
+
+def mbq_search(g: ScalingGroup, q):
+    """MBQ (thu-nics/MBQ auto_scale.py): AWQ's candidates (x̄ over every token); a loss over the language and
+    image tokens only, image tokens weighted by the layer's r (r_attn in attention groups, else r_mlp):
+      mae (default): c_j = 1 (language), r (image), ρ = |err|: (Σ_lang |e| + r Σ_img |e|) / ((n_lang + n_img) out);
+      mse: c_j = 1 / n_lang, r / n_img, ρ = err²: Σ_lang e² / (n_lang out) + r Σ_img e² / (n_img out).
+    --no-mbq-reweight: every token weighs 1 (MBQ's reweight=False); with --mbq-loss mse that is AWQ exactly.
+    A group none of whose tokens count (an expert only prompt tokens reach) keeps s = 1, MBQ's α = 0."""
+    c, o = None, q.options
+    if o["mbq_reweight"]:
+        if g.sensitivity is None or g.is_vis is None:
+            raise ValueError(f"{g.producer}: MBQ needs calib/'s sensitivities and the tokens' modality; none given")
+        img, lang = g.is_vis.double(), (g.is_answer if o["mbq_language"] == "answer" else g.is_scored).double()
+        if o["mbq_loss"] == "mse":
+            img, lang = img / max(1.0, float(img.sum())), lang / max(1.0, float(lang.sum()))
+        c = lang + g.sensitivity[0 if g.attention else 1] * img
+        if not bool(c.any()):
+            return torch.ones(g.X.shape[1], dtype=g.X.dtype), {"alpha": 0.0, "skipped": "no language or image tokens"}
+    r = search_scale(g.X, g.readers, awq_candidates(mean_abs(g.X)), bits=q.bits, group_size=q.group_size, sym=q.sym,
+                     abits=q.abits, token_weights=c, rho=MBQ_LOSSES[o["mbq_loss"]])
+    return r.s, _search_report(r)

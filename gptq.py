@@ -26,7 +26,8 @@ correctness or honest reporting:
     fail, GPTQError. Never an identity Hessian.
   * act_order with groups requires static_groups: the output format has no g_idx, so groups must stay
     contiguous in the original column order.
-The same GPTQ for all experts of a layer as one batched problem is quant/batched.py (--batched-experts).
+The same GPTQ for all experts of a layer as one batched problem is quant/batched.py (--batched-experts,
+solve_batched).
 
 (2) A method is a record: a scale search run before quantizing (ecs.py), a solver (GPTQ or RTN), the weight c_j
 of each token in the Hessians (hessian.py), and its own options (which become command-line flags).
@@ -35,9 +36,9 @@ of each token in the Hessians (hessian.py), and its own options (which become co
   load layer l  ->  [scale search, folded]  ->  token-weighted Hessians of every linear  ->  solve and pack every
   linear  ->  save the layer  ->  its quantized outputs are the next layer's inputs.
 Router, norms, embeddings and lm_head stay float; --quantize-vision quantizes the vision tower first
-(quant/vision.py). Before any work it prints where vLLM would run the output (quant/servable.py; --vllm: refuse). Several processes and timing are passed in (quant/distributed.py's Group, a phase timer)
-and do nothing in the plain one-process run; the finished layers go to OUT.partial/ (quant/folders.py's
-Partial), which --resume reads back.
+(quant/vision.py). Before any work it prints where vLLM would run the output (quant/servable.py; --vllm: refuse).
+Several processes and timing are passed in (quant/distributed.py's Group, a phase timer) and do nothing in the
+plain one-process run; the finished layers go to OUT.partial/ (quant/folders.py's Partial), which --resume reads.
 
 Tests: python -m pytest -q tests/test_gptq.py tests/test_pipeline.py
 """
@@ -61,7 +62,7 @@ import hessian
 from hessian import LayerCapture, no_timer, relative_output_error
 import model as model_lib
 from quant import distributed, servable
-from quant.batched import gptq_batched_shared
+from quant.batched import solve_batched
 from quant.folders import CalibSet, Partial, export_fake_quant, write_output
 from quant.grid import (BITS, DAMP_ESCALATION, GPTQError, QuantLinear, Quantized, check_grid, compute_dtype,
                         dequantize, dequantize_once, group_len, group_params, n_groups, quant_params, rtn, split_rows)
@@ -242,6 +243,13 @@ ECS = (  # ECMFQ's expert-consensus smoothing; docs/methods.md §4.1
            check=lambda v: None if 0 < v <= 100 else "must be in (0, 100]"),
     Option("ecs_grid", 21, "ECS: number of alphas in [0, 1]", int, check=lambda v: None if v >= 2 else "must be >= 2"),
 )
+MBQ = (  # arXiv 2412.19509 and its code; docs/methods.md §2.5
+    Option("mbq_reweight", True, "MBQ: image tokens weighted by calib/'s sensitivity ratio r (off: all tokens 1)",
+           flag="--no-mbq-reweight"),
+    Option("mbq_loss", "mae", "MBQ's loss: absolute error (its configs) or squared", str, tuple(ecs.MBQ_LOSSES)),
+    Option("mbq_language", "answer", "MBQ's language tokens: the answer's (its code) or those scoring it", str,
+           ("answer", "scored")),
+)
 
 
 @dataclass(frozen=True)
@@ -259,6 +267,7 @@ class Method:
     fusion: bool = False  # compute FAQ's fusion weights per layer (passed to token_weights and the scale search)
     needs_gamma: bool = False  # refuses a calib/ without γ (unless --gamma, --no-modality or --no-gamma)
     needs_macs: bool = False  # refuses a calib/ not selected by MACS (calibrate.py --select macs)
+    needs_sensitivity: bool = False  # refuses a calib/ without MBQ's sensitivities (unless --no-mbq-reweight)
     options: tuple[Option, ...] = ()  # its knobs
 
     def __post_init__(self):
@@ -276,6 +285,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("awq", "AWQ scales, then RTN (§2.3)", solver="rtn", scales=ecs.awq_search),
     Method("smoothquant", "SmoothQuant scales (α = 0.5), then RTN (§2.4)", solver="rtn",
            scales=ecs.smoothquant_search),
+    Method("mbq", "MBQ: AWQ's search on image tokens weighted by r and answer tokens, then RTN (§2.5)",
+           solver="rtn", scales=ecs.mbq_search, needs_sensitivity=True, options=MBQ),
     Method("smoothquant-gptq", "SmoothQuant scales, then GPTQ (§2.4)", scales=ecs.smoothquant_search),
     Method("veq-me", "VEQ-ME: AWQ with experts weighted by S_e, then RTN (§3.2)", solver="rtn",
            scales=ecs.veq_me_search, needs_gamma=True, options=VEQ),
@@ -419,7 +430,7 @@ def quantize_layer(m, i: int, acts: list, cal: CalibSet, q: Settings, method: Me
         fusion = layer_fusion_weights(layer, acts, q.options["eta"], group) if method.fusion else None
     with timer("scales"):
         scales = search_and_fold(layer, m.scaling_groups(i), acts, q, method, cal.layer_counts(i), gamma, fusion,
-                                 group) if method.scales else {}
+                                 group, ecs.mbq_ratios(cal.mbq, i, q.options["mbq_language"])) if method.scales else {}
     with timer("capture"):
         cap = capture_hessians(layer, acts, method, q, gamma, fusion, group, timer)
     linears = quantize_linears(layer, cap, q, method, solve, m.layer_prefix(i), group, timer)
@@ -434,6 +445,9 @@ def check_calib(cal: CalibSet, calib: str, model: str, q: Settings, method: Meth
         {"grad": cal.gamma, "grad_x_input": cal.gamma_grad_x_input}[o["gamma_source"]]
     if method.needs_gamma and gamma is None and (o["modality"] and o["use_gamma"]):
         raise ValueError(f"{calib}/calib.json has no gamma (calibrate.py --no-gamma?); pass --gamma or --no-modality")
+    if method.needs_sensitivity and o["mbq_reweight"] and cal.mbq is None:
+        raise ValueError(f"{calib}/calib.json has no MBQ sensitivities (calibrate.py --no-gamma, or an older "
+                         "calibrate.py): re-run `python calibrate.py`, or pass --no-mbq-reweight")
     if method.needs_macs and cal.selection != "macs":
         raise ValueError(f"--method {q.method} quantizes on a MACS-selected calibration set, but {calib}/ was "
                          f"selected by {cal.selection!r}: run `python calibrate.py --select macs --out {calib}` "
@@ -460,7 +474,7 @@ def embed(m, samples: list[dict], device) -> list[hessian.LayerInput]:
         for s in samples:
             vision = {k: v.to(device) for k, v in vision_inputs(s).items()}
             x, ctx = m.embed(s["input_ids"].to(device), **vision)
-            out.append(hessian.LayerInput(x, ctx, s["is_vis"][0].to(device)))
+            out.append(hessian.LayerInput(x, ctx, s["is_vis"][0].to(device), s["labels"][0].to(device) != -100))
     return out
 
 
@@ -517,30 +531,6 @@ def quantize_linears(layer, cap: LayerCapture, q: Settings, method: Method, solv
             abits=q.abits if q.abits < 16 else None))
 
 
-def solve_batched(layer, expert_inputs: list, H: dict, q: Settings, prefix: str) -> dict:
-    """--batched-experts: all experts' gate/up (one Hessian each) in one gptq_batched_shared call, all down_proj
-    in another (quant/batched.py; the per-expert results up to float rounding ties). Returns input key -> one
-    result per reader."""
-    per_expert: dict[int, list] = {}
-    for inp in expert_inputs:
-        per_expert.setdefault(inp.expert, []).append(inp)
-    out = {}
-    for role in zip(*per_expert.values()):  # the same input of every expert: gate/up, then down
-        keys = [inp.readers[0] for inp in role]
-        stacks = [torch.stack([layer.get_submodule(inp.readers[j]).weight.float() for inp in role])
-                  for j in range(len(role[0].readers))]  # per reader of the input: (E, out, in)
-        Hs = H[keys[0]].new_empty((len(keys),) + tuple(H[keys[0]].shape))  # (E, in, in)
-        for e, k in enumerate(keys):  # each expert's Hessian moves into the stack (no second copy of all of them)
-            Hs[e] = H.pop(k)
-            H[k] = Hs[e]
-        res = gptq_batched_shared(stacks, Hs, bits=q.bits, group_size=q.group_size, sym=q.sym,
-                                  block_size=q.block_size, percdamp=q.percdamp, act_order=q.act_order,
-                                  static_groups=q.static_groups, names=[prefix + k for k in keys])
-        for e, k in enumerate(keys):
-            out[k] = [res[j][e] for j in range(len(stacks))]
-    return out
-
-
 def run_layer(m, i: int, samples: list) -> list:
     """Layer i's outputs (+ DeepStack injection) for every sample, SAMPLE_BLOCK samples per forward_many."""
     layer, out = m.layers[i], []
@@ -548,7 +538,8 @@ def run_layer(m, i: int, samples: list) -> list:
         for b in range(0, len(samples), distributed.SAMPLE_BLOCK):
             block = samples[b:b + distributed.SAMPLE_BLOCK]
             ys = layer.forward_many([s.x for s in block], [s.ctx for s in block])
-            out += [hessian.LayerInput(m.after_layer(i, y, s.ctx), s.ctx, s.is_vis) for y, s in zip(ys, block)]
+            out += [hessian.LayerInput(m.after_layer(i, y, s.ctx), s.ctx, s.is_vis, s.is_answer)
+                    for y, s in zip(ys, block)]
     return out
 
 
@@ -583,26 +574,24 @@ def main(argv=None):
     p.add_argument("--calib", default="calib", help="calibration folder written by calibrate.py")
     p.add_argument("--out", default="quantized",
                    help="output checkpoint folder (replaced only if it is a previous output of gptq.py or empty)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace --out (and OUT.partial/, OUT/fake-quant/) even if not written by this tool; "
-                        "the model and calib folders are never replaced")
+    p.add_argument("--overwrite", action="store_true", help="replace --out (and OUT.partial/, OUT/fake-quant/) "
+                   "even if not written by this tool; the model and calib folders are never replaced")
     p.add_argument("--method", default="veq-ma", choices=list(METHODS), help="quantization method")
     p.add_argument("--bits", type=int, default=3, choices=BITS, help="weight bits")
     p.add_argument("--group-size", type=int, default=128, help="input columns per scale group; -1 = per channel")
     p.add_argument("--sym", action="store_true", help="symmetric weights (no zero point)")
     p.add_argument("--abits", type=int, default=16, choices=(8, 16), help="8: per-token int8 activations (W4A8)")
-    p.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True,
-                   help="GPTQ columns by descending H_jj, with static groups (the default; --no-act-order: the "
-                        "original column order with group params computed as the sweep reaches each group)")
+    p.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True, help="GPTQ columns by "
+                   "descending H_jj, with static groups (the default; --no-act-order: the original column order "
+                   "with group params computed as the sweep reaches each group)")
     p.add_argument("--static-groups", action=argparse.BooleanOptionalAction, default=None,
                    help="group params from W before the sweep (default: with --act-order only)")
     p.add_argument("--percdamp", type=float, default=0.01, help="GPTQ damping, fraction of mean(diag H)")
     p.add_argument("--min-expert-tokens", type=int, default=1,
                    help="experts with fewer routed calibration tokens use the layer's pooled MoE Hessian")
-    p.add_argument("--all-experts-hessian", action="store_true",
-                   help="every expert's Hessian from every token entering its MoE block, routed or not (as "
-                        "llm-compressor's MoE calibration; token weights off); costs E/top-k times the routed "
-                        "Hessian and expert-forward work of the capture")
+    p.add_argument("--all-experts-hessian", action="store_true", help="every expert's Hessian from every token "
+                   "entering its MoE block, routed or not (as llm-compressor's MoE calibration; token weights off); "
+                   "costs E/top-k times the routed Hessian and expert-forward work of the capture")
     p.add_argument("--quantize-vision", action="store_true",
                    help="also quantize the vision tower's and projector's linears (patch embedding stays float)")
     p.add_argument("--batched-experts", action="store_true",
@@ -620,9 +609,8 @@ def main(argv=None):
     p.add_argument("--no-eval", action="store_true", help="skip the closing comparison with the float model")
     p.add_argument("--eval-n", type=int, default=200, help="held-out samples for the closing comparison")
     p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:N (an error if absent)")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
-                   help="the layers' weights and activations (bfloat16 on a GPU: half the memory); Hessians are "
-                        "accumulated in float64 and solved in float32 either way")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="the layers' weights and "
+                   "activations (bfloat16 on a GPU: half the memory); Hessians accumulate in float64, solve in float32")
     a = p.parse_args(argv)
     flat = {k: v for k, v in vars(a).items() if k in Settings().args() and k != "static_groups"}
     q = Settings.of(**flat, static_groups=a.act_order if a.static_groups is None else a.static_groups)

@@ -239,6 +239,7 @@ class LayerInput:
     x: torch.Tensor
     ctx: object
     is_vis: torch.Tensor
+    is_answer: torch.Tensor | None = None  # (T,) answer tokens (labels != -100), for MBQ's loss
 
 
 def no_timer(phase: str):

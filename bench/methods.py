@@ -87,6 +87,7 @@ VEQ_ROWS = [("veq-me", "veq-me", {}), ("veq-ma", "veq-ma", {}), ("veq (ME+MA, ex
             ("veq-me w/o gamma", "veq-me", dict(use_gamma=False)), ("veq-me w/o beta", "veq-me", dict(use_beta=False)),
             ("veq-ma w/o p", "veq-ma", dict(affinity=False)), ("veq-ma w/o alpha", "veq-ma", dict(modality=False)),
             ("veq-ma scale-free gamma", "veq-ma", dict(gamma_source="grad_x_input"))]
+MBQ_ROWS = [("mbq", {}), ("mbq (scored tokens)", dict(mbq_language="scored"))]
 CONFIGS = [
     *[Config(m, w(4), dict(method=m, bits=4)) for m in ("rtn", "awq", "gptq")],
     *[Config(label, w(4), dict(method=m, bits=4, **extra)) for label, m, extra in VEQ_ROWS
@@ -94,8 +95,10 @@ CONFIGS = [
     *[Config(label, w(b), dict(method=m, bits=b, **extra)) for b in (3, 2)
       for label, m, extra in [("rtn", "rtn", {}), ("awq", "awq", {}), ("gptq", "gptq", {})] + VEQ_ROWS],
     *[Config(label, w(4, 8), dict(method=m, bits=4, abits=8)) for label, m in [
-        ("gptq", "gptq"), ("smoothquant+rtn", "smoothquant"), ("smoothquant+gptq", "smoothquant-gptq"),
+        ("gptq", "gptq"), ("awq", "awq"), ("smoothquant+rtn", "smoothquant"), ("smoothquant+gptq", "smoothquant-gptq"),
         ("ecs (+gptq)", "ecs"), ("ecs+faq", "ecs-faq"), ("ecmfq (ecs+macs+faq)", "ecmfq")]],
+    *[Config(label, w(b, a), dict(method="mbq", bits=b, abits=a, **extra)) for b, a in ((4, 16), (3, 16), (2, 16), (4, 8))
+      for label, extra in MBQ_ROWS],  # MBQ (arXiv 2412.19509), the code's answer tokens and the scored ones
     *[Config(label, w(3), dict(method=m, bits=3, **extra), section="ood", calib="shapes-image", calib_scale=scale)
       for label, m, extra, scale in [
           ("rtn", "rtn", {}, 1), ("awq", "awq", {}, 1), ("gptq", "gptq", {}, 1),
@@ -346,7 +349,8 @@ def paired_from_files(paths, pairs, metrics=("kl", "kl_image", "random_kl")) -> 
 
 def run_one(name, args, command):
     configs = [c for c in CONFIGS if (not args.only or c.setting == args.only) and c.section in args.sections.split(",")
-               and (not args.methods or c.q["method"] in args.methods.split(","))]
+               and (not args.methods or c.q["method"] in args.methods.split(","))
+               and (not args.labels or c.label in args.labels.split(","))]
     if not configs:
         raise SystemExit(f"--only {args.only} / --methods {args.methods} / --sections {args.sections}: no "
                          f"configuration left (settings {sorted({c.setting for c in CONFIGS})})")
@@ -361,7 +365,8 @@ def run_one(name, args, command):
     base = os.path.join(args.out, f"methods-{name}" + (f"-{args.only}" if args.only else "")
                         + (f"-{args.tag}" if args.tag else ""))
     np.savez_compressed(base + ".npz", **{f"{k}/{m}": v for k, a in res["arrays"].items() for m, v in a.items()})
-    meta = {k: getattr(args, k) for k in ("seeds", "n_calib", "n_eval", "random_tokens", "only", "methods", "tag")}
+    meta = {k: getattr(args, k) for k in ("seeds", "n_calib", "n_eval", "random_tokens", "only", "methods", "labels",
+                                          "tag")}
     with open(base + ".json", "w") as f:
         json.dump({"command": command, "model": name, "group_size": G, **meta, "smoke": args.tag == "smoke",
                    "float_accuracy": res["float_accuracy"], "timing": res["timing"], "rows": res["rows"],
@@ -379,6 +384,7 @@ def main():
     p.add_argument("--random-tokens", type=int, default=128, help="random-token sequences (of 32) for the OOD KL")
     p.add_argument("--only", default=None, help="one setting only: W4A16, W3A16, W2A16 or W4A8")
     p.add_argument("--methods", default=None, help="comma-separated gptq.py --method names to keep (all rows of each)")
+    p.add_argument("--labels", default=None, help="comma-separated row labels to keep (e.g. gptq,awq,mbq)")
     p.add_argument("--sections", default="main,ood", help="main (the table), ood (image-only calibration)")
     p.add_argument("--tag", default=None, help="suffix of the output names ('smoke' marks a smoke run)")
     p.add_argument("--out", default=os.path.join(ROOT, "results"), help="output folder")

@@ -2,7 +2,7 @@
 each with its own Hessian, as one batched problem. Same arguments and results as gptq.gptq per expert (equal
 codes up to float rounding ties: tests/test_gptq_batched.py); gptq.gptq stays the readable reference, and the
 quantizer grid, Quantized and GPTQError are quant/grid.py's. Used by `python gptq.py --batched-experts`
-(gptq.solve_batched).
+(solve_batched, at the end of this file).
 
 The experts of an MoE layer share their shapes but not their Hessians. Every torch op below works on all
 experts, so a layer costs as many ops (GPU kernel launches) as one expert. The batched path also does less work
@@ -333,3 +333,27 @@ def gptq_batched_shared(Ws: Sequence[torch.Tensor], H: torch.Tensor, **kwargs) -
     sizes = [W.shape[1] for W in Ws]
     per_expert = [split_rows(r, sizes) for r in gptq_batched(list(Ws), H, **kwargs)]
     return [list(rs) for rs in zip(*per_expert)]
+
+
+def solve_batched(layer, expert_inputs: list, H: dict, q, prefix: str) -> dict:
+    """--batched-experts: all experts' gate/up (one Hessian each) in one gptq_batched_shared call, all down_proj
+    in another (quant/batched.py; the per-expert results up to float rounding ties). Returns input key -> one
+    result per reader."""
+    per_expert: dict[int, list] = {}
+    for inp in expert_inputs:
+        per_expert.setdefault(inp.expert, []).append(inp)
+    out = {}
+    for role in zip(*per_expert.values()):  # the same input of every expert: gate/up, then down
+        keys = [inp.readers[0] for inp in role]
+        stacks = [torch.stack([layer.get_submodule(inp.readers[j]).weight.float() for inp in role])
+                  for j in range(len(role[0].readers))]  # per reader of the input: (E, out, in)
+        Hs = H[keys[0]].new_empty((len(keys),) + tuple(H[keys[0]].shape))  # (E, in, in)
+        for e, k in enumerate(keys):  # each expert's Hessian moves into the stack (no second copy of all of them)
+            Hs[e] = H.pop(k)
+            H[k] = Hs[e]
+        res = gptq_batched_shared(stacks, Hs, bits=q.bits, group_size=q.group_size, sym=q.sym,
+                                  block_size=q.block_size, percdamp=q.percdamp, act_order=q.act_order,
+                                  static_groups=q.static_groups, names=[prefix + k for k in keys])
+        for e, k in enumerate(keys):
+            out[k] = [res[j][e] for j in range(len(stacks))]
+    return out

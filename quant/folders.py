@@ -272,6 +272,7 @@ class CalibSet:
     gamma_median: float | None = None
     gamma_per_sample: list = field(default_factory=list)
     gamma_grad_x_input: float | None = None  # the scale-free variant, |x ⊙ dL/dx|
+    mbq: dict | None = None  # MBQ's sensitivities per decoder layer (calibrate.Sensitivity), None: not computed
     info: dict = field(default_factory=dict)  # how it was made: command, seconds, dtype, MACS report, pool size
 
     def layer_counts(self, i: int):

@@ -76,8 +76,23 @@ def layer_fusion_weights(layer, acts, eta: float, group: distributed.Group = dis
     return fusion_weights(scores, is_vis, eta)
 
 
+def token_kinds(acts, group: distributed.Group = distributed.SINGLE) -> torch.Tensor | None:
+    """(N,) uint8 over every token of the layer's samples (calib/'s order): bit 0 image, bit 1 answer
+    (labels != -100), bit 2 scored (its logits predict an answer token); None if a sample has no labels."""
+    if any(smp.is_answer is None for smp in acts):
+        return None
+    kinds = []
+    for smp in acts:
+        scored = torch.zeros_like(smp.is_answer)
+        scored[:-1] = smp.is_answer[1:]
+        kinds.append(smp.is_vis.to(torch.uint8) | smp.is_answer.to(torch.uint8) << 1 | scored.to(torch.uint8) << 2)
+    if group.active:
+        kinds = distributed.gather_samples(group, group.n_samples, {"k": [k[:, None] for k in kinds]}, torch.uint8)["k"]
+    return torch.cat([k.flatten() for k in kinds])
+
+
 def search_and_fold(layer, groups, acts, q, method, counts=None, gamma: float | None = None, fusion=None,
-                    group: distributed.Group = distributed.SINGLE) -> dict:
+                    group: distributed.Group = distributed.SINGLE, sensitivity=None) -> dict:
     """The method's scale search (method.scales) on each scaling group (producer, consumers, router) of the layer
     (m.scaling_groups): capture the group's float input X (the router's input for the MoE block), describe the
     group (ecs.ScalingGroup), search the per-channel scale s, then fold 1/s into the producer and s into every
@@ -101,6 +116,7 @@ def search_and_fold(layer, groups, acts, q, method, counts=None, gamma: float | 
     topk = torch.cat(cap.topk) if cap.topk else None
     importance = None if counts is None else \
         (lambda experts: ecs.expert_importance(experts, counts[:4], gamma or 1.0, q.options))
+    kinds = token_kinds(acts, group)  # (N,) which tokens are image / answer / scored, for MBQ's loss
     report = {}
     for producer, consumers, router in groups:
         if not cap.X[source[producer]]:  # an expert no calibration token reached: nothing to scale on
@@ -108,14 +124,17 @@ def search_and_fold(layer, groups, acts, q, method, counts=None, gamma: float | 
             continue
         readers, experts = group_readers(layer, structure, consumers, topk if router else None)
         c = torch.cat(fusion) if fusion is not None else None  # (N,) every token of the layer
+        k = kinds
         expert = structure.expert_of(producer)
-        if c is not None and expert is not None:  # an expert's up_proj -> down_proj: its routed tokens, in order
-            c = c[torch.where((topk == expert).any(-1))[0]]
+        if expert is not None:  # an expert's up_proj -> down_proj: its routed tokens, in order
+            rows = torch.where((topk == expert).any(-1))[0]
+            c, k = (None if c is None else c[rows]), (None if k is None else k[rows.to(k.device)])
         g = ecs.ScalingGroup(
             producer=producer, consumers=consumers, router=router, X=torch.cat(cap.X[source[producer]]).float(),
             attention=all(n in structure.attention for n in consumers), readers=readers, experts=experts,
             topk=topk if router else None, token_weights=c, mean_prob=None if counts is None else counts[4],
-            importance=importance(experts) if router and importance is not None else None)
+            importance=importance(experts) if router and importance is not None else None, sensitivity=sensitivity,
+            **({} if k is None else dict(is_vis=k & 1 > 0, is_answer=k & 2 > 0, is_scored=k & 4 > 0)))
         s, report[producer] = method.scales(g, q)
         s = distributed.broadcast_(group, s)  # several processes: rank 0's scales, bitwise, on every rank
         fold_group(layer, producer, consumers, router, s)
