@@ -111,7 +111,7 @@ def _current_columns(W, W1, Err1, Hinv, i1: int, i: int, i2: int, g: int) -> tor
 
 
 def _quantize_blocks(W, Hinv, scale, zero, col_group, *, bits: int, block_size: int, dynamic_g: int,
-                     sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                     sym: bool, clip: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The GPTQ sweep over W (out, in) in its (possibly permuted) column order. col_group (in,) is the group
     of each column; if dynamic_g > 0, the params of group j // dynamic_g are computed when column j starts it
     (written into scale/zero (out, n_groups)). Modifies W. Returns codes (out, in) uint8 and row_loss (out,)."""
@@ -128,7 +128,7 @@ def _quantize_blocks(W, Hinv, scale, zero, col_group, *, bits: int, block_size: 
             j = i1 + i
             if dynamic_g and j % dynamic_g == 0:
                 cols = _current_columns(W, W1, Err1, Hinv, i1, i, i2, dynamic_g)
-                scale[:, j // dynamic_g], zero[:, j // dynamic_g] = quant_params(cols, bits=bits, sym=sym)
+                scale[:, j // dynamic_g], zero[:, j // dynamic_g] = quant_params(cols, bits=bits, sym=sym, clip=clip)
             w, s, z = W1[:, i], scale[:, col_group[j]], zero[:, col_group[j]]  # (out,) each
             c = torch.clamp(torch.round(w / s) + z, 0, maxq)  # this column's codes
             q = (c - z) * s
@@ -158,10 +158,11 @@ def _check_gptq_args(W, H, bits, group_size, block_size, percdamp, act_order, st
 @torch.no_grad()
 def gptq(W: torch.Tensor, H: torch.Tensor, *, bits: int, group_size: int = 128, sym: bool = False,
          block_size: int = 128, percdamp: float = 0.01, act_order: bool = False, static_groups: bool = False,
-         max_retries: int = 3, name: str = "weight") -> Quantized:
+         max_retries: int = 3, clip: bool = False, name: str = "weight") -> Quantized:
     """GPTQ-quantize W (out, in) given the Hessian H (in, in) of its inputs (any positive scale, e.g.
     hessian.Hessian.finalize()). Computes in float32 (float64 if W is); the Cholesky runs in H's dtype.
     act_order: quantize columns by descending H_jj. static_groups: group params from W before any update.
+    clip: MSE-clipped group ranges (quant/grid.py's clip_search, the reference's mse=True).
     name: used in error messages (pass the tensor's checkpoint name)."""
     _check_gptq_args(W, H, bits, group_size, block_size, percdamp, act_order, static_groups, name)
     dtype = compute_dtype(W)
@@ -177,13 +178,13 @@ def gptq(W: torch.Tensor, H: torch.Tensor, *, bits: int, group_size: int = 128, 
         scale = torch.empty(W.shape[0], n_groups(in_f, group_size), dtype=dtype, device=W.device)
         zero = torch.empty_like(scale)
     else:  # per-channel, or static groups: computed up front on the un-permuted W
-        scale, zero = group_params(W, bits=bits, group_size=group_size, sym=sym)
+        scale, zero = group_params(W, bits=bits, group_size=group_size, sym=sym, clip=clip)
     perm = torch.argsort(torch.diagonal(H), descending=True, stable=True) if act_order \
         else torch.arange(in_f, device=W.device)
     W, H = W[:, perm], H[perm][:, perm]
     Hinv, damp, retries = damped_inverse_cholesky(H, percdamp=percdamp, max_retries=max_retries, name=name)
     codes, row_loss = _quantize_blocks(W, Hinv.to(dtype), scale, zero, (perm // g).tolist(), bits=bits,
-                                       block_size=block_size, dynamic_g=g if dynamic else 0, sym=sym)
+                                       block_size=block_size, dynamic_g=g if dynamic else 0, sym=sym, clip=clip)
     codes = codes[:, torch.argsort(perm)]  # back to the original column order
     zero_out = None if sym else zero.to(torch.uint8)
     return Quantized(codes=codes, scale=scale, zero=zero_out,
@@ -334,6 +335,7 @@ class Settings:
     static_groups: bool = True  # group params from W before the sweep (needed with act_order: no g_idx)
     block_size: int = 128
     percdamp: float = 0.01
+    clip: bool = False  # MSE-clipped group ranges (quant/grid.py's clip_search; the GPTQ reference's mse=True)
     min_expert_tokens: int = 1  # experts with fewer routed tokens are quantized from the pooled MoE Hessian
     all_experts_hessian: bool = False  # every expert from the pooled Hessian: all MoE tokens (llm-compressor's)
     batched_experts: bool = False  # solve all experts of a layer as one batched GPTQ problem
@@ -461,10 +463,11 @@ def solver(q: Settings, method: Method, act_order: bool = True) -> Callable:
     """solve(Ws, H, name) -> one Quantized per matrix of Ws (which read the same input): GPTQ from H, or RTN.
     act_order=False: the original column order with dynamic groups whatever q says (the vision tower's)."""
     if method.solver == "rtn":
-        return lambda Ws, H, name: [rtn(W, bits=q.bits, group_size=q.group_size, sym=q.sym) for W in Ws]
+        return lambda Ws, H, name: [rtn(W, bits=q.bits, group_size=q.group_size, sym=q.sym, clip=q.clip) for W in Ws]
     order = dict(act_order=q.act_order, static_groups=q.static_groups) if act_order else {}
     return lambda Ws, H, name: gptq_shared(Ws, H, bits=q.bits, group_size=q.group_size, sym=q.sym,
-                                           block_size=q.block_size, percdamp=q.percdamp, name=name, **order)
+                                           block_size=q.block_size, percdamp=q.percdamp, clip=q.clip, name=name,
+                                           **order)
 
 
 def embed(m, samples: list[dict], device) -> list[hessian.LayerInput]:
@@ -587,6 +590,7 @@ def main(argv=None):
     p.add_argument("--static-groups", action=argparse.BooleanOptionalAction, default=None,
                    help="group params from W before the sweep (default: with --act-order only)")
     p.add_argument("--percdamp", type=float, default=0.01, help="GPTQ damping, fraction of mean(diag H)")
+    p.add_argument("--clip", action="store_true", help="MSE-clipped group ranges (GPTQ reference's mse=True)")
     p.add_argument("--min-expert-tokens", type=int, default=1,
                    help="experts with fewer routed calibration tokens use the layer's pooled MoE Hessian")
     p.add_argument("--all-experts-hessian", action="store_true", help="every expert's Hessian from every token "

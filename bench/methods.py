@@ -107,9 +107,16 @@ CONFIGS = [
           ("veq-ma w/o alpha", "veq-ma", dict(modality=False), 1),
           ("veq-ma scale-free gamma", "veq-ma", dict(gamma_source="grad_x_input"), 1)]],
 ]
+W2_ROWS = [("gptq", "gptq", {}), ("gptq percdamp 0.05", "gptq", dict(percdamp=0.05)),
+           ("gptq percdamp 0.1", "gptq", dict(percdamp=0.1)), ("gptq clip", "gptq", dict(clip=True)),
+           ("gptq clip percdamp 0.05", "gptq", dict(clip=True, percdamp=0.05)),
+           ("gptq no act-order", "gptq", dict(act_order=False, static_groups=False)),
+           ("veq-ma", "veq-ma", {}), ("veq-ma scale-free gamma", "veq-ma", dict(gamma_source="grad_x_input"))]
+CONFIGS += [Config(label, setting, dict(method=m, bits=2, sym=sym, **extra), section="w2")  # the W2 study
+            for setting, sym in (("W2A16", False), ("W2A16 sym", True)) for label, m, extra in W2_ROWS]
 METRICS = ("kl", "kl_image", "kl_text", "top1", "flips", "accuracy", "random_kl")
 BOUNDS = {m: (0.0, 1.0) if m in ("top1", "flips", "accuracy") else (0.0, float("inf")) for m in METRICS}
-DELTAS = {"main": ("kl", "random_kl"), "ood": ("kl_image", "kl_text", "random_kl")}  # Δ vs GPTQ columns
+DELTAS = {"main": ("kl", "random_kl"), "w2": ("kl", "random_kl"), "ood": ("kl_image", "kl_text", "random_kl")}  # Δ vs GPTQ columns
 
 
 def quietly(fn, *args, **kwargs):
@@ -248,7 +255,7 @@ def table(rows, section, compact=False) -> str:
     if compact:  # the README's version of the main table
         cols = [("KL", "kl", e), ("Δ KL vs GPTQ", "Δkl", ed), ("flips %", "flips", pct),
                 ("random-token KL", "random_kl", e), ("Δ random-token KL", "Δrandom_kl", ed)]
-    elif section == "main":
+    elif section in ("main", "w2"):
         cols = [("KL", "kl", e), ("Δ KL vs GPTQ", "Δkl", ed), ("KL image", "kl_image", e),
                 ("KL text", "kl_text", e),
                 ("top-1 %", "top1", pct), ("flips %", "flips", pct), ("accuracy %", "accuracy", pct),
@@ -284,6 +291,9 @@ def report(name, res, args, command) -> str:
     out = head + f"### {name} (float accuracy {accuracy_text(fa)})\n\n"
     if any(r["section"] == "main" for r in rows):
         out += table(rows, "main") + "\n\n"
+    if any(r["section"] == "w2" for r in rows):
+        out += ("#### W2 study: damping, MSE clipping, column order, VEQ-MA's weights (W2 g32, asymmetric and "
+                "symmetric)\n\n" + table(rows, "w2") + "\n\n")
     if any(r["section"] == "ood" for r in rows):
         out += ("#### Calibration distribution (OOD): W3A16 calibrated on image questions only\n\n"
                 + table(rows, "ood") + "\n\n")
@@ -385,7 +395,8 @@ def main():
     p.add_argument("--only", default=None, help="one setting only: W4A16, W3A16, W2A16 or W4A8")
     p.add_argument("--methods", default=None, help="comma-separated gptq.py --method names to keep (all rows of each)")
     p.add_argument("--labels", default=None, help="comma-separated row labels to keep (e.g. gptq,awq,mbq)")
-    p.add_argument("--sections", default="main,ood", help="main (the table), ood (image-only calibration)")
+    p.add_argument("--sections", default="main,ood", help="main (the table), ood (image-only calibration), w2 "
+                   "(the W2 study)")
     p.add_argument("--tag", default=None, help="suffix of the output names ('smoke' marks a smoke run)")
     p.add_argument("--out", default=os.path.join(ROOT, "results"), help="output folder")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads per model")

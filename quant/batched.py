@@ -180,7 +180,7 @@ def _sweep_columns(Ws, Hn_s, s, lo, hi, K, U):
 
 
 def _sweep_block(W1, Hn1, inv_d2, codes1, Q1, U1, K1, scale, zero, sq_err, *, i1: int, g: int, dynamic: bool,
-                 bits: int, sym: bool, col_group=None):
+                 bits: int, sym: bool, col_group=None, clip: bool = False):
     """GPTQ's sweep over one block of B columns of all experts, in the transposed layout: W1 (E, B, out) is the
     block with every earlier block's updates (modified), Hn1 (E, B, B) = Hinv_bb with row i divided by Hinv_ii,
     inv_d2 (E, B) = 1 / Hinv_ii². Sub-block [s1, s2) gets the block's earlier updates when it starts
@@ -206,7 +206,7 @@ def _sweep_block(W1, Hn1, inv_d2, codes1, Q1, U1, K1, scale, zero, sq_err, *, i1
             a, ge = s1, min(s1 + g, B)
             if s1:  # (E, g, out) -= (E, g, s1) @ (E, s1, out)
                 W1[:, s1:ge].baddbmm_(Hn1[:, :s1, s1:ge].mT, U1[:, :s1], alpha=-1)
-            scale[..., grp], zero[..., grp] = quant_params(W1[:, s1:ge], bits=bits, sym=sym, dim=1)
+            scale[..., grp], zero[..., grp] = quant_params(W1[:, s1:ge], bits=bits, sym=sym, dim=1, clip=clip)
         elif s1 > a:  # (E, n, out) -= (E, n, s1 - a) @ (E, s1 - a, out)
             W1[:, s1:s2].baddbmm_(Hn1[:, a:s1, s1:s2].mT, U1[:, a:s1], alpha=-1)
         if s1 == 0 or (i1 + s1) % g == 0:  # the block or a group starts: the group's params, once
@@ -221,7 +221,7 @@ def _sweep_block(W1, Hn1, inv_d2, codes1, Q1, U1, K1, scale, zero, sq_err, *, i1
 
 
 def _sweep_batched(WT, R, scale, zero, codes, sq_err, *, bits: int, sym: bool, block_size: int, g: int,
-                   dynamic: bool, col_group=None):
+                   dynamic: bool, col_group=None, clip: bool = False):
     """The GPTQ sweep of all experts in the transposed layout: WT (E, in, out) holds Wᵀ, so a column of every
     row of W is one contiguous row and every block update is a plain bmm. R (E, in, in) from
     damped_reverse_cholesky; scale, zero (E, out, n_groups) (filled at group starts if dynamic). During the sweep
@@ -247,7 +247,7 @@ def _sweep_batched(WT, R, scale, zero, codes, sq_err, *, bits: int, sym: bool, b
         d = torch.diagonal(Hinv1, dim1=-2, dim2=-1)  # (E, B) Hinv_ii
         _sweep_block(W1, (Hinv1 / d[..., None]).to(WT.dtype), d.pow(-2).to(WT.dtype), codes[:, i1:i2],
                      Q[:, i1:i2], U1, K1, scale, zero, sq_err, i1=i1, g=g, dynamic=dynamic, bits=bits, sym=sym,
-                     col_group=col_group)
+                     col_group=col_group, clip=clip)
         WT[:, i1:i2] -= Q[:, i1:i2]  # from now on these rows of WT are Dᵀ = (W - Q)ᵀ
     WT.copy_(Q)
 
@@ -261,7 +261,7 @@ def _view(flat: torch.Tensor, *shape: int) -> torch.Tensor:
 def gptq_batched(W: torch.Tensor | Sequence[torch.Tensor], H: torch.Tensor, *, bits: int, group_size: int = 128,
                  sym: bool = False, block_size: int = 128, percdamp: float = 0.01, act_order: bool = False,
                  static_groups: bool = False, max_retries: int = 3, names: Sequence[str] | None = None,
-                 expert_chunk: int | None = None) -> list[Quantized]:
+                 expert_chunk: int | None = None, clip: bool = False) -> list[Quantized]:
     """GPTQ of E matrices of one shape at once, each with its own Hessian: W (E, out, in), H (E, in, in), e.g.
     one projection of every expert of an MoE layer (W may also be a list of such stacks that share H, solved as
     their row concatenation: see gptq_batched_shared). Same arguments and results as [gptq(W[e], H[e]) for e]
@@ -294,7 +294,7 @@ def gptq_batched(W: torch.Tensor | Sequence[torch.Tensor], H: torch.Tensor, *, b
         scale = torch.empty(E, out_f, n_groups(in_f, group_size), dtype=dtype, device=WT.device)
         zero = torch.empty_like(scale)
     else:  # per channel, or static groups: from W before any update, as group_params
-        params = [quant_params(WT[:, a:a + g], bits=bits, sym=sym, dim=1) for a in range(0, in_f, g)]
+        params = [quant_params(WT[:, a:a + g], bits=bits, sym=sym, dim=1, clip=clip) for a in range(0, in_f, g)]
         scale, zero = (torch.stack(t, dim=-1) for t in zip(*params))  # (E, out, n_groups)
     perm = col_group = None
     if act_order:  # each expert's columns (rows of WT) by its descending H_jj, as gptq(); un-permuted below
@@ -310,7 +310,7 @@ def gptq_batched(W: torch.Tensor | Sequence[torch.Tensor], H: torch.Tensor, *, b
     for c in range(0, E, chunk):  # the sweep, `chunk` experts at a time (the same results for any chunk)
         e = slice(c, c + chunk)
         _sweep_batched(WT[e], R[e], scale[e], zero[e], codes[e], sq_err[e], bits=bits, sym=sym,
-                       block_size=block_size, g=g, dynamic=dynamic,
+                       block_size=block_size, g=g, dynamic=dynamic, clip=clip,
                        col_group=None if col_group is None else col_group[e])  # WT now holds Ŵᵀ
     if act_order:  # rows back to the original column order
         inv = torch.argsort(perm, dim=-1)[..., None].expand(-1, -1, out_f)
@@ -353,7 +353,7 @@ def solve_batched(layer, expert_inputs: list, H: dict, q, prefix: str) -> dict:
             H[k] = Hs[e]
         res = gptq_batched_shared(stacks, Hs, bits=q.bits, group_size=q.group_size, sym=q.sym,
                                   block_size=q.block_size, percdamp=q.percdamp, act_order=q.act_order,
-                                  static_groups=q.static_groups, names=[prefix + k for k in keys])
+                                  static_groups=q.static_groups, clip=q.clip, names=[prefix + k for k in keys])
         for e, k in enumerate(keys):
             out[k] = [res[j][e] for j in range(len(stacks))]
     return out

@@ -77,10 +77,13 @@ def compute_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def quant_params(W: torch.Tensor, *, bits: int, sym: bool, dim: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
+CLIP_GRID, CLIP_MAX_SHRINK, CLIP_NORM = 100, 0.8, 2.4  # --clip: the GPTQ reference's Quantizer(mse=True)
+
+
+def quant_params(W: torch.Tensor, *, bits: int, sym: bool, dim: int = -1,
+                 clip: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """scale, zero (out,) for one group of columns W (out, g) (or (..., g) -> (...); the group along `dim`).
-    zero is integer-valued (float tensor)."""
-    maxq = 2**bits - 1
+    zero is integer-valued (float tensor). clip: shrink the range, clip_search."""
     lo, hi = W.amin(dim=dim), W.amax(dim=dim)
     zeros = torch.zeros_like(lo)
     xmin = torch.minimum(lo, zeros)  # the range always contains 0, so zero lands in [0, maxq]
@@ -90,14 +93,41 @@ def quant_params(W: torch.Tensor, *, bits: int, sym: bool, dim: int = -1) -> tup
         xmin = -xmax
     empty = xmax == xmin  # an all-zero row: any scale works; the reference uses [-1, 1]
     xmin, xmax = torch.where(empty, -1.0, xmin), torch.where(empty, 1.0, xmax)
-    scale = (xmax - xmin) / maxq
+    if clip:
+        return clip_search(W.movedim(dim, -1), xmin, xmax, bits=bits, sym=sym)
+    return range_params(xmin, xmax, bits=bits, sym=sym)
+
+
+def range_params(xmin: torch.Tensor, xmax: torch.Tensor, *, bits: int, sym: bool):
+    """scale, zero of the grid spanning [xmin, xmax] (xmin <= 0 <= xmax)."""
+    scale = (xmax - xmin) / (2**bits - 1)
     zero = torch.full_like(scale, 2 ** (bits - 1)) if sym else torch.round(-xmin / scale)
     return scale, zero
 
 
-def group_params(W: torch.Tensor, *, bits: int, group_size: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def clip_search(W: torch.Tensor, xmin: torch.Tensor, xmax: torch.Tensor, *, bits: int, sym: bool):
+    """MSE clipping (GPTQ reference, Quantizer.find_params with mse=True): the grid of p·[xmin, xmax] for
+    p = 1, 1 − 1/CLIP_GRID, ... (CLIP_MAX_SHRINK · CLIP_GRID steps), keeping per row the p with the least
+    Σ_j |w_j − ŵ_j|^CLIP_NORM over the group W (..., g); ties keep the wider range."""
+    best = scale = zero = None
+    for i in range(int(CLIP_MAX_SHRINK * CLIP_GRID)):
+        s, z = range_params((1 - i / CLIP_GRID) * xmin, (1 - i / CLIP_GRID) * xmax, bits=bits, sym=sym)
+        q = torch.clamp(torch.round(W / s[..., None]) + z[..., None], 0, 2**bits - 1)
+        err = ((q - z[..., None]) * s[..., None] - W).abs().pow(CLIP_NORM).sum(-1)
+        if best is None:
+            best, scale, zero = err, s, z
+        else:
+            better = err < best
+            best, scale = torch.where(better, err, best), torch.where(better, s, scale)
+            zero = torch.where(better, z, zero)
+    return scale, zero
+
+
+def group_params(W: torch.Tensor, *, bits: int, group_size: int, sym: bool,
+                 clip: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """scale, zero (out, n_groups) for W (out, in), groups of `group_size` consecutive columns (-1: one)."""
-    params = [quant_params(Wg, bits=bits, sym=sym) for Wg in W.split(group_len(W.shape[1], group_size), dim=1)]
+    params = [quant_params(Wg, bits=bits, sym=sym, clip=clip)
+              for Wg in W.split(group_len(W.shape[1], group_size), dim=1)]
     return torch.stack([s for s, _ in params], 1), torch.stack([z for _, z in params], 1)
 
 
@@ -149,12 +179,12 @@ def split_rows(r: Quantized, sizes: Sequence[int]) -> list[Quantized]:
 
 
 @torch.no_grad()
-def rtn(W: torch.Tensor, *, bits: int, group_size: int = 128, sym: bool = False) -> Quantized:
-    """Round-to-nearest with min/max (or symmetric max-abs) group parameters. W (out, in), any float dtype;
-    computed in float32 (float64 if W is)."""
+def rtn(W: torch.Tensor, *, bits: int, group_size: int = 128, sym: bool = False, clip: bool = False) -> Quantized:
+    """Round-to-nearest with min/max (or symmetric max-abs) group parameters (clip: MSE-clipped ranges,
+    clip_search). W (out, in), any float dtype; computed in float32 (float64 if W is)."""
     check_grid(bits, group_size, "rtn")
     W = W.detach().to(compute_dtype(W))
-    scale, zero = group_params(W, bits=bits, group_size=group_size, sym=sym)
+    scale, zero = group_params(W, bits=bits, group_size=group_size, sym=sym, clip=clip)
     codes = quantize(W, scale, zero, bits=bits, group_size=group_size)
     zero_out = None if sym else zero.to(torch.uint8)
     return Quantized(codes, scale, zero_out, dequantize(codes, scale, zero_out, bits=bits, group_size=group_size))
