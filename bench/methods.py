@@ -41,6 +41,7 @@ import contextlib
 import io
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -327,7 +328,7 @@ def summarize_files(paths) -> str:
 def paired_from_files(paths, pairs, metrics=("kl", "kl_image", "random_kl")) -> str:
     """Paired differences A − B between two rows of the same model, section and setting, from the saved per-sample
     arrays (results/methods-*.json + .npz), with the same interval as the Δ vs GPTQ columns. A pair is
-    "SETTING:A:B" (labels as in the tables, e.g. "W3A16:veq-me:awq"); the OOD section's rows are "ood/A"."""
+    "SETTING:A:B" (labels as in the tables, e.g. "W3A16:veq-me:awq"); the OOD and W2 study's rows are "ood/A", "w2/A"."""
     lines = ["| model | setting | A − B | " + " | ".join(f"Δ {m}" for m in metrics) + " |",
              "|---" * (3 + len(metrics)) + "|"]
     for path in paths:
@@ -340,7 +341,8 @@ def paired_from_files(paths, pairs, metrics=("kl", "kl_image", "random_kl")) -> 
                 continue
 
             def matrix(label, metric):
-                key = ("ood", setting, label[4:]) if label.startswith("ood/") else ("main", setting, label)
+                section = next((x for x in ("ood", "w2") if label.startswith(x + "/")), "main")
+                key = (section, setting, label[len(section) + 1:] if section != "main" else label)
                 x, seeds = seed_matrix(d["runs"], arrays, key, metric)
                 if x is None:
                     raise SystemExit(f"--pairs {pair}: no row '{key[2]}' ({key[0]}, {setting}) with {metric} values "
@@ -372,7 +374,7 @@ def run_one(name, args, command):
     res["rows"] = summarize(res["runs"], res["arrays"])
     md = report(name, res, args, command)
     print(md)
-    base = os.path.join(args.out, f"methods-{name}" + (f"-{args.only}" if args.only else "")
+    base = os.path.join(args.out, f"methods-{name}" + (f"-{args.only.replace(' ', '-')}" if args.only else "")
                         + (f"-{args.tag}" if args.tag else ""))
     np.savez_compressed(base + ".npz", **{f"{k}/{m}": v for k, a in res["arrays"].items() for m, v in a.items()})
     meta = {k: getattr(args, k) for k in ("seeds", "n_calib", "n_eval", "random_tokens", "only", "methods", "labels",
@@ -410,7 +412,7 @@ def main():
     if a.summarize:
         print(paired_from_files(a.summarize, a.pairs.split(",")) if a.pairs else summarize_files(a.summarize))
         return
-    command = a.command or "python bench/methods.py " + " ".join(sys.argv[1:])
+    command = a.command or "python bench/methods.py " + shlex.join(sys.argv[1:])
     os.makedirs(a.out, exist_ok=True)
     models = a.models.split(",")
     if a.jobs > 1 and len(models) > 1:  # one child process per model, at most --jobs at a time
