@@ -70,12 +70,14 @@ def load_rows(calib: str) -> list[dict]:
     return rows
 
 
-def ready_processor(model: str):
-    """The checkpoint's processor (tokenizer + image processor), for peers that insist on one although the
-    samples arrive as tensors."""
-    from transformers import AutoProcessor
+def image_processor(model: str):
+    """The checkpoint's image processor in its PIL flavor, for a peer that insists on a processor although our
+    samples arrive as ready tensors (it is stored, never called). Not the full Qwen3-VL processor: that one also
+    builds a video processor, which needs torchvision, and PyPI's torchvision (a CUDA build) does not load its
+    operators beside the CPU torch of this environment (results/peers.md)."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    return AutoProcessor.from_pretrained(model)
+    return Qwen2VLImageProcessorPil.from_pretrained(model)
 
 
 def run_llmc(a, rows) -> tuple[list[float], object, str]:
@@ -138,7 +140,28 @@ def run_gptqmodel(a, rows):
 
 
 def run_autoround(a, rows):
-    raise NotImplementedError
+    """AutoRound's sign-gradient rounding (its default algorithm) at `--iters` iterations. A list of ready input
+    dicts is fed to the model as they are; it still asks for a processor (see image_processor). Samples
+    differ in length, so batches hold one sample and the gradient is accumulated over 8 of them (its default
+    batch of 8). Blocks of the language model only (its default for multimodal models): the vision tower stays
+    float, and so do lm_head and the routers. Saved in its `llm_compressor` format (compressed-tensors)."""
+    import torch
+    from auto_round import AutoRound
+    from transformers import AutoModelForImageTextToText, PreTrainedTokenizerFast
+
+    seconds = []
+    for _ in range(a.repeats):
+        m = AutoModelForImageTextToText.from_pretrained(a.model, dtype=torch.float32)
+        tok = PreTrainedTokenizerFast(tokenizer_file=os.path.join(a.model, "tokenizer.json"))
+        proc = image_processor(a.model)
+        ar = AutoRound(m, tokenizer=tok, processor=proc, image_processor=proc, scheme="W4A16", bits=a.bits,
+                       group_size=a.group_size, sym=True, dataset=[dict(r) for r in rows], iters=a.iters,
+                       nsamples=len(rows), batch_size=1, gradient_accumulate_steps=8, device_map="cpu")
+        t0 = time.time()
+        ar.quantize()
+        seconds.append(time.time() - t0)
+    ar.save_quantized(a.out, format="llm_compressor")
+    return seconds, "compressed-tensors"
 
 
 RUNNERS = {"llm-compressor": run_llmc, "gptqmodel": run_gptqmodel, "autoround": run_autoround}
