@@ -34,8 +34,9 @@ PEER_DEFAULTS = {  # what each peer does that we do not set (its defaults at the
                       "every token through every expert while calibrating",
     "gptqmodel": "QuantizeConfig defaults: damp_percent 0.05 (auto-increment 0.01), desc_act False with "
                  "act_group_aware True, RTN fallback for experts reached by < 0.5% of the tokens, tokens routed",
-    "autoround": "AutoRound defaults: signed-gradient rounding + min/max tuning, lr 1/iters, 200 iterations, "
-                 "batch 1 with gradient accumulation over all samples",
+    "autoround": "AutoRound defaults: sign-gradient rounding with min-max tuning, lr = min-max lr = 1/iters, "
+                 "seed 42, torch.compile on (its own decision); set here: iterations (200 unless --autoround-iters), "
+                 "batch 1 with gradient accumulation 8 (its default batch of 8; samples differ in length)",
 }
 KEEP_FILES = ("tokenizer.json", "preprocessor_config.json", "generation_config.json")
 
