@@ -156,7 +156,7 @@ def table_row(name: str, r: dict | None, img: torch.Tensor, base: dict | None, s
             f"{how} |")
 
 
-HEADER = ("| bits / method | KL [95% CI] | KL image | KL text | minus our GPTQ [95% CI] | accuracy % [95% CI] | "
+HEADER = ("| bits / method | KL [95% CI] | KL image | KL text | row − our GPTQ [95% CI] | accuracy % [95% CI] | "
           "s | how |\n" + "|---" * 8 + "|")
 
 
