@@ -104,7 +104,9 @@ def run_peer(job: dict, a, calib: str, bits: int, out: str) -> dict:
     log = out + ".log"
     with open(log, "w") as f:
         try:
-            rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
+            # cwd: the work folder, where GPTQModel writes its logs/ (not the checkout)
+            rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env,
+                                cwd=os.path.dirname(out)).returncode
         except OSError as e:
             return {"status": "skipped", "why": f"cannot start {job['python']} ({e}); fix --{flag(job)}"}
     with open(log) as f:
