@@ -100,7 +100,7 @@ def macs_calib(tmp_path_factory):
     return out
 
 
-PRESETS = [("rtn", 3, 16), ("gptq", 3, 16), ("awq", 3, 16), ("veq-me", 3, 16), ("veq-ma", 3, 16), ("veq", 3, 16),
+PRESETS = [("rtn", 3, 16), ("gptq", 3, 16), ("awq", 3, 16), ("mbq", 3, 16), ("veq-me", 3, 16), ("veq-ma", 3, 16), ("veq", 3, 16),
            ("smoothquant", 4, 8), ("smoothquant-gptq", 4, 8), ("ecs", 4, 8), ("ecs-faq", 4, 8), ("ecmfq", 4, 8)]
 
 
