@@ -118,9 +118,9 @@ class Sensitivity:
 
     PARTS = tuple(f"{y}_{t}" for y in ("attn", "mlp") for t in ("vis", "answer", "scored"))
 
-    def __init__(self, n_layers: int):
-        self.sums = torch.zeros(len(self.PARTS), n_layers, dtype=torch.float64)
-        self.n = torch.zeros(n_layers, dtype=torch.int64)
+    def __init__(self, n_layers: int, device):
+        self.sums = torch.zeros(len(self.PARTS), n_layers, dtype=torch.float64, device=device)
+        self.n = [0] * n_layers
 
     def add(self, i: int, g_attn, g_mlp, vis, labels):
         """Layer i of one sample: g (T, D) at its attention and MLP outputs, vis (T,), labels (T,) (-100: prompt)."""
@@ -128,14 +128,14 @@ class Sensitivity:
         scored = torch.zeros_like(answer)
         scored[:-1] = answer[1:]
         for k, (g, mask) in enumerate((g, m) for g in (g_attn, g_mlp) for m in (vis, answer, scored)):
-            self.sums[k, i] += g[mask].abs().float().mean().double().cpu()
+            self.sums[k, i] += g[mask].abs().float().mean().double()
         self.n[i] += 1
 
     def stats(self) -> dict | None:
-        if not bool((self.n > 0).all()):
+        if min(self.n) == 0:
             return None
-        mean = (self.sums / self.n).tolist()
-        return {"samples": int(self.n[0]), **dict(zip(self.PARTS, mean))}
+        mean = (self.sums.cpu() / torch.tensor(self.n, dtype=torch.float64, device="cpu")).tolist()
+        return {"samples": self.n[0], **dict(zip(self.PARTS, mean))}
 
 
 def gradient_ratio(g, is_vis) -> float | None:
@@ -199,7 +199,7 @@ def _counts(m) -> Counts:
 def collect(m, samples: list[dict], gamma: bool = True) -> dict:
     """One float forward per sample (teacher forced on the gold answer): routing counts by modality, mean
     router probabilities, token totals, and the per-sample gradient ratios."""
-    counts, ratios, ratios_gxi, sens = _counts(m), [], [], Sensitivity(len(m.layers))
+    counts, ratios, ratios_gxi, sens = _counts(m), [], [], Sensitivity(len(m.layers), m.device)
     rec = RoutingRecorder(m)
     try:
         for s in samples:
@@ -262,7 +262,7 @@ def collect_streaming(m, samples: list[dict], gamma: bool = True) -> dict:
                 h = h.detach().requires_grad_(True)
                 loss = F.cross_entropy(m.head(h)[0, :-1], labels[0, 1:], ignore_index=-100)
                 grads[k] = torch.autograd.grad(loss, h)[0]
-        sens = Sensitivity(len(m.layers))
+        sens = Sensitivity(len(m.layers), m.device)
         for i in reversed(range(len(m.layers))):
             layer = m.load_layer(i)
             for k in grads:
