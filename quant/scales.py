@@ -116,7 +116,7 @@ def search_and_fold(layer, groups, acts, q, method, counts=None, gamma: float | 
     topk = torch.cat(cap.topk) if cap.topk else None
     importance = None if counts is None else \
         (lambda experts: ecs.expert_importance(experts, counts[:4], gamma or 1.0, q.options))
-    kinds = token_kinds(acts, group)  # (N,) which tokens are image / answer / scored, for MBQ's loss
+    kinds = token_kinds(acts, group) if method.needs_sensitivity else None  # (N,) image / answer / scored: MBQ
     report = {}
     for producer, consumers, router in groups:
         if not cap.X[source[producer]]:  # an expert no calibration token reached: nothing to scale on
